@@ -1,0 +1,78 @@
+"""A real moto_server process on a free loopback port, standing in for S3, DynamoDB and Step Functions."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from tests.support.waits import free_port, wait_for
+
+CREDENTIALS = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_SESSION_TOKEN": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+    "AWS_REGION": "us-east-1",
+}
+
+
+@dataclass
+class MotoServer:
+    endpoint: str
+    process: subprocess.Popen[bytes]
+
+    def env(self) -> dict[str, str]:
+        """Environment for a child process that should talk to this server."""
+        return {**CREDENTIALS, "AWS_ENDPOINT_URL": self.endpoint}
+
+    def reset(self) -> None:
+        urllib.request.urlopen(  # noqa: S310 - loopback test endpoint
+            urllib.request.Request(f"{self.endpoint}/moto-api/reset", method="POST"), timeout=10
+        ).read()
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(timeout=10)
+
+
+def _alive(endpoint: str) -> bool:
+    with urllib.request.urlopen(f"{endpoint}/moto-api/data.json", timeout=2) as response:  # noqa: S310
+        return bool(response.status == 200)
+
+
+def start_moto_server(port: int | None = None) -> MotoServer:
+    """Start moto_server on 127.0.0.1 and wait until it answers."""
+    executable = shutil.which("moto_server")
+    assert executable, "moto_server is not installed (pip install 'moto[server]')"
+    port = port or free_port()
+    process = subprocess.Popen(
+        [executable, "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, **CREDENTIALS},
+    )
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(lambda: process.poll() is None and _alive(endpoint), 30, "moto_server to answer")
+    except AssertionError:
+        process.kill()
+        raise
+    return MotoServer(endpoint=endpoint, process=process)
+
+
+@contextmanager
+def moto_server() -> Iterator[MotoServer]:
+    server = start_moto_server()
+    try:
+        yield server
+    finally:
+        server.stop()
