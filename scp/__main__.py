@@ -1,0 +1,106 @@
+"""Entry point: `dicom-store-scp [serve|healthcheck]`. Parses settings, wires the parts, serves until SIGTERM."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+
+from scp import __version__, logs, server
+from scp.config import Settings, SettingsError
+from scp.ingest import Ingest
+from scp.spool import Spool
+from scp.storage import Store
+from scp.storage.local import LocalStore
+
+LOG = logging.getLogger("scp")
+
+EXIT_CONFIGURATION = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    settings = "\n".join(
+        f"  {name:<26} {meaning} (default: {default or 'empty'})" for name, default, meaning in Settings.documentation()
+    )
+    parser = argparse.ArgumentParser(
+        prog="dicom-store-scp",
+        description="DICOM Store SCP for AWS HealthImaging: receives C-STORE and C-ECHO, stores every object "
+        "durably on local disk or in S3 before acknowledging it.",
+        epilog=f"Every setting is an environment variable:\n{settings}\n\n"
+        "Exit codes: 0 clean stop (or healthy), 1 failure (or unhealthy), 2 invalid configuration.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument(
+        "command",
+        nargs="?",
+        default="serve",
+        choices=["serve", "healthcheck"],
+        help="serve (default): run the SCP; healthcheck: exit 0 if the running SCP answers DICOM",
+    )
+    return parser
+
+
+def build_store(settings: Settings) -> Store:
+    return LocalStore(settings.storage_dir)
+
+
+def serve(settings: Settings) -> int:
+    logs.configure(settings.log_level)
+    spool = Spool(settings.storage_dir)
+    try:
+        leftovers = spool.prepare()
+        store = build_store(settings)
+        listener = server.start(settings, spool, Ingest(spool, store))
+    except OSError as error:
+        LOG.error("cannot start", extra={"error": str(error)})  # noqa: TRY400 - one line, no traceback
+        return 1
+    stop = threading.Event()
+    for number in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(number, lambda *_: stop.set())
+    LOG.info(
+        "listening",
+        extra={
+            "address": settings.bind_address,
+            "port": listener.server_address[1],
+            "ae_title": settings.ae_title,
+            "store": settings.dicom_bucket and f"s3://{settings.dicom_bucket}" or str(settings.storage_dir),
+            "version": __version__,
+            "spool_files_removed": leftovers,
+        },
+    )
+    stop.wait()
+    LOG.info("stopping: no new associations", extra={"grace_seconds": settings.shutdown_grace_seconds})
+    aborted = server.drain(listener, settings.shutdown_grace_seconds)
+    store.close()
+    LOG.info("stopped", extra={"associations_aborted": aborted})
+    return 0
+
+
+def healthcheck(settings: Settings) -> int:
+    from scp.healthcheck import check
+
+    logging.basicConfig(level=logging.CRITICAL)
+    healthy, seen = check(settings)
+    sys.stdout.write(f"{'healthy' if healthy else 'unhealthy'}: {seen}\n")
+    return 0 if healthy else 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    arguments = _parser().parse_args(argv)
+    try:
+        settings = Settings.from_env(os.environ)
+    except SettingsError as error:
+        sys.stderr.write(f"dicom-store-scp: {error}\n")
+        return EXIT_CONFIGURATION
+    if arguments.command == "healthcheck":
+        return healthcheck(settings)
+    return serve(settings)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,233 @@
+"""Settings: the one place that reads the environment, parsed once, typed, and validated all at once."""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, TypeVar
+
+from scp.uids import is_valid_uid
+
+T = TypeVar("T")
+
+# PS3.8 9.3.1: an AE title is 1-16 characters of the default repertoire; backslash (the value separator) and
+# control characters are not allowed, and leading/trailing spaces are not significant.
+_AE_TITLE_MAX = 16
+
+# Every PDU is held whole in memory while pynetdicom decodes it, so the PDU size is what bounds memory per
+# association; "0" (DICOM's "no limit") is taken as the product default rather than as unlimited.
+DEFAULT_MAXIMUM_PDU_SIZE = 1_048_576
+_PDU_SIZE_MIN = 4_096
+_PDU_SIZE_MAX = 4_194_304
+
+# HealthImaging import jobs take at most 5,000 files and 10 GB (its service quotas); batches stay below both.
+_IMPORT_JOB_MAX_FILES = 5_000
+_IMPORT_JOB_MAX_BYTES = 10_000_000_000
+
+_TRUE = {"true", "yes", "1", "on"}
+_FALSE = {"false", "no", "0", "off"}
+
+
+class SettingsError(ValueError):
+    """Raised with every invalid variable named, one per line."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__("invalid configuration:\n" + "\n".join(f"  {problem}" for problem in problems))
+
+
+def _setting(default: str, meaning: str) -> Any:
+    return field(metadata={"default": default, "help": meaning})
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The daemon's configuration; each field is one environment variable of the same name in upper case."""
+
+    dicom_bucket: str | None = _setting("", "S3 bucket for received objects; unset stores on local disk")
+    scp_port: int = _setting("11112", "TCP port the SCP listens on")
+    bind_address: str = _setting("0.0.0.0", "address the SCP listens on")  # noqa: S104 - a network service
+    ae_title: str = _setting("STORESCP", "the SCP's AE title (1-16 characters)")
+    require_called_ae_title: bool = _setting(
+        "false", "reject associations whose called AE title is not AE_TITLE"
+    )
+    require_calling_ae_title: tuple[str, ...] = _setting(
+        "", "comma-separated calling AE titles allowed to connect; empty allows any"
+    )
+    max_pool_connections: int = _setting("50", "size of the S3 client's connection pool")
+    dimse_timeout: float = _setting("60", "seconds to wait for a DIMSE message")
+    acse_timeout: float = _setting("30", "seconds to wait for the association request after connecting")
+    network_timeout: float = _setting("90", "seconds of silence before an association is aborted")
+    maximum_associations: int = _setting("300", "concurrent associations; more are rejected (local limit)")
+    maximum_pdu_size: int = _setting("0", f"largest PDU received, bytes; 0 means {DEFAULT_MAXIMUM_PDU_SIZE}")
+    supported_sop_class_uids: tuple[str, ...] = _setting(
+        "", "comma-separated SOP Class UIDs accepted for storage; empty accepts every storage SOP class"
+    )
+    log_level: str = _setting("INFO", "DEBUG, INFO, WARNING, ERROR or CRITICAL")
+    storage_dir: Path = _setting("./storage", "local store root, and the receive spool in S3 mode")
+    batch_max_files: int = _setting("4000", "an S3 import batch closes at this many objects")
+    batch_max_bytes: int = _setting("8000000000", "an S3 import batch closes at this many bytes")
+    batch_window_seconds: float = _setting("60", "an S3 import batch closes after this many quiet seconds")
+    shutdown_grace_seconds: float = _setting(
+        "100", "on SIGTERM, seconds in-flight associations may take to finish"
+    )
+
+    @property
+    def effective_pdu_size(self) -> int:
+        return self.maximum_pdu_size or DEFAULT_MAXIMUM_PDU_SIZE
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> Settings:
+        """Build settings from ``env``; raise :class:`SettingsError` naming every bad variable."""
+        problems: list[str] = []
+        values: dict[str, Any] = {}
+        for spec in fields(cls):
+            name = spec.name.upper()
+            raw = env.get(name, spec.metadata["default"]).strip()
+            try:
+                values[spec.name] = _PARSERS[spec.name](raw)
+            except ValueError as error:
+                problems.append(f"{name}: {error}, got {raw!r}")
+        if not problems:
+            problems.extend(_cross_checks(values))
+        if problems:
+            raise SettingsError(problems)
+        return cls(**values)
+
+    @classmethod
+    def documentation(cls) -> list[tuple[str, str, str]]:
+        """(variable, default, meaning) for every setting, in declaration order."""
+        return [(spec.name.upper(), spec.metadata["default"], spec.metadata["help"]) for spec in fields(cls)]
+
+
+def _cross_checks(values: dict[str, Any]) -> list[str]:
+    problems = []
+    if values["acse_timeout"] > values["network_timeout"]:
+        problems.append("ACSE_TIMEOUT: must not exceed NETWORK_TIMEOUT")
+    return problems
+
+
+def _integer(low: int, high: int) -> Callable[[str], int]:
+    def parse(raw: str) -> int:
+        try:
+            value = int(raw)
+        except ValueError:
+            raise ValueError(f"expected a whole number {low}-{high}") from None
+        if not low <= value <= high:
+            raise ValueError(f"expected {low}-{high}")
+        return value
+
+    return parse
+
+
+def _seconds(low: float, high: float) -> Callable[[str], float]:
+    def parse(raw: str) -> float:
+        try:
+            value = float(raw)
+        except ValueError:
+            raise ValueError(f"expected seconds between {low:g} and {high:g}") from None
+        if not low <= value <= high:  # also rejects NaN
+            raise ValueError(f"expected seconds between {low:g} and {high:g}")
+        return value
+
+    return parse
+
+
+def _boolean(raw: str) -> bool:
+    lowered = raw.lower()
+    if lowered in _TRUE:
+        return True
+    if lowered in _FALSE:
+        return False
+    raise ValueError("expected true/false, yes/no, 1/0 or on/off")
+
+
+def parse_ae_title(raw: str) -> str:
+    title = raw.strip(" ")
+    if not title:
+        raise ValueError("an AE title must not be empty")
+    if len(title) > _AE_TITLE_MAX:
+        raise ValueError(f"an AE title has at most {_AE_TITLE_MAX} characters")
+    if "\\" in title or any(not 0x20 <= ord(char) < 0x7F for char in title):
+        raise ValueError("an AE title has printable ASCII characters only and no backslash")
+    return title
+
+
+def _ae_title_list(raw: str) -> tuple[str, ...]:
+    if not raw:
+        return ()
+    return tuple(parse_ae_title(part) for part in raw.split(","))
+
+
+def _uid_list(raw: str) -> tuple[str, ...]:
+    if not raw:
+        return ()
+    uids = tuple(part.strip() for part in raw.split(","))
+    bad = [uid for uid in uids if not is_valid_uid(uid)]
+    if bad:
+        raise ValueError(f"not a valid UID: {', '.join(repr(uid) for uid in bad)}")
+    return uids
+
+
+def _pdu_size(raw: str) -> int:
+    value = _integer(0, _PDU_SIZE_MAX)(raw)
+    if 0 < value < _PDU_SIZE_MIN:
+        raise ValueError(f"expected 0 or {_PDU_SIZE_MIN}-{_PDU_SIZE_MAX}")
+    return value
+
+
+def _log_level(raw: str) -> str:
+    level = raw.upper()
+    if level not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
+        raise ValueError("expected DEBUG, INFO, WARNING, ERROR or CRITICAL")
+    return level
+
+
+def _bucket(raw: str) -> str | None:
+    if not raw:
+        return None
+    # S3 bucket naming rules: 3-63 characters, lower-case letters, digits, dots and hyphens.
+    if not 3 <= len(raw) <= 63 or not all(c.islower() or c.isdigit() or c in ".-" for c in raw):
+        raise ValueError("expected an S3 bucket name (3-63 lower-case letters, digits, dots, hyphens)")
+    if not (raw[0].isalnum() and raw[-1].isalnum()):
+        raise ValueError("an S3 bucket name starts and ends with a letter or digit")
+    return raw
+
+
+def _address(raw: str) -> str:
+    try:
+        ipaddress.ip_address(raw)
+    except ValueError:
+        raise ValueError("expected an IPv4 or IPv6 address") from None
+    return raw
+
+
+def _directory(raw: str) -> Path:
+    if not raw:
+        raise ValueError("expected a directory path")
+    return Path(raw)
+
+
+_PARSERS: dict[str, Callable[[str], Any]] = {
+    "dicom_bucket": _bucket,
+    "scp_port": _integer(1, 65535),
+    "bind_address": _address,
+    "ae_title": parse_ae_title,
+    "require_called_ae_title": _boolean,
+    "require_calling_ae_title": _ae_title_list,
+    "max_pool_connections": _integer(1, 1000),
+    "dimse_timeout": _seconds(1, 3600),
+    "acse_timeout": _seconds(1, 3600),
+    "network_timeout": _seconds(1, 3600),
+    "maximum_associations": _integer(1, 2000),
+    "maximum_pdu_size": _pdu_size,
+    "supported_sop_class_uids": _uid_list,
+    "log_level": _log_level,
+    "storage_dir": _directory,
+    "batch_max_files": _integer(1, _IMPORT_JOB_MAX_FILES),
+    "batch_max_bytes": _integer(1_000_000, _IMPORT_JOB_MAX_BYTES),
+    "batch_window_seconds": _seconds(1, 86_400),
+    "shutdown_grace_seconds": _seconds(0, 3600),
+}

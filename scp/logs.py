@@ -1,0 +1,41 @@
+"""Structured logging: one JSON object per line on stdout, for CloudWatch Logs and `jq` alike."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from typing import Any
+
+# Attributes every LogRecord has; anything else was passed through `extra=` and belongs in the JSON.
+_RESERVED = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        entry.update({key: value for key, value in vars(record).items() if key not in _RESERVED})
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str, ensure_ascii=True)
+
+
+def configure(level: str) -> None:
+    """Send every logger's records to stdout as JSON; pynetdicom's chatter only from WARNING up."""
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(JsonFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    # pynetdicom logs every PDU at INFO/DEBUG, and logs a traceback for every peer that hangs up early; our own
+    # lines say what happened in one line each, so its logger only passes real warnings unless debugging.
+    logging.getLogger("pynetdicom").setLevel(level if level == "DEBUG" else "WARNING")
+    for noisy in ("botocore", "boto3", "urllib3", "s3transfer"):
+        logging.getLogger(noisy).setLevel("WARNING")

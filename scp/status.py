@@ -1,0 +1,24 @@
+"""Named DICOM status codes the SCP returns (PS3.4 Annex B.2.3 for C-STORE, PS3.7 C for the general ones)."""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+
+class Status(IntEnum):
+    SUCCESS = 0x0000
+    # A7xx: the object was not stored through no fault of its own; the sender should retry later.
+    OUT_OF_RESOURCES = 0xA700
+    # A9xx: the data set does not match the SOP class (or the command) it was sent under.
+    DATA_SET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
+    # Cxxx: the data set cannot be parsed in the negotiated transfer syntax; resending will not help.
+    CANNOT_UNDERSTAND = 0xC000
+
+
+class StoreFailure(Exception):
+    """A store that must be answered with ``status``; ``reason`` becomes the log line and the ErrorComment."""
+
+    def __init__(self, status: Status, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
