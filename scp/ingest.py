@@ -59,7 +59,7 @@ class Ingest:
                 header = part10_header(
                     instance.sop_class_uid, instance.sop_instance_uid, request.transfer_syntax, instance.calling_ae_title
                 )
-                with open(staged, "wb") as output:
+                with open(staged, "wb", buffering=0) as output:
                     output.write(header)
                     _copy_range(received.fileno(), output.fileno(), offset, size - offset)
         except OSError as error:
