@@ -1,0 +1,106 @@
+"""The real daemon as a child process on a free loopback port, and a pynetdicom SCU to talk to it."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pynetdicom import AE
+from pynetdicom.association import Association
+
+from tests.support.waits import free_port, wait_for
+
+VERIFICATION = "1.2.840.10008.1.1"
+
+
+@dataclass
+class Daemon:
+    process: subprocess.Popen[bytes]
+    port: int
+    storage_dir: Path
+    log_path: Path
+    env: dict[str, str] = field(default_factory=dict)
+    ae_title: str = "STORESCP"
+
+    def logs(self) -> list[dict[str, Any]]:
+        lines = self.log_path.read_text(errors="replace").splitlines()
+        return [json.loads(line) for line in lines if line.startswith("{")]
+
+    def log_messages(self, message: str) -> list[dict[str, Any]]:
+        return [entry for entry in self.logs() if entry.get("message") == message]
+
+    def stored_files(self) -> list[Path]:
+        return sorted(p for p in self.storage_dir.rglob("*.dcm") if ".incoming" not in p.parts)
+
+    def spool_files(self) -> list[Path]:
+        spool = self.storage_dir / ".incoming"
+        return sorted(spool.iterdir()) if spool.exists() else []
+
+    def associate(self, calling: str = "TESTSCU", called: str | None = None, contexts: list[Any] | None = None,
+                  **ae_settings: Any) -> Association:
+        ae = AE(ae_title=calling)
+        for name, value in ae_settings.items():
+            setattr(ae, name, value)
+        for context in contexts or [VERIFICATION]:
+            if isinstance(context, tuple):
+                ae.add_requested_context(*context)
+            else:
+                ae.add_requested_context(context)
+        return ae.associate("127.0.0.1", self.port, ae_title=called or self.ae_title)
+
+    def echo_ok(self) -> bool:
+        association = self.associate()
+        if not association.is_established:
+            return False
+        try:
+            status = association.send_c_echo()
+            return bool(status) and status.Status == 0
+        finally:
+            association.release()
+
+    def signal(self, number: int) -> None:
+        self.process.send_signal(number)
+
+    def wait(self, timeout: float = 30) -> int:
+        return self.process.wait(timeout=timeout)
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                return self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+        return self.process.wait(timeout=10)
+
+
+def start_daemon(workdir: Path, storage_dir: Path | None = None, port: int | None = None,
+                 ready: bool = True, **settings: str) -> Daemon:
+    """Start `python -m scp` with the given settings (environment variables) and wait for a C-ECHO."""
+    storage_dir = storage_dir or workdir / "storage"
+    port = port or free_port()
+    log_path = workdir / f"daemon-{port}-{os.getpid()}-{len(list(workdir.glob('daemon-*.log')))}.log"
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("AWS_")},
+        "SCP_PORT": str(port),
+        "BIND_ADDRESS": "127.0.0.1",
+        "STORAGE_DIR": str(storage_dir),
+        "SHUTDOWN_GRACE_SECONDS": "20",
+        **settings,
+    }
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen([sys.executable, "-m", "scp"], stdout=log, stderr=subprocess.STDOUT, env=env)
+    daemon = Daemon(process, port, storage_dir, log_path, env, env.get("AE_TITLE", "STORESCP"))
+    if ready:
+        try:
+            wait_for(lambda: process.poll() is None and daemon.echo_ok(), 30, "the daemon to answer C-ECHO")
+        except AssertionError:
+            daemon.stop()
+            raise AssertionError(f"daemon did not start; log:\n{log_path.read_text()}") from None
+    return daemon
