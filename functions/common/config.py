@@ -1,0 +1,43 @@
+"""Reading a Lambda function's environment once, at cold start, reporting every bad variable in one error."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+
+
+class ConfigurationError(Exception):
+    """One or more environment variables are missing or invalid; the message names each of them."""
+
+
+class EnvironmentReader:
+    """Collects values and problems; ``finish()`` raises once with every problem found."""
+
+    def __init__(self, environ: Mapping[str, str]) -> None:
+        self._environ = environ
+        self._problems: list[str] = []
+
+    def text(self, name: str, pattern: str | None = None) -> str:
+        value = self._environ.get(name, "").strip()
+        if not value:
+            self._problems.append(f"{name}: required, not set")
+        elif pattern is not None and not re.fullmatch(pattern, value):
+            self._problems.append(f"{name}: expected a value matching {pattern}, got {value!r}")
+        return value
+
+    def integer(self, name: str, default: int, minimum: int, maximum: int) -> int:
+        raw = self._environ.get(name, "").strip()
+        if not raw:
+            return default
+        try:
+            value = int(raw)
+        except ValueError:
+            self._problems.append(f"{name}: expected an integer {minimum}-{maximum}, got {raw!r}")
+            return default
+        if not minimum <= value <= maximum:
+            self._problems.append(f"{name}: expected an integer {minimum}-{maximum}, got {raw!r}")
+        return value
+
+    def finish(self) -> None:
+        if self._problems:
+            raise ConfigurationError("; ".join(self._problems))

@@ -1,0 +1,423 @@
+"""The workflow's DynamoDB table: an item per instance, per batch, per import job (docs/import-workflow.rst).
+
+Every key is built here so that the layout the admin's queries rely on is written in one place.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any
+
+from botocore.exceptions import ClientError
+
+from common.manifest import Manifest, ManifestObject, iso_millis
+
+if TYPE_CHECKING:
+    from mypy_boto3_dynamodb.service_resource import Table
+
+BY_BATCH_INDEX = "ByBatch"
+BY_CALLING_AE_INDEX = "ByCallingAE"
+BY_STATUS_INDEX = "ByStatus"
+
+# Instance statuses. "importing" covers the time from batch registration to the job's outcome.
+IMPORTING = "importing"
+IMPORTED = "imported"
+WARNING = "warning"
+FAILED = "failed"
+REQUEUED = "requeued"
+NON_PRIMARY = "nonprimary"  # only a ByStatus partition: imported or warning with isPrimary false
+
+# Batch statuses.
+BATCH_REGISTERED = "registered"
+BATCH_IMPORTING = "importing"
+BATCH_IMPORTED = "imported"
+BATCH_PARTIAL = "partial"
+BATCH_FAILED = "failed"
+
+_REASON_LIMIT = 1000
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+def batch_key(batch_id: str) -> dict[str, str]:
+    return {"pk": f"BATCH#{batch_id}", "sk": "BATCH"}
+
+
+def job_key(batch_id: str, job_id: str) -> dict[str, str]:
+    return {"pk": f"BATCH#{batch_id}", "sk": f"JOB#{job_id}"}
+
+
+def instance_key(study_uid: str, series_uid: str, sop_uid: str) -> dict[str, str]:
+    return {"pk": f"STUDY#{study_uid}", "sk": f"INSTANCE#{series_uid}#{sop_uid}"}
+
+
+def status_partition(entity: str, status: str) -> str:
+    return f"STATUS#{entity}#{status}"
+
+
+def shorten(reason: str) -> str:
+    return reason if len(reason) <= _REASON_LIMIT else reason[: _REASON_LIMIT - 1] + "…"
+
+
+@dataclass(frozen=True)
+class Retention:
+    """How long final records stay; 0 days keeps them for ever (no TTL attribute)."""
+
+    days: int
+
+    def expires_at(self, now: datetime) -> int | None:
+        return int((now + timedelta(days=self.days)).timestamp()) if self.days > 0 else None
+
+
+class DuplicateBatch(Exception):
+    """Another execution has already registered this batch."""
+
+    def __init__(self, batch_id: str, owner: str) -> None:
+        super().__init__(f"batch {batch_id} is already registered by {owner}")
+        self.owner = owner
+
+
+def register_batch(table: Table, manifest: Manifest, execution_arn: str, now: datetime) -> int:
+    """Create the batch item unless another execution owns it; returns the attempt (1, or 2 if re-queued).
+
+    The same execution may register again (a retried task after a lost response), so the condition lets the
+    owner through.
+    """
+    attempt = 2 if manifest.requeued_from else 1
+    stamp = iso_millis(now)
+    item: dict[str, Any] = {
+        **batch_key(manifest.batch_id),
+        "entity": "batch",
+        "batchId": manifest.batch_id,
+        "bucket": manifest.bucket,
+        "prefix": manifest.prefix,
+        "closedBy": manifest.closed_by,
+        "closedAt": manifest.closed_at,
+        "firstReceivedAt": manifest.first_received_at,
+        "lastReceivedAt": manifest.last_received_at,
+        "objectCount": len(manifest.objects),
+        "byteCount": manifest.byte_count,
+        "studyInstanceUids": sorted({item.study_instance_uid for item in manifest.objects}),
+        "callingAETitles": list(manifest.calling_ae_titles),
+        "status": BATCH_REGISTERED,
+        "attempt": attempt,
+        "executionArn": execution_arn,
+        "registeredAt": stamp,
+        "updatedAt": stamp,
+        "gsi3pk": status_partition("batch", BATCH_REGISTERED),
+        "gsi3sk": f"{stamp}#{manifest.batch_id}",
+    }
+    if manifest.requeued_from:
+        item["requeuedFrom"] = manifest.requeued_from
+    try:
+        table.put_item(
+            Item=item,
+            ConditionExpression="attribute_not_exists(pk) OR executionArn = :execution",
+            ExpressionAttributeValues={":execution": execution_arn},
+        )
+    except ClientError as error:
+        if error.response.get("Error", {}).get("Code") != "ConditionalCheckFailedException":
+            raise
+        existing = table.get_item(Key=batch_key(manifest.batch_id), ConsistentRead=True).get("Item", {})
+        raise DuplicateBatch(
+            manifest.batch_id, str(existing.get("executionArn", "another execution"))
+        ) from error
+    return attempt
+
+
+def _instance_item(manifest: Manifest, entry: ManifestObject, attempt: int, stamp: str) -> dict[str, Any]:
+    item: dict[str, Any] = {
+        **instance_key(entry.study_instance_uid, entry.series_instance_uid, entry.sop_instance_uid),
+        "entity": "instance",
+        "sopInstanceUid": entry.sop_instance_uid,
+        "studyInstanceUid": entry.study_instance_uid,
+        "seriesInstanceUid": entry.series_instance_uid,
+        "bucket": manifest.bucket,
+        "key": entry.key,
+        "bytes": entry.size,
+        "batchId": manifest.batch_id,
+        "attempt": attempt,
+        "status": IMPORTING,
+        "updatedAt": stamp,
+        "gsi1pk": f"BATCH#{manifest.batch_id}",
+        "gsi1sk": f"INSTANCE#{entry.sop_instance_uid}",
+        "gsi3pk": status_partition("instance", IMPORTING),
+        "gsi3sk": f"{entry.received_at or manifest.last_received_at}#{entry.sop_instance_uid}",
+    }
+    if entry.sop_class_uid:
+        item["sopClassUid"] = entry.sop_class_uid
+    if entry.received_at:
+        item["receivedAt"] = entry.received_at
+    if entry.calling_ae_title:
+        item["callingAETitle"] = entry.calling_ae_title
+        item["gsi2pk"] = f"AE#{entry.calling_ae_title}"
+        item["gsi2sk"] = f"{entry.received_at or manifest.last_received_at}#{entry.sop_instance_uid}"
+    return item
+
+
+def register_instances(table: Table, manifest: Manifest, attempt: int, now: datetime) -> None:
+    """One item per instance, status importing; the newest batch holding an instance owns its item."""
+    stamp = iso_millis(now)
+    with table.batch_writer(overwrite_by_pkeys=["pk", "sk"]) as writer:
+        for entry in manifest.objects:
+            writer.put_item(Item=_instance_item(manifest, entry, attempt, stamp))
+
+
+def record_job_started(
+    table: Table, batch_id: str, job: dict[str, Any], output_uri: str, batch_age_seconds: float, now: datetime
+) -> None:
+    stamp = iso_millis(now)
+    table.put_item(
+        Item={
+            **job_key(batch_id, job["jobId"]),
+            "entity": "job",
+            "batchId": batch_id,
+            "jobId": job["jobId"],
+            "datastoreId": job["datastoreId"],
+            "jobStatus": job["jobStatus"],
+            "submittedAt": iso_millis(job["submittedAt"]),
+            "outputS3Uri": output_uri,
+            "updatedAt": stamp,
+            "gsi1pk": f"BATCH#{batch_id}",
+            "gsi1sk": f"JOB#{job['jobId']}",
+        }
+    )
+    table.update_item(
+        Key=batch_key(batch_id),
+        UpdateExpression=(
+            "SET #status = :status, jobId = :job, importStartedAt = :now, updatedAt = :now,"
+            " batchAgeAtImportSeconds = :age, gsi3pk = :gsi3pk"
+        ),
+        ExpressionAttributeNames={"#status": "status"},
+        ExpressionAttributeValues={
+            ":status": BATCH_IMPORTING,
+            ":job": job["jobId"],
+            ":now": stamp,
+            ":age": int(batch_age_seconds),
+            ":gsi3pk": status_partition("batch", BATCH_IMPORTING),
+        },
+    )
+
+
+def record_job_status(table: Table, batch_id: str, job_id: str, job_status: str, now: datetime) -> None:
+    table.update_item(
+        Key=job_key(batch_id, job_id),
+        UpdateExpression="SET jobStatus = :status, updatedAt = :now",
+        ExpressionAttributeValues={":status": job_status, ":now": iso_millis(now)},
+    )
+
+
+@dataclass(frozen=True)
+class InstanceOutcome:
+    """What one import job reported for one instance (or what we concluded when it reported nothing)."""
+
+    key: str
+    study_instance_uid: str
+    series_instance_uid: str
+    sop_instance_uid: str
+    status: str
+    image_set_id: str | None = None
+    is_primary: bool | None = None
+    reason: str | None = None
+    server_error: bool = False
+    requeued_to: str | None = None
+
+
+def record_instance_outcome(
+    table: Table, batch_id: str, job_id: str, outcome: InstanceOutcome, retention: Retention, now: datetime
+) -> bool:
+    """Write one instance's outcome unless a newer batch has taken the instance over; True if written."""
+    attention = NON_PRIMARY if outcome.is_primary is False else outcome.status
+    names = {"#status": "status", "#key": "key"}
+    values: dict[str, Any] = {
+        ":batch": batch_id,
+        ":job": job_id,
+        ":status": outcome.status,
+        ":now": iso_millis(now),
+        ":key": outcome.key,
+        ":sop": outcome.sop_instance_uid,
+        ":study": outcome.study_instance_uid,
+        ":series": outcome.series_instance_uid,
+    }
+    sets = [
+        "#status = :status",
+        "jobId = :job",
+        "updatedAt = :now",
+        "#key = :key",
+        "batchId = if_not_exists(batchId, :batch)",
+        "sopInstanceUid = :sop",
+        "studyInstanceUid = :study",
+        "seriesInstanceUid = :series",
+        "entity = :entity",
+    ]
+    values[":entity"] = "instance"
+    removes: list[str] = []
+    optional = {
+        "imageSetId": outcome.image_set_id,
+        "isPrimary": outcome.is_primary,
+        "reason": shorten(outcome.reason) if outcome.reason else None,
+        "requeuedTo": outcome.requeued_to,
+    }
+    for name, value in optional.items():
+        if value is None:
+            removes.append(name)
+        else:
+            sets.append(f"{name} = :{name}")
+            values[f":{name}"] = value
+    if attention == IMPORTED:
+        removes += ["gsi3pk", "gsi3sk"]
+    else:
+        sets += ["gsi3pk = :gsi3pk", "gsi3sk = :gsi3sk"]
+        values[":gsi3pk"] = status_partition("instance", attention)
+        values[":gsi3sk"] = f"{iso_millis(now)}#{outcome.sop_instance_uid}"
+    expires = retention.expires_at(now)
+    if expires is not None:
+        sets.append("expiresAt = :expires")
+        values[":expires"] = expires
+    expression = "SET " + ", ".join(sets) + (" REMOVE " + ", ".join(removes) if removes else "")
+    try:
+        table.update_item(
+            Key=instance_key(
+                outcome.study_instance_uid, outcome.series_instance_uid, outcome.sop_instance_uid
+            ),
+            UpdateExpression=expression,
+            ConditionExpression="attribute_not_exists(pk) OR batchId = :batch",
+            ExpressionAttributeNames=names,
+            ExpressionAttributeValues=values,
+        )
+    except ClientError as error:
+        if error.response.get("Error", {}).get("Code") == "ConditionalCheckFailedException":
+            return False
+        raise
+    return True
+
+
+def finish_batch(
+    table: Table,
+    batch_id: str,
+    status: str,
+    counts: dict[str, int],
+    reason: str | None,
+    retention: Retention,
+    now: datetime,
+    extra: dict[str, Any] | None = None,
+) -> None:
+    stamp = iso_millis(now)
+    values: dict[str, Any] = {
+        ":status": status,
+        ":now": stamp,
+        ":counts": counts,
+        ":gsi3pk": status_partition("batch", status),
+        ":gsi3sk": f"{stamp}#{batch_id}",
+    }
+    sets = ["#status = :status", "updatedAt = :now", "finishedAt = :now", "outcomeCounts = :counts"]
+    sets += ["gsi3pk = :gsi3pk", "gsi3sk = :gsi3sk"]
+    if reason:
+        sets.append("reason = :reason")
+        values[":reason"] = shorten(reason)
+    for name, value in (extra or {}).items():
+        sets.append(f"{name} = :{name}")
+        values[f":{name}"] = value
+    expires = retention.expires_at(now)
+    if expires is not None:
+        sets.append("expiresAt = :expires")
+        values[":expires"] = expires
+    table.update_item(
+        Key=batch_key(batch_id),
+        UpdateExpression="SET " + ", ".join(sets),
+        ExpressionAttributeNames={"#status": "status"},
+        ExpressionAttributeValues=values,
+    )
+
+
+def finish_job(
+    table: Table,
+    batch_id: str,
+    job_id: str,
+    job_status: str,
+    summary: dict[str, Any],
+    message: str | None,
+    retention: Retention,
+    now: datetime,
+) -> None:
+    values: dict[str, Any] = {":status": job_status, ":now": iso_millis(now), ":summary": summary}
+    sets = ["jobStatus = :status", "updatedAt = :now", "summary = :summary"]
+    if message:
+        sets.append("message = :message")
+        values[":message"] = shorten(message)
+    expires = retention.expires_at(now)
+    if expires is not None:
+        sets.append("expiresAt = :expires")
+        values[":expires"] = expires
+    table.update_item(
+        Key=job_key(batch_id, job_id),
+        UpdateExpression="SET " + ", ".join(sets),
+        ExpressionAttributeValues=values,
+    )
+
+
+def fail_unfinished_instances(
+    table: Table, manifest: Manifest, reason: str, retention: Retention, now: datetime
+) -> int:
+    """Fail every instance this batch still owns and has no outcome for; returns how many."""
+    failed = 0
+    for entry in manifest.objects:
+        outcome = InstanceOutcome(
+            key=entry.key,
+            study_instance_uid=entry.study_instance_uid,
+            series_instance_uid=entry.series_instance_uid,
+            sop_instance_uid=entry.sop_instance_uid,
+            status=FAILED,
+            reason=reason,
+        )
+        if _fail_if_importing(table, manifest.batch_id, outcome, retention, now):
+            failed += 1
+    return failed
+
+
+def _fail_if_importing(
+    table: Table, batch_id: str, outcome: InstanceOutcome, retention: Retention, now: datetime
+) -> bool:
+    stamp = iso_millis(now)
+    values: dict[str, Any] = {
+        ":batch": batch_id,
+        ":importing": IMPORTING,
+        ":failed": FAILED,
+        ":reason": shorten(outcome.reason or "batch failed"),
+        ":now": stamp,
+        ":gsi3pk": status_partition("instance", FAILED),
+        ":gsi3sk": f"{stamp}#{outcome.sop_instance_uid}",
+    }
+    sets = "#status = :failed, reason = :reason, updatedAt = :now, gsi3pk = :gsi3pk, gsi3sk = :gsi3sk"
+    expires = retention.expires_at(now)
+    if expires is not None:
+        sets += ", expiresAt = :expires"
+        values[":expires"] = expires
+    try:
+        table.update_item(
+            Key=instance_key(
+                outcome.study_instance_uid, outcome.series_instance_uid, outcome.sop_instance_uid
+            ),
+            UpdateExpression="SET " + sets,
+            ConditionExpression="batchId = :batch AND #status = :importing",
+            ExpressionAttributeNames={"#status": "status"},
+            ExpressionAttributeValues=values,
+        )
+    except ClientError as error:
+        if error.response.get("Error", {}).get("Code") == "ConditionalCheckFailedException":
+            return False
+        raise
+    return True
+
+
+def count_by_status(outcomes: Iterable[InstanceOutcome]) -> dict[str, int]:
+    counts = {IMPORTED: 0, WARNING: 0, FAILED: 0, REQUEUED: 0, NON_PRIMARY: 0}
+    for outcome in outcomes:
+        counts[outcome.status] += 1
+        if outcome.is_primary is False:
+            counts[NON_PRIMARY] += 1
+    return counts

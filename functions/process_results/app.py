@@ -1,0 +1,412 @@
+"""Lambda function: read a finished import job's output and record the fate of every instance of its batch.
+
+Server-side failures of a first attempt are re-queued once as a new batch; customer errors are parked with
+their reason.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, replace
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+import boto3
+from aws_lambda_powertools import Logger, Metrics
+from aws_lambda_powertools.metrics import MetricUnit
+from aws_lambda_powertools.utilities.typing import LambdaContext
+from common.config import EnvironmentReader
+from common.layout import (
+    LayoutError,
+    batch_id_time_part,
+    check_batch_id,
+    object_key,
+    parse_object_key,
+    split_s3_uri,
+)
+from common.manifest import (
+    CLOSED_BY_REQUEUE,
+    Manifest,
+    ManifestObject,
+    iso_millis,
+    parse_iso,
+    read_manifest,
+    write_manifest_once,
+)
+from common.records import (
+    BATCH_FAILED,
+    BATCH_IMPORTED,
+    BATCH_PARTIAL,
+    FAILED,
+    IMPORTED,
+    NON_PRIMARY,
+    REQUEUED,
+    WARNING,
+    InstanceOutcome,
+    Retention,
+    batch_key,
+    count_by_status,
+    finish_batch,
+    finish_job,
+    record_instance_outcome,
+    utc_now,
+)
+
+if TYPE_CHECKING:
+    from mypy_boto3_dynamodb.service_resource import Table
+    from mypy_boto3_s3 import S3Client
+
+logger = Logger(service="import-workflow")
+metrics = Metrics(namespace="DICOMStoreSCP", service="import-workflow")
+
+OUTPUT_MANIFEST = "job-output-manifest.json"
+SUCCESS_FILE = "SUCCESS/success.ndjson"
+FAILURE_FILE = "FAILURE/failure.ndjson"
+WARNING_FILE = "WARNING/warning.ndjson"
+# HealthImaging's job summary separates customer errors (the file) from server errors (the service); a failure
+# line names its exception type, and these are the types that mean "the service failed", worth one more try.
+SERVER_EXCEPTION_TYPES = frozenset(
+    {"InternalServerException", "InternalFailure", "InternalServerError", "ServiceUnavailableException"}
+)
+
+
+@dataclass(frozen=True)
+class Settings:
+    table_name: str
+    dicom_bucket: str
+    retention_days: int
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str]) -> Settings:
+        reader = EnvironmentReader(environ)
+        settings = cls(
+            table_name=reader.text("TABLE_NAME"),
+            dicom_bucket=reader.text("DICOM_BUCKET"),
+            retention_days=reader.integer("RECORD_RETENTION_DAYS", 365, 0, 36500),
+        )
+        reader.finish()
+        return settings
+
+
+@dataclass(frozen=True)
+class JobOutput:
+    summary: dict[str, Any]
+    success: list[dict[str, Any]]
+    failure: list[dict[str, Any]]
+    warning: list[dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class Results:
+    batch_status: str
+    counts: dict[str, int]
+    requeue_batch_id: str | None
+    duration_seconds: float | None
+    unmatched_lines: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"batchStatus": self.batch_status, **self.counts, "requeueBatchId": self.requeue_batch_id}
+
+
+def _list_keys(s3: S3Client, bucket: str, prefix: str) -> Iterator[str]:
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        for entry in page.get("Contents", []):
+            yield entry["Key"]
+
+
+def _pick(keys: list[str], suffix: str, job_id: str) -> str | None:
+    """The output file with this suffix; the one in the job's own folder if several jobs wrote here."""
+    matches = [key for key in keys if key == suffix or key.endswith("/" + suffix)]
+    own = [key for key in matches if job_id in key]
+    chosen = own or matches
+    return sorted(chosen)[-1] if chosen else None
+
+
+def _ndjson(raw: bytes) -> list[dict[str, Any]]:
+    lines = []
+    for line in raw.decode("utf-8").splitlines():
+        if line.strip():
+            value = json.loads(line)
+            if isinstance(value, dict):
+                lines.append(value)
+    return lines
+
+
+def read_job_output(s3: S3Client, output_uri: str, job_id: str) -> JobOutput:
+    """Find the job's output files by listing under OutputS3Uri (the service chooses the folder name)."""
+    bucket, prefix = split_s3_uri(output_uri)
+    keys = list(_list_keys(s3, bucket, prefix))
+
+    def read(suffix: str) -> bytes | None:
+        key = _pick(keys, suffix, job_id)
+        return s3.get_object(Bucket=bucket, Key=key)["Body"].read() if key else None
+
+    manifest_raw = read(OUTPUT_MANIFEST)
+    summary = json.loads(manifest_raw).get("jobSummary", {}) if manifest_raw else {}
+    return JobOutput(
+        summary=summary if isinstance(summary, dict) else {},
+        success=_ndjson(read(SUCCESS_FILE) or b""),
+        failure=_ndjson(read(FAILURE_FILE) or b""),
+        warning=_ndjson(read(WARNING_FILE) or b""),
+    )
+
+
+def _input_key(line: Mapping[str, Any]) -> str | None:
+    value = line.get("inputFile")
+    if not isinstance(value, str) or not value:
+        return None
+    if value.startswith("s3://"):
+        return split_s3_uri(value)[1]
+    return value
+
+
+def _failure_reason(line: Mapping[str, Any]) -> tuple[str, bool]:
+    exception = line.get("exception")
+    if isinstance(exception, dict):
+        kind = str(exception.get("exceptionType", "UnknownException"))
+        return f"{kind}: {exception.get('message', '')}".rstrip(": "), kind in SERVER_EXCEPTION_TYPES
+    return json.dumps({k: v for k, v in line.items() if k != "inputFile"}, separators=(",", ":")), False
+
+
+def _warning_reason(line: Mapping[str, Any]) -> str:
+    # The warning line's fields beyond inputFile are kept verbatim: they carry the warning codes
+    # (0xB000 coercion, 0xB006 elements discarded, 0xB007 SOP class mismatch, ...) an admin needs to see.
+    details = {k: v for k, v in line.items() if k not in ("inputFile", "importResponse")}
+    return json.dumps(details, separators=(",", ":"), sort_keys=True)
+
+
+def _import_response(line: Mapping[str, Any]) -> tuple[str | None, bool | None]:
+    response = line.get("importResponse")
+    if not isinstance(response, dict):
+        return None, None
+    image_set = response.get("imageSetId")
+    primary = response.get("isPrimary")
+    return (str(image_set) if image_set else None), (primary if isinstance(primary, bool) else None)
+
+
+def outcomes_from_output(
+    manifest: Manifest, output: JobOutput, job_failed_reason: str | None
+) -> tuple[list[InstanceOutcome], int]:
+    """One outcome per instance; instances the output does not mention are failed with a reason."""
+    by_key: dict[str, ManifestObject] = {entry.key: entry for entry in manifest.objects}
+    outcomes: dict[str, InstanceOutcome] = {}
+    unmatched = 0
+
+    def base(key: str) -> InstanceOutcome | None:
+        entry = by_key.get(key)
+        if entry is not None:
+            return InstanceOutcome(
+                key, entry.study_instance_uid, entry.series_instance_uid, entry.sop_instance_uid, IMPORTED
+            )
+        try:
+            parsed = parse_object_key(key)
+        except LayoutError:
+            return None
+        if parsed.batch_id != manifest.batch_id:
+            return None
+        return InstanceOutcome(
+            key, parsed.study_instance_uid, parsed.series_instance_uid, parsed.sop_instance_uid, IMPORTED
+        )
+
+    for line in output.success:
+        key = _input_key(line)
+        outcome = base(key) if key else None
+        if outcome is None:
+            unmatched += 1
+            continue
+        image_set, primary = _import_response(line)
+        outcomes[outcome.key] = replace(outcome, image_set_id=image_set, is_primary=primary)
+    for line in output.warning:
+        key = _input_key(line)
+        outcome = outcomes.get(key) if key else None
+        outcome = outcome or (base(key) if key else None)
+        if outcome is None:
+            unmatched += 1
+            continue
+        image_set, primary = _import_response(line)
+        outcomes[outcome.key] = replace(
+            outcome,
+            status=WARNING,
+            reason=_warning_reason(line),
+            image_set_id=outcome.image_set_id or image_set,
+            is_primary=outcome.is_primary if outcome.is_primary is not None else primary,
+        )
+    for line in output.failure:
+        key = _input_key(line)
+        outcome = base(key) if key else None
+        if outcome is None:
+            unmatched += 1
+            continue
+        reason, server_error = _failure_reason(line)
+        outcomes[outcome.key] = replace(outcome, status=FAILED, reason=reason, server_error=server_error)
+    missing_reason = job_failed_reason or "the import job reported no outcome for this file"
+    for entry in manifest.objects:
+        if entry.key not in outcomes:
+            outcomes[entry.key] = InstanceOutcome(
+                entry.key,
+                entry.study_instance_uid,
+                entry.series_instance_uid,
+                entry.sop_instance_uid,
+                FAILED,
+                reason=missing_reason,
+            )
+    return list(outcomes.values()), unmatched
+
+
+def requeue_batch_id(original: str, now: datetime) -> str:
+    """A fresh id in the daemon's format: re-queue time, random part derived from the original batch."""
+    digest = hashlib.sha256(f"requeue:{original}".encode()).hexdigest()[:16]
+    return check_batch_id(f"{batch_id_time_part(now)}-{digest}")
+
+
+def claim_requeue_id(table: Table, batch_id: str, now: datetime) -> str:
+    """The re-queue batch id, fixed on the batch item by the first attempt so a retried task reuses it."""
+    response = table.update_item(
+        Key=batch_key(batch_id),
+        UpdateExpression="SET requeueBatchId = if_not_exists(requeueBatchId, :candidate)",
+        ExpressionAttributeValues={":candidate": requeue_batch_id(batch_id, now)},
+        ReturnValues="UPDATED_NEW",
+    )
+    return str(response["Attributes"]["requeueBatchId"])
+
+
+def requeue(
+    s3: S3Client, manifest: Manifest, outcomes: Iterable[InstanceOutcome], new_batch_id: str, now: datetime
+) -> None:
+    """Copy the objects into a new batch and close it with its own manifest (conditional put, once)."""
+    by_key = {entry.key: entry for entry in manifest.objects}
+    entries: list[ManifestObject] = []
+    for outcome in outcomes:
+        new_key = object_key(
+            new_batch_id, outcome.study_instance_uid, outcome.series_instance_uid, outcome.sop_instance_uid
+        )
+        s3.copy({"Bucket": manifest.bucket, "Key": outcome.key}, manifest.bucket, new_key)
+        original = by_key.get(outcome.key)
+        size = s3.head_object(Bucket=manifest.bucket, Key=new_key)["ContentLength"]
+        entries.append(
+            ManifestObject(
+                key=new_key,
+                sop_instance_uid=outcome.sop_instance_uid,
+                study_instance_uid=outcome.study_instance_uid,
+                series_instance_uid=outcome.series_instance_uid,
+                sop_class_uid=original.sop_class_uid if original else None,
+                size=size,
+                calling_ae_title=original.calling_ae_title if original else None,
+                received_at=original.received_at if original else None,
+            )
+        )
+    titles = sorted({entry.calling_ae_title for entry in entries if entry.calling_ae_title})
+    write_manifest_once(
+        s3,
+        Manifest(
+            batch_id=new_batch_id,
+            bucket=manifest.bucket,
+            closed_by=CLOSED_BY_REQUEUE,
+            closed_at=iso_millis(now),
+            first_received_at=manifest.first_received_at,
+            last_received_at=manifest.last_received_at,
+            calling_ae_titles=tuple(titles),
+            objects=tuple(entries),
+            requeued_from=manifest.batch_id,
+        ),
+    )
+
+
+def _summary_numbers(summary: Mapping[str, Any]) -> dict[str, int]:
+    return {
+        name: value
+        for name, value in summary.items()
+        if isinstance(value, int) and not isinstance(value, bool)
+    }
+
+
+def process_results(
+    event: Mapping[str, Any], s3: S3Client, table: Table, settings: Settings, now: datetime
+) -> Results:
+    batch_id = check_batch_id(str(event["batchId"]))
+    job, state = event["job"], event["jobStatus"]
+    job_id, job_status = str(job["jobId"]), str(state["jobStatus"])
+    attempt = int(event.get("attempt", 1))
+    retention = Retention(settings.retention_days)
+    manifest = read_manifest(s3, settings.dicom_bucket, batch_id)
+    output = read_job_output(s3, str(job["outputS3Uri"]), job_id)
+    job_failed_reason = None
+    if job_status == "FAILED":
+        job_failed_reason = f"import job {job_id} FAILED: {state.get('message') or 'no message'}"
+    outcomes, unmatched = outcomes_from_output(manifest, output, job_failed_reason)
+    if unmatched:
+        logger.warning("output lines that name no object of this batch", batch_id=batch_id, lines=unmatched)
+
+    server_failures = [o for o in outcomes if o.status == FAILED and o.server_error]
+    requeue_id = None
+    if server_failures and attempt == 1:
+        requeue_id = claim_requeue_id(table, batch_id, now)
+        requeued = {o.key for o in server_failures}
+        outcomes = [
+            replace(o, status=REQUEUED, requeued_to=requeue_id) if o.key in requeued else o for o in outcomes
+        ]
+    written = sum(record_instance_outcome(table, batch_id, job_id, o, retention, now) for o in outcomes)
+    if written < len(outcomes):
+        logger.info(
+            "instances taken over by a newer batch", batch_id=batch_id, skipped=len(outcomes) - written
+        )
+    if requeue_id is not None:
+        requeue(s3, manifest, [o for o in outcomes if o.status == REQUEUED], requeue_id, now)
+        logger.info("server failures re-queued", batch_id=batch_id, requeue_batch_id=requeue_id)
+
+    counts = count_by_status(outcomes)
+    if job_status == "FAILED":
+        status = BATCH_FAILED
+    elif counts[FAILED] or counts[REQUEUED]:
+        status = BATCH_PARTIAL
+    else:
+        status = BATCH_IMPORTED
+    extra: dict[str, Any] = {"jobId": job_id}
+    if requeue_id:
+        extra["requeueBatchId"] = requeue_id
+    finish_batch(table, batch_id, status, counts, job_failed_reason, retention, now, extra)
+    finish_job(
+        table,
+        batch_id,
+        job_id,
+        job_status,
+        _summary_numbers(output.summary),
+        state.get("message"),
+        retention,
+        now,
+    )
+
+    duration = None
+    if state.get("endedAt") and job.get("submittedAt"):
+        duration = max(
+            0.0, (parse_iso(str(state["endedAt"])) - parse_iso(str(job["submittedAt"]))).total_seconds()
+        )
+    logger.info("batch finished", batch_id=batch_id, job_id=job_id, batch_status=status, counts=counts)
+    return Results(status, counts, requeue_id, duration, unmatched)
+
+
+SETTINGS = Settings.from_env(os.environ)
+S3 = boto3.client("s3")
+TABLE = boto3.resource("dynamodb").Table(SETTINGS.table_name)
+
+
+@logger.inject_lambda_context
+@metrics.log_metrics
+def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
+    results = process_results(event, S3, TABLE, SETTINGS, utc_now())
+    counts = results.counts
+    metrics.add_metric(
+        name="InstancesImported", unit=MetricUnit.Count, value=counts[IMPORTED] + counts[WARNING]
+    )
+    metrics.add_metric(name="InstancesFailed", unit=MetricUnit.Count, value=counts[FAILED])
+    metrics.add_metric(name="InstancesWarning", unit=MetricUnit.Count, value=counts[WARNING])
+    metrics.add_metric(name="InstancesNonPrimary", unit=MetricUnit.Count, value=counts[NON_PRIMARY])
+    metrics.add_metric(name="InstancesRequeued", unit=MetricUnit.Count, value=counts[REQUEUED])
+    if results.duration_seconds is not None:
+        metrics.add_metric(
+            name="ImportJobDurationSeconds", unit=MetricUnit.Seconds, value=results.duration_seconds
+        )
+    return results.to_json()

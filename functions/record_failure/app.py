@@ -1,0 +1,160 @@
+"""Lambda function: record why a batch's import failed, on the batch and on every instance still importing.
+
+The state machine's Catch rules all lead here, so that no failure ends without a trace an admin can query.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+import boto3
+from aws_lambda_powertools import Logger, Metrics
+from aws_lambda_powertools.metrics import MetricUnit
+from aws_lambda_powertools.utilities.typing import LambdaContext
+from botocore.exceptions import ClientError
+from common.config import EnvironmentReader
+from common.layout import LayoutError, batch_id_from_manifest_key, check_batch_id
+from common.manifest import ManifestError, iso_millis, read_manifest
+from common.records import (
+    BATCH_FAILED,
+    Retention,
+    batch_key,
+    fail_unfinished_instances,
+    shorten,
+    status_partition,
+    utc_now,
+)
+
+if TYPE_CHECKING:
+    from mypy_boto3_dynamodb.service_resource import Table
+    from mypy_boto3_s3 import S3Client
+
+logger = Logger(service="import-workflow")
+metrics = Metrics(namespace="DICOMStoreSCP", service="import-workflow")
+
+
+@dataclass(frozen=True)
+class Settings:
+    table_name: str
+    dicom_bucket: str
+    retention_days: int
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str]) -> Settings:
+        reader = EnvironmentReader(environ)
+        settings = cls(
+            table_name=reader.text("TABLE_NAME"),
+            dicom_bucket=reader.text("DICOM_BUCKET"),
+            retention_days=reader.integer("RECORD_RETENTION_DAYS", 365, 0, 36500),
+        )
+        reader.finish()
+        return settings
+
+
+def failure_reason(error: Mapping[str, Any]) -> str:
+    """``Error: message`` from a Catch result; a Lambda's Cause is JSON with errorMessage."""
+    name = str(error.get("Error", "UnknownError"))
+    cause = str(error.get("Cause", ""))
+    try:
+        parsed = json.loads(cause)
+    except json.JSONDecodeError:
+        parsed = None
+    if isinstance(parsed, dict) and "errorMessage" in parsed:
+        cause = str(parsed["errorMessage"])
+    return shorten(f"{name}: {cause}" if cause else name)
+
+
+def batch_id_of(state: Mapping[str, Any]) -> str | None:
+    """The batch id from the state (after registration) or from the triggering event's manifest key."""
+    try:
+        if "batchId" in state:
+            return check_batch_id(str(state["batchId"]))
+        return batch_id_from_manifest_key(str(state["detail"]["object"]["key"]))
+    except (KeyError, TypeError, LayoutError):
+        return None
+
+
+def mark_batch_failed(
+    table: Table, batch_id: str, execution_arn: str, reason: str, retention: Retention, now: datetime
+) -> bool:
+    """Fail the batch item this execution owns (or create it failed); False if another execution owns it."""
+    stamp = iso_millis(now)
+    values: dict[str, Any] = {
+        ":failed": BATCH_FAILED,
+        ":reason": reason,
+        ":now": stamp,
+        ":execution": execution_arn,
+        ":batch": batch_id,
+        ":entity": "batch",
+        ":gsi3pk": status_partition("batch", BATCH_FAILED),
+        ":gsi3sk": f"{stamp}#{batch_id}",
+    }
+    sets = (
+        "#status = :failed, reason = :reason, updatedAt = :now, finishedAt = :now, gsi3pk = :gsi3pk,"
+        " gsi3sk = :gsi3sk, executionArn = if_not_exists(executionArn, :execution), batchId = :batch,"
+        " entity = :entity"
+    )
+    expires = retention.expires_at(now)
+    if expires is not None:
+        sets += ", expiresAt = :expires"
+        values[":expires"] = expires
+    try:
+        table.update_item(
+            Key=batch_key(batch_id),
+            UpdateExpression="SET " + sets,
+            ConditionExpression="attribute_not_exists(pk) OR executionArn = :execution",
+            ExpressionAttributeNames={"#status": "status"},
+            ExpressionAttributeValues=values,
+        )
+    except ClientError as error:
+        if error.response.get("Error", {}).get("Code") == "ConditionalCheckFailedException":
+            return False
+        raise
+    return True
+
+
+def record_failure(
+    event: Mapping[str, Any], s3: S3Client, table: Table, settings: Settings, now: datetime
+) -> dict[str, Any]:
+    state = event.get("state") or {}
+    execution_arn = str(event["executionArn"])
+    reason = failure_reason(state.get("error") or {})
+    batch_id = batch_id_of(state)
+    if batch_id is None:
+        logger.error("import failed before a batch could be named", reason=reason, execution=execution_arn)
+        return {"batchId": None, "reason": reason, "instancesFailed": 0}
+    retention = Retention(settings.retention_days)
+    if not mark_batch_failed(table, batch_id, execution_arn, reason, retention, now):
+        logger.warning("batch owned by another execution; left as it is", batch_id=batch_id, reason=reason)
+        return {"batchId": batch_id, "reason": reason, "instancesFailed": 0}
+    failed = 0
+    try:
+        manifest = read_manifest(s3, settings.dicom_bucket, batch_id)
+    except (ClientError, ManifestError) as error:
+        # The failure may be the manifest itself; the batch item carries the reason, there are no instances.
+        logger.warning(
+            "manifest unreadable, no instance records to fail", batch_id=batch_id, error=str(error)
+        )
+    else:
+        failed = fail_unfinished_instances(table, manifest, reason, retention, now)
+    logger.error("batch failed", batch_id=batch_id, reason=reason, instances_failed=failed)
+    return {"batchId": batch_id, "reason": reason, "instancesFailed": failed}
+
+
+SETTINGS = Settings.from_env(os.environ)
+S3 = boto3.client("s3")
+TABLE = boto3.resource("dynamodb").Table(SETTINGS.table_name)
+
+
+@logger.inject_lambda_context
+@metrics.log_metrics
+def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
+    result = record_failure(event, S3, TABLE, SETTINGS, utc_now())
+    metrics.add_metric(name="InstancesFailed", unit=MetricUnit.Count, value=result["instancesFailed"])
+    metrics.add_metric(name="BatchesFailed", unit=MetricUnit.Count, value=1)
+    return result

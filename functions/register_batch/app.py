@@ -1,0 +1,75 @@
+"""Lambda function: read a closed batch's manifest; register the batch and its instances, once per batch."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+import boto3
+from aws_lambda_powertools import Logger
+from aws_lambda_powertools.utilities.typing import LambdaContext
+from common.config import EnvironmentReader
+from common.layout import batch_id_from_manifest_key
+from common.manifest import ManifestError, read_manifest
+from common.records import DuplicateBatch, register_batch, register_instances, utc_now
+
+if TYPE_CHECKING:
+    from mypy_boto3_dynamodb.service_resource import Table
+    from mypy_boto3_s3 import S3Client
+
+logger = Logger(service="import-workflow")
+
+
+@dataclass(frozen=True)
+class Settings:
+    table_name: str
+    dicom_bucket: str
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str]) -> Settings:
+        reader = EnvironmentReader(environ)
+        settings = cls(table_name=reader.text("TABLE_NAME"), dicom_bucket=reader.text("DICOM_BUCKET"))
+        reader.finish()
+        return settings
+
+
+def register(
+    event: Mapping[str, Any], s3: S3Client, table: Table, settings: Settings, now: datetime
+) -> dict[str, Any]:
+    """Register the batch the manifest key names; another execution for the same batch gets duplicate=True."""
+    bucket, key, execution = str(event["bucket"]), str(event["key"]), str(event["executionArn"])
+    if bucket != settings.dicom_bucket:
+        raise ManifestError(f"manifest in bucket {bucket!r}, expected {settings.dicom_bucket!r}")
+    batch_id = batch_id_from_manifest_key(key)
+    manifest = read_manifest(s3, bucket, batch_id)
+    try:
+        attempt = register_batch(table, manifest, execution, now)
+    except DuplicateBatch as duplicate:
+        logger.warning(
+            "duplicate trigger, batch already registered", batch_id=batch_id, owner=duplicate.owner
+        )
+        return {"batchId": batch_id, "duplicate": True, "owner": duplicate.owner}
+    register_instances(table, manifest, attempt, now)
+    logger.info("batch registered", batch_id=batch_id, objects=len(manifest.objects), attempt=attempt)
+    return {
+        "batchId": batch_id,
+        "duplicate": False,
+        "bucket": bucket,
+        "prefix": manifest.prefix,
+        "attempt": attempt,
+        "objectCount": len(manifest.objects),
+        "firstReceivedAt": manifest.first_received_at,
+    }
+
+
+SETTINGS = Settings.from_env(os.environ)
+S3 = boto3.client("s3")
+TABLE = boto3.resource("dynamodb").Table(SETTINGS.table_name)
+
+
+@logger.inject_lambda_context
+def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
+    return register(event, S3, TABLE, SETTINGS, utc_now())

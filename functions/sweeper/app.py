@@ -1,0 +1,170 @@
+"""Lambda function (scheduled): close batches a dead daemon left open, by writing their manifest itself.
+
+Abandoned: objects under the batch prefix, no manifest, newest object older than SWEEP_MIN_AGE_SECONDS.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any
+
+import boto3
+from aws_lambda_powertools import Logger, Metrics
+from aws_lambda_powertools.metrics import MetricUnit
+from aws_lambda_powertools.utilities.typing import LambdaContext
+from common.config import EnvironmentReader
+from common.layout import (
+    BATCHES_PREFIX,
+    MANIFESTS_PREFIX,
+    LayoutError,
+    batch_id_time_part,
+    batch_opened_at,
+    batch_prefix,
+    check_batch_id,
+    parse_object_key,
+)
+from common.manifest import CLOSED_BY_SWEEPER, Manifest, ManifestObject, iso_millis, write_manifest_once
+from common.records import utc_now
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3 import S3Client
+
+logger = Logger(service="import-workflow")
+metrics = Metrics(namespace="DICOMStoreSCP", service="import-workflow")
+
+
+@dataclass(frozen=True)
+class Settings:
+    dicom_bucket: str
+    min_age_seconds: int
+    lookback_hours: int
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str]) -> Settings:
+        reader = EnvironmentReader(environ)
+        settings = cls(
+            dicom_bucket=reader.text("DICOM_BUCKET"),
+            min_age_seconds=reader.integer("SWEEP_MIN_AGE_SECONDS", 900, 60, 86400),
+            lookback_hours=reader.integer("SWEEP_LOOKBACK_HOURS", 72, 1, 8760),
+        )
+        reader.finish()
+        return settings
+
+
+def _batch_ids_under(s3: S3Client, bucket: str, start: datetime) -> list[str]:
+    """Batch ids opened since ``start``; ids begin with their open time, so StartAfter skips older ones."""
+    ids = []
+    paginator = s3.get_paginator("list_objects_v2")
+    pages = paginator.paginate(
+        Bucket=bucket,
+        Prefix=BATCHES_PREFIX,
+        Delimiter="/",
+        StartAfter=f"{BATCHES_PREFIX}{batch_id_time_part(start)}",
+    )
+    for page in pages:
+        for common in page.get("CommonPrefixes", []):
+            candidate = common["Prefix"][len(BATCHES_PREFIX) :].rstrip("/")
+            try:
+                ids.append(check_batch_id(candidate))
+            except LayoutError:
+                logger.warning("prefix that is not a batch id under batches/", prefix=common["Prefix"])
+    return ids
+
+
+def _closed_batch_ids(s3: S3Client, bucket: str, start: datetime) -> set[str]:
+    closed = set()
+    paginator = s3.get_paginator("list_objects_v2")
+    pages = paginator.paginate(
+        Bucket=bucket, Prefix=MANIFESTS_PREFIX, StartAfter=f"{MANIFESTS_PREFIX}{batch_id_time_part(start)}"
+    )
+    for page in pages:
+        for entry in page.get("Contents", []):
+            name = entry["Key"][len(MANIFESTS_PREFIX) :]
+            if name.endswith(".json"):
+                closed.add(name[: -len(".json")])
+    return closed
+
+
+def manifest_from_listing(
+    s3: S3Client, bucket: str, batch_id: str, now: datetime
+) -> tuple[Manifest, datetime] | None:
+    """Rebuild the manifest of a batch from its objects (UIDs from the keys); None if the batch is empty."""
+    objects: list[ManifestObject] = []
+    times: list[datetime] = []
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=batch_prefix(batch_id)):
+        for entry in page.get("Contents", []):
+            try:
+                parsed = parse_object_key(entry["Key"])
+            except LayoutError:
+                logger.error("object outside the key layout left out of the manifest", key=entry["Key"])
+                continue
+            times.append(entry["LastModified"])
+            objects.append(
+                ManifestObject(
+                    key=entry["Key"],
+                    sop_instance_uid=parsed.sop_instance_uid,
+                    study_instance_uid=parsed.study_instance_uid,
+                    series_instance_uid=parsed.series_instance_uid,
+                    sop_class_uid=None,
+                    size=int(entry["Size"]),
+                    calling_ae_title=None,
+                    received_at=None,
+                )
+            )
+    if not objects:
+        return None
+    manifest = Manifest(
+        batch_id=batch_id,
+        bucket=bucket,
+        closed_by=CLOSED_BY_SWEEPER,
+        closed_at=iso_millis(now),
+        first_received_at=iso_millis(min(times)),
+        last_received_at=iso_millis(max(times)),
+        calling_ae_titles=(),
+        objects=tuple(sorted(objects, key=lambda item: item.key)),
+    )
+    return manifest, max(times)
+
+
+def sweep(s3: S3Client, bucket: str, now: datetime, min_age_seconds: int, lookback_hours: int) -> list[str]:
+    """Close every abandoned batch opened in the lookback window; returns the ids this run closed."""
+    start = now - timedelta(hours=lookback_hours)
+    min_age = timedelta(seconds=min_age_seconds)
+    closed = _closed_batch_ids(s3, bucket, start)
+    swept = []
+    for batch_id in _batch_ids_under(s3, bucket, start):
+        # A batch opened less than min_age ago cannot have a newest object older than min_age.
+        if batch_id in closed or now - batch_opened_at(batch_id) < min_age:
+            continue
+        rebuilt = manifest_from_listing(s3, bucket, batch_id, now)
+        if rebuilt is None:
+            continue
+        manifest, newest = rebuilt
+        if now - newest < min_age:
+            continue
+        if write_manifest_once(s3, manifest):
+            logger.warning("abandoned batch closed", batch_id=batch_id, objects=len(manifest.objects))
+            swept.append(batch_id)
+        else:
+            logger.info("batch closed meanwhile by its daemon", batch_id=batch_id)
+    return swept
+
+
+SETTINGS = Settings.from_env(os.environ)
+S3 = boto3.client("s3")
+
+
+@logger.inject_lambda_context
+@metrics.log_metrics
+def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
+    lookback = (
+        int(event.get("lookbackHours", SETTINGS.lookback_hours))
+        if isinstance(event, dict)
+        else SETTINGS.lookback_hours
+    )
+    swept = sweep(S3, SETTINGS.dicom_bucket, utc_now(), SETTINGS.min_age_seconds, lookback)
+    metrics.add_metric(name="BatchesSwept", unit=MetricUnit.Count, value=len(swept))
+    return {"closed": swept}
