@@ -48,6 +48,40 @@ test: $(INSTALLED) dcmtk ## Run every test (unit, integration with DCMTK and mot
 	$(BIN)/pytest -q
 
 # ---------------------------------------------------------------------------------------------------------------
+# Lambda functions and state machine
+
+# One zip per functions/<name>/ holding app.py, the shared functions/common/ package and the function's own
+# requirements, built for the python3.12 x86_64 runtime without Docker. boto3/botocore come with the runtime.
+# Fixed timestamps, modes and entry order make the zips byte-for-byte reproducible.
+FUNCTIONS := $(sort $(notdir $(patsubst %/app.py,%,$(wildcard functions/*/app.py))))
+FUNCTION_ZIPS := $(FUNCTIONS:%=build/functions/%.zip)
+COMMON_SOURCES := $(wildcard functions/common/*.py)
+
+.PHONY: package-functions
+package-functions: $(FUNCTION_ZIPS) build/statemachines/import.asl.json ## Build build/functions/<name>.zip per Lambda and copy the ASL
+
+build/functions/%.zip: functions/%/app.py functions/%/requirements.txt $(COMMON_SOURCES) | $(INSTALLED)
+	rm -rf build/functions/$* $@ && mkdir -p build/functions/$*
+	$(BIN)/pip install --quiet --no-compile --disable-pip-version-check --platform manylinux2014_x86_64 \
+		--implementation cp --python-version 3.12 --only-binary=:all: \
+		--target build/functions/$* -r functions/$*/requirements.txt
+	rm -rf build/functions/$*/boto3* build/functions/$*/botocore* build/functions/$*/s3transfer* \
+		build/functions/$*/bin
+	cp functions/$*/app.py build/functions/$*/
+	mkdir -p build/functions/$*/common && cp $(COMMON_SOURCES) build/functions/$*/common/
+	find build/functions/$* -type d -exec chmod 755 {} + && find build/functions/$* -type f -exec chmod 644 {} +
+	find build/functions/$* -exec touch -h -t 198001010000 {} +
+	cd build/functions/$* && find . -type f | sed 's|^\./||' | LC_ALL=C sort | TZ=UTC zip -X -q -D ../$*.zip -@
+	rm -rf build/functions/$*
+
+build/statemachines/import.asl.json: statemachines/import.asl.json
+	mkdir -p $(@D) && cp $< $@
+
+.PHONY: lint-statemachine
+lint-statemachine: $(INSTALLED) ## Check statemachines/import.asl.json with statelint
+	$(BIN)/statelint statemachines/import.asl.json
+
+# ---------------------------------------------------------------------------------------------------------------
 # Housekeeping
 
 .PHONY: clean
