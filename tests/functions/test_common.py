@@ -7,9 +7,6 @@ from datetime import UTC, datetime
 
 import pytest
 from botocore.exceptions import ClientError
-
-from tests.functions.workflow import FIXTURE_BATCH, object_key
-
 from common.config import ConfigurationError, EnvironmentReader
 from common.healthimaging import (
     HealthImagingServerError,
@@ -26,6 +23,8 @@ from common.layout import (
     results_prefix,
 )
 from common.manifest import ManifestError, iso_millis, parse_manifest
+
+from tests.functions.workflow import FIXTURE_BATCH, object_key
 
 
 def manifest_document(bucket: str = "b") -> dict[str, object]:
@@ -60,7 +59,12 @@ def manifest_document(bucket: str = "b") -> dict[str, object]:
 
 def test_object_keys_split_into_batch_and_uids() -> None:
     parsed = parse_object_key("batches/20261123T185700Z-3f9a1c2b7d4e5f60/1.2.3/1.2.3.4/1.2.3.4.5.dcm")
-    assert (parsed.batch_id, parsed.study_instance_uid, parsed.series_instance_uid, parsed.sop_instance_uid) == (
+    assert (
+        parsed.batch_id,
+        parsed.study_instance_uid,
+        parsed.series_instance_uid,
+        parsed.sop_instance_uid,
+    ) == (
         "20261123T185700Z-3f9a1c2b7d4e5f60",
         "1.2.3",
         "1.2.3.4",
@@ -149,7 +153,9 @@ def test_every_bad_variable_is_reported_at_once() -> None:
         ("ConflictException", ImportRejected),
     ],
 )
-def test_healthimaging_errors_get_the_names_the_state_machine_matches(code: str, kind: type[Exception]) -> None:
+def test_healthimaging_errors_get_the_names_the_state_machine_matches(
+    code: str, kind: type[Exception]
+) -> None:
     error = ClientError({"Error": {"Code": code, "Message": "details"}}, "StartDICOMImportJob")
     translated = translate(error)
     assert type(translated) is kind

@@ -1,4 +1,4 @@
-"""register_batch against moto_server: one registration per batch, instance records, refusal of bad manifests."""
+"""register_batch against moto_server: one registration per batch, instance records, bad manifests."""
 
 from __future__ import annotations
 
@@ -40,7 +40,9 @@ def test_a_closed_batch_is_registered_with_every_instance(aws: Aws, monkeypatch:
     assert "expiresAt" not in first  # in-flight records never expire
 
 
-def test_a_second_execution_for_the_same_batch_is_a_duplicate(aws: Aws, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_second_execution_for_the_same_batch_is_a_duplicate(
+    aws: Aws, monkeypatch: pytest.MonkeyPatch
+) -> None:
     app = load_app("register_batch", monkeypatch, aws.env())
     batch = daemon_batch(aws.s3, aws.dicom_bucket)
     app.handler(event(aws, batch.manifest_key), FakeContext())

@@ -1,5 +1,5 @@
-"""start_import and check_import: HealthImaging answered by botocore's Stubber (requests checked against the real
-API model), records in DynamoDB on moto_server."""
+"""start_import and check_import: HealthImaging answered by botocore's Stubber (requests checked against the
+real API model), records in DynamoDB on moto_server."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Test helpers for the import workflow: load a Lambda's app.py as at cold start, build tables, batches, outputs."""
+"""Test helpers for the import workflow: load app.py as at a cold start; tables, batches, job outputs."""
 
 from __future__ import annotations
 
@@ -58,7 +58,11 @@ def unique(prefix: str) -> str:
 
 def create_table(dynamodb: Any, name: str) -> Any:
     """The workflow table as docs/import-workflow.rst describes it (the template creates the same)."""
-    indexes = [("ByBatch", "gsi1pk", "gsi1sk"), ("ByCallingAE", "gsi2pk", "gsi2sk"), ("ByStatus", "gsi3pk", "gsi3sk")]
+    indexes = [
+        ("ByBatch", "gsi1pk", "gsi1sk"),
+        ("ByCallingAE", "gsi2pk", "gsi2sk"),
+        ("ByStatus", "gsi3pk", "gsi3sk"),
+    ]
     attributes = ["pk", "sk"] + [a for _, pk, sk in indexes for a in (pk, sk)]
     table = dynamodb.create_table(
         TableName=name,
@@ -68,7 +72,10 @@ def create_table(dynamodb: Any, name: str) -> Any:
         GlobalSecondaryIndexes=[
             {
                 "IndexName": index,
-                "KeySchema": [{"AttributeName": pk, "KeyType": "HASH"}, {"AttributeName": sk, "KeyType": "RANGE"}],
+                "KeySchema": [
+                    {"AttributeName": pk, "KeyType": "HASH"},
+                    {"AttributeName": sk, "KeyType": "RANGE"},
+                ],
                 "Projection": {"ProjectionType": "ALL"},
             }
             for index, pk, sk in indexes
@@ -90,7 +97,9 @@ class Batch:
         return f"manifests/{self.batch_id}.json"
 
 
-def daemon_batch(s3: Any, bucket: str, batch_id: str = FIXTURE_BATCH, count: int = 10, write_manifest: bool = True) -> Batch:
+def daemon_batch(
+    s3: Any, bucket: str, batch_id: str = FIXTURE_BATCH, count: int = 10, write_manifest: bool = True
+) -> Batch:
     """Objects and manifest exactly as the daemon writes them (docs/s3-layout.rst)."""
     objects = []
     for number in range(1, count + 1):
@@ -128,14 +137,20 @@ def daemon_batch(s3: Any, bucket: str, batch_id: str = FIXTURE_BATCH, count: int
     return Batch(batch_id, bucket, [o["key"] for o in objects], manifest)
 
 
-def upload_job_output(s3: Any, results_bucket: str, batch_id: str, scenario: str, job_id: str = JOB_ID) -> str:
+def upload_job_output(
+    s3: Any, results_bucket: str, batch_id: str, scenario: str, job_id: str = JOB_ID
+) -> str:
     """Put a fixture job output where HealthImaging would: ``<OutputS3Uri><datastore>-DicomImport-<job>/``."""
     output_uri = f"s3://{results_bucket}/jobs/{batch_id}/"
     folder = f"jobs/{batch_id}/{DATASTORE_ID}-DicomImport-{job_id}/"
     for path in sorted((FIXTURES / scenario).rglob("*")):
         if path.is_file():
             text = path.read_text().replace(FIXTURE_BATCH, batch_id)
-            s3.put_object(Bucket=results_bucket, Key=folder + str(path.relative_to(FIXTURES / scenario)), Body=text.encode())
+            s3.put_object(
+                Bucket=results_bucket,
+                Key=folder + str(path.relative_to(FIXTURES / scenario)),
+                Body=text.encode(),
+            )
     return output_uri
 
 
