@@ -82,9 +82,91 @@ lint-statemachine: $(INSTALLED) ## Check statemachines/import.asl.json with stat
 	$(BIN)/statelint statemachines/import.asl.json
 
 # ---------------------------------------------------------------------------------------------------------------
+# Checks
+
+# checkov and taskcat pin libraries that conflict with the project's (and with each other): each gets its own
+# virtual environment.
+CHECKOV_VENV := .venv-checkov
+TASKCAT_VENV := .venv-taskcat
+CHECKOV_VERSION := 3.3.30
+TASKCAT_VERSION := 0.9.58
+
+$(CHECKOV_VENV)/.installed:
+	$(PYTHON) -m venv $(CHECKOV_VENV)
+	$(CHECKOV_VENV)/bin/pip install --quiet --upgrade pip
+	$(CHECKOV_VENV)/bin/pip install --quiet 'checkov==$(CHECKOV_VERSION)'
+	touch $@
+
+$(TASKCAT_VENV)/.installed:
+	$(PYTHON) -m venv $(TASKCAT_VENV)
+	$(TASKCAT_VENV)/bin/pip install --quiet --upgrade pip
+	$(TASKCAT_VENV)/bin/pip install --quiet 'taskcat==$(TASKCAT_VERSION)'
+	touch $@
+
+# cfn-lint reads .cfnlintrc.yaml (the HealthImaging Regions); warnings fail too. checkov skips are declared in the
+# template next to each resource with the reason; --skip-download keeps it offline.
+.PHONY: lint
+lint: $(INSTALLED) $(CHECKOV_VENV)/.installed $(TASKCAT_VENV)/.installed lint-statemachine ## cfn-lint, checkov, hadolint, taskcat lint, statelint, ruff, mypy
+	$(BIN)/cfn-lint
+	$(CHECKOV_VENV)/bin/checkov --quiet --compact --skip-download --framework cloudformation -d templates
+	$(CHECKOV_VENV)/bin/checkov --quiet --compact --skip-download --framework dockerfile -f Dockerfile
+	$(BIN)/hadolint Dockerfile
+	$(TASKCAT_VENV)/bin/taskcat lint
+	$(BIN)/ruff check scp functions tests/templates docs/_ext docs/conf.py
+	$(BIN)/mypy scp functions docs/_ext
+
+# ---------------------------------------------------------------------------------------------------------------
+# Packaging and delivery
+
+# build/ is laid out as the artifact bucket expects under ArtifactKeyPrefix: functions/, statemachines/, templates/.
+.PHONY: package
+package: package-functions ## Build the Lambda zips and stage the ASL and templates in build/
+	mkdir -p build/templates
+	cp templates/*.template.yaml build/templates/
+
+# One bucket per Region (Lambda reads code only from its own Region): <ARTIFACT_BUCKET>-<region>.
+ARTIFACT_BUCKET ?=
+ARTIFACT_PREFIX ?= dicom-store-scp/
+PUBLISH_REGIONS ?= us-east-1 us-west-2 eu-west-1 eu-west-2 ap-southeast-2
+
+.PHONY: publish
+publish: package ## Upload build/ to s3://$ARTIFACT_BUCKET-<region>/$ARTIFACT_PREFIX (needs the AWS CLI and credentials)
+	@test -n "$(ARTIFACT_BUCKET)" || { echo "set ARTIFACT_BUCKET (base name; -<region> is appended)"; exit 2; }
+	@command -v aws >/dev/null || { echo "the AWS CLI is needed for publish"; exit 2; }
+	for region in $(PUBLISH_REGIONS); do \
+		aws s3 sync --region $$region --delete --exclude '.taskcat.yml' --exclude 'taskcat_outputs/*' \
+			build/ s3://$(ARTIFACT_BUCKET)-$$region/$(ARTIFACT_PREFIX) || exit 1; \
+	done
+
+IMAGE ?= dicom-store-scp:local
+
+.PHONY: image
+image: ## Build the container image (IMAGE=dicom-store-scp:local; needs a Docker engine)
+	docker build --pull -t $(IMAGE) .
+
+# taskcat runs from build/, so it uploads exactly the packaged artifacts (see .taskcat.yml).
+.PHONY: taskcat
+taskcat: package $(TASKCAT_VENV)/.installed ## Deploy and test the template in every HealthImaging Region (needs AWS)
+	cp .taskcat.yml build/.taskcat.yml
+	cd build && ../$(TASKCAT_VENV)/bin/taskcat test run
+
+# ---------------------------------------------------------------------------------------------------------------
+# Documentation
+
+.PHONY: graphviz
+graphviz: ## Install Graphviz (dot, for the architecture diagram) when missing
+	@command -v dot >/dev/null || { $(SUDO) apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq graphviz; }
+
+.PHONY: docs
+docs: $(INSTALLED) graphviz ## Build the HTML documentation into docs/_build/html (warnings are errors)
+	$(BIN)/sphinx-build -W --keep-going -q -b html docs docs/_build/html
+
+# ---------------------------------------------------------------------------------------------------------------
 # Housekeeping
 
 .PHONY: clean
 clean: ## Remove everything generated
 	rm -rf $(VENV) build dist docs/_build .pytest_cache .mypy_cache .ruff_cache *.egg-info
+	rm -rf $(CHECKOV_VENV) $(TASKCAT_VENV) taskcat_outputs .taskcat
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
