@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import socketserver
 import threading
 import time
 from typing import Any
@@ -33,6 +34,11 @@ class DicomServer(ThreadedAssociationServer):
         # can hold every C-STORE response for ~40 ms.
         client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return client, address
+
+    def stop_accepting(self) -> None:
+        """End the accept loop and close the listening socket; live associations go on."""
+        socketserver.BaseServer.shutdown(self)
+        self.server_close()
 
 
 def configure_pynetdicom() -> None:
@@ -86,7 +92,7 @@ def drain(server: DicomServer, grace_seconds: float) -> int:
     pynetdicom's own ``AE.shutdown()`` aborts every association immediately, which would cut off a modality in
     the middle of a study on every scale-in; returns how many associations had to be aborted.
     """
-    server.shutdown()  # stops the accept loop and closes the listening socket; live associations go on
+    server.stop_accepting()
     deadline = time.monotonic() + grace_seconds
     while server.active_associations and time.monotonic() < deadline:
         time.sleep(0.1)

@@ -1,0 +1,286 @@
+"""process_results and record_failure against moto_server with realistic HealthImaging job outputs (fixtures/)."""
+
+from __future__ import annotations
+
+import json
+from types import ModuleType
+from typing import Any
+
+import pytest
+
+from tests.functions.conftest import Aws
+from tests.functions.workflow import (
+    FIXTURE_BATCH,
+    JOB_ID,
+    FakeContext,
+    batch_item,
+    daemon_batch,
+    instances,
+    load_app,
+    sop_uid,
+    upload_job_output,
+)
+
+PRIMARY = "8f2a3c4d5e6f70819a0b1c2d3e4f5061"
+NON_PRIMARY = "1c9d8e7f6a5b4c3d2e1f0a9b8c7d6e5f"
+EXECUTION = "arn:aws:states:us-east-1:123456789012:execution:import:one"
+
+
+def register(aws: Aws, monkeypatch: pytest.MonkeyPatch, batch_id: str = FIXTURE_BATCH) -> dict[str, Any]:
+    app = load_app("register_batch", monkeypatch, aws.env())
+    batch = daemon_batch(aws.s3, aws.dicom_bucket, batch_id)
+    event = {"bucket": aws.dicom_bucket, "key": batch.manifest_key, "executionArn": EXECUTION}
+    return dict(app.handler(event, FakeContext()))
+
+
+def results_event(registered: dict[str, Any], output_uri: str, status: str = "COMPLETED") -> dict[str, Any]:
+    return {
+        "batchId": registered["batchId"],
+        "attempt": registered["attempt"],
+        "job": {
+            "jobId": JOB_ID,
+            "datastoreId": "bd9e62ed2ef14b7d8a1a6b4f0f3c2d11",
+            "submittedAt": "2026-11-23T18:59:00.000Z",
+            "outputS3Uri": output_uri,
+            "pollIntervalSeconds": 1,
+        },
+        "jobStatus": {
+            "jobStatus": status,
+            "endedAt": "2026-11-23T19:03:30.000Z",
+            "message": "Could not access the input prefix" if status == "FAILED" else None,
+        },
+    }
+
+
+@pytest.fixture
+def app(aws: Aws, monkeypatch: pytest.MonkeyPatch) -> ModuleType:
+    return load_app("process_results", monkeypatch, aws.env(RECORD_RETENTION_DAYS="30"))
+
+
+def emitted_metrics(capsys: pytest.CaptureFixture[str]) -> dict[str, float]:
+    """The CloudWatch EMF document Powertools printed, as name -> value."""
+    for line in capsys.readouterr().out.splitlines():
+        document = json.loads(line) if line.startswith("{") else {}
+        if "_aws" in document:
+            names = [m["Name"] for m in document["_aws"]["CloudWatchMetrics"][0]["Metrics"]]
+            assert document["_aws"]["CloudWatchMetrics"][0]["Namespace"] == "DICOMStoreSCP"
+            values = {name: document[name] for name in names}
+            return {name: value[0] if isinstance(value, list) else value for name, value in values.items()}
+    raise AssertionError("no metrics document printed")
+
+
+def test_all_successes(
+    aws: Aws, monkeypatch: pytest.MonkeyPatch, app: ModuleType, capsys: pytest.CaptureFixture[str]
+) -> None:
+    registered = register(aws, monkeypatch)
+    output_uri = upload_job_output(aws.s3, aws.results_bucket, FIXTURE_BATCH, "all_success")
+    capsys.readouterr()
+
+    result = app.handler(results_event(registered, output_uri), FakeContext())
+
+    assert result == {
+        "batchStatus": "imported",
+        "imported": 10,
+        "warning": 0,
+        "failed": 0,
+        "requeued": 0,
+        "nonprimary": 0,
+        "requeueBatchId": None,
+    }
+    recorded = instances(aws.table)
+    assert {item["status"] for item in recorded.values()} == {"imported"}
+    assert {item["imageSetId"] for item in recorded.values()} == {PRIMARY}
+    first = recorded[sop_uid(1)]
+    assert first["isPrimary"] is True and first["jobId"] == JOB_ID
+    assert "gsi3pk" not in first  # imported and primary: nothing for an admin to look at
+    assert int(first["expiresAt"]) > 0
+    record = batch_item(aws.table, FIXTURE_BATCH)
+    assert record["status"] == "imported" and record["outcomeCounts"]["imported"] == 10
+    job = aws.table.get_item(Key={"pk": f"BATCH#{FIXTURE_BATCH}", "sk": f"JOB#{JOB_ID}"})["Item"]
+    assert job["jobStatus"] == "COMPLETED" and job["summary"]["numberOfImportedFiles"] == 10
+    assert emitted_metrics(capsys) == {
+        "InstancesImported": 10.0,
+        "InstancesFailed": 0.0,
+        "InstancesWarning": 0.0,
+        "InstancesNonPrimary": 0.0,
+        "InstancesRequeued": 0.0,
+        "ImportJobDurationSeconds": 270.0,
+    }
+
+
+def test_two_failures_out_of_ten_one_parked_one_requeued(
+    aws: Aws, monkeypatch: pytest.MonkeyPatch, app: ModuleType
+) -> None:
+    registered = register(aws, monkeypatch)
+    output_uri = upload_job_output(aws.s3, aws.results_bucket, FIXTURE_BATCH, "partial_failure")
+
+    result = app.handler(results_event(registered, output_uri), FakeContext())
+
+    assert (result["batchStatus"], result["imported"], result["failed"], result["requeued"]) == (
+        "partial",
+        8,
+        1,
+        1,
+    )
+    recorded = instances(aws.table)
+    customer = recorded[sop_uid(4)]
+    assert customer["status"] == "failed"
+    assert customer["reason"].startswith("ValidationException: Transfer syntax")
+    assert customer["gsi3pk"] == "STATUS#instance#failed"
+    server = recorded[sop_uid(9)]
+    requeue_id = result["requeueBatchId"]
+    assert server["status"] == "requeued" and server["requeuedTo"] == requeue_id
+    assert server["reason"].startswith("InternalServerException")
+
+    # The re-queued object sits in a new batch, closed by its own manifest, which the workflow picks up like any.
+    new_key = (
+        f"batches/{requeue_id}/{server['studyInstanceUid']}/{server['seriesInstanceUid']}/{sop_uid(9)}.dcm"
+    )
+    original = aws.s3.get_object(Bucket=aws.dicom_bucket, Key=server["key"])["Body"].read()
+    assert aws.s3.get_object(Bucket=aws.dicom_bucket, Key=new_key)["Body"].read() == original
+    manifest = json.loads(
+        aws.s3.get_object(Bucket=aws.dicom_bucket, Key=f"manifests/{requeue_id}.json")["Body"].read()
+    )
+    assert manifest["closedBy"] == "requeue" and manifest["requeuedFrom"] == FIXTURE_BATCH
+    assert [o["key"] for o in manifest["objects"]] == [new_key]
+    assert manifest["objects"][0]["callingAETitle"] == "CT01"
+
+    # Running the same task again (a retry) re-queues into the same batch, not a second one.
+    again = app.handler(results_event(registered, output_uri), FakeContext())
+    assert again["requeueBatchId"] == requeue_id
+
+
+def test_a_requeued_batch_is_not_requeued_again(
+    aws: Aws, monkeypatch: pytest.MonkeyPatch, app: ModuleType
+) -> None:
+    registered = register(aws, monkeypatch)
+    output_uri = upload_job_output(aws.s3, aws.results_bucket, FIXTURE_BATCH, "partial_failure")
+    requeue_id = app.handler(results_event(registered, output_uri), FakeContext())["requeueBatchId"]
+
+    register_app = load_app("register_batch", monkeypatch, aws.env())
+    second = register_app.handler(
+        {"bucket": aws.dicom_bucket, "key": f"manifests/{requeue_id}.json", "executionArn": EXECUTION + "-2"},
+        FakeContext(),
+    )
+    assert second["attempt"] == 2
+    assert instances(aws.table)[sop_uid(9)]["batchId"] == requeue_id
+    # The second job fails the file on the server side again: this time it is parked as failed.
+    item = instances(aws.table)[sop_uid(9)]
+    key = f"batches/{requeue_id}/{item['studyInstanceUid']}/{item['seriesInstanceUid']}/{sop_uid(9)}.dcm"
+    line = {"inputFile": key, "exception": {"exceptionType": "InternalServerException", "message": "again"}}
+    aws.s3.put_object(
+        Bucket=aws.results_bucket,
+        Key=f"jobs/{requeue_id}/x-DicomImport-{JOB_ID}/FAILURE/failure.ndjson",
+        Body=(json.dumps(line) + "\n").encode(),
+    )
+    result = app.handler(
+        results_event(second, f"s3://{aws.results_bucket}/jobs/{requeue_id}/"), FakeContext()
+    )
+    assert (result["failed"], result["requeued"], result["requeueBatchId"]) == (1, 0, None)
+    assert instances(aws.table)[sop_uid(9)]["status"] == "failed"
+
+
+def test_warnings_and_non_primary_image_sets(
+    aws: Aws, monkeypatch: pytest.MonkeyPatch, app: ModuleType
+) -> None:
+    registered = register(aws, monkeypatch)
+    output_uri = upload_job_output(aws.s3, aws.results_bucket, FIXTURE_BATCH, "warnings_nonprimary")
+
+    result = app.handler(results_event(registered, output_uri), FakeContext())
+
+    assert (result["batchStatus"], result["imported"], result["warning"], result["nonprimary"]) == (
+        "imported",
+        8,
+        2,
+        3,
+    )
+    recorded = instances(aws.table)
+    coerced = recorded[sop_uid(2)]
+    assert coerced["status"] == "warning" and "0xB000" in coerced["reason"]
+    assert coerced["imageSetId"] == PRIMARY and coerced["gsi3pk"] == "STATUS#instance#warning"
+    conflicting = recorded[sop_uid(9)]
+    assert conflicting["status"] == "warning" and conflicting["isPrimary"] is False
+    assert conflicting["imageSetId"] == NON_PRIMARY
+    assert conflicting["gsi3pk"] == "STATUS#instance#nonprimary"
+    assert recorded[sop_uid(8)]["gsi3pk"] == "STATUS#instance#nonprimary"
+    assert recorded[sop_uid(8)]["status"] == "imported"
+
+
+def test_a_failed_job_fails_every_instance_with_the_job_message(
+    aws: Aws, monkeypatch: pytest.MonkeyPatch, app: ModuleType
+) -> None:
+    registered = register(aws, monkeypatch)
+    output_uri = upload_job_output(aws.s3, aws.results_bucket, FIXTURE_BATCH, "job_failed")
+
+    result = app.handler(results_event(registered, output_uri, "FAILED"), FakeContext())
+
+    assert (result["batchStatus"], result["failed"]) == ("failed", 10)
+    reasons = {item["reason"] for item in instances(aws.table).values()}
+    assert reasons == {f"import job {JOB_ID} FAILED: Could not access the input prefix"}
+    assert batch_item(aws.table, FIXTURE_BATCH)["reason"].endswith("Could not access the input prefix")
+
+
+def test_an_instance_taken_over_by_a_newer_batch_keeps_its_newer_record(
+    aws: Aws, monkeypatch: pytest.MonkeyPatch, app: ModuleType
+) -> None:
+    registered = register(aws, monkeypatch)
+    output_uri = upload_job_output(aws.s3, aws.results_bucket, FIXTURE_BATCH, "all_success")
+    # The modality sent every slice again; a newer batch now owns the instances.
+    register(aws, monkeypatch, "20261123T190500Z-0123456789abcdef")
+
+    app.handler(results_event(registered, output_uri), FakeContext())
+
+    assert {item["status"] for item in instances(aws.table).values()} == {"importing"}
+
+
+def test_output_lines_naming_s3_uris_are_matched_too(app: ModuleType) -> None:
+    assert app._input_key({"inputFile": "s3://bucket/batches/x/1/2/3.dcm"}) == "batches/x/1/2/3.dcm"
+    assert app._input_key({"inputFile": "batches/x/1/2/3.dcm"}) == "batches/x/1/2/3.dcm"
+
+
+def test_record_failure_marks_the_batch_and_its_unfinished_instances(
+    aws: Aws, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    register(aws, monkeypatch)
+    app = load_app("record_failure", monkeypatch, aws.env())
+    cause = json.dumps({"errorType": "ImportRejected", "errorMessage": "AccessDeniedException: no access"})
+    state = {"batchId": FIXTURE_BATCH, "error": {"Error": "ImportRejected", "Cause": cause}}
+
+    result = app.handler({"executionArn": EXECUTION, "state": state}, FakeContext())
+
+    reason = "ImportRejected: AccessDeniedException: no access"
+    assert result == {"batchId": FIXTURE_BATCH, "reason": reason, "instancesFailed": 10}
+    record = batch_item(aws.table, FIXTURE_BATCH)
+    assert (record["status"], record["reason"], record["gsi3pk"]) == ("failed", reason, "STATUS#batch#failed")
+    assert {item["status"] for item in instances(aws.table).values()} == {"failed"}
+
+
+def test_record_failure_before_registration_names_the_batch_from_the_event(
+    aws: Aws, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    app = load_app("record_failure", monkeypatch, aws.env())
+    state = {
+        "detail": {
+            "bucket": {"name": aws.dicom_bucket},
+            "object": {"key": f"manifests/{FIXTURE_BATCH}.json"},
+        },
+        "error": {"Error": "ManifestError", "Cause": "manifest lists no objects"},
+    }
+
+    result = app.handler({"executionArn": EXECUTION, "state": state}, FakeContext())
+
+    assert result["batchId"] == FIXTURE_BATCH and result["instancesFailed"] == 0
+    assert batch_item(aws.table, FIXTURE_BATCH)["reason"] == "ManifestError: manifest lists no objects"
+
+
+def test_record_failure_leaves_a_batch_owned_by_another_execution(
+    aws: Aws, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    register(aws, monkeypatch)
+    app = load_app("record_failure", monkeypatch, aws.env())
+    state = {"batchId": FIXTURE_BATCH, "error": {"Error": "States.Timeout", "Cause": ""}}
+
+    app.handler({"executionArn": EXECUTION + "-other", "state": state}, FakeContext())
+
+    assert batch_item(aws.table, FIXTURE_BATCH)["status"] == "registered"
+    assert {item["status"] for item in instances(aws.table).values()} == {"importing"}
