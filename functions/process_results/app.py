@@ -268,7 +268,7 @@ def claim_requeue_id(table: Table, batch_id: str, now: datetime) -> str:
         Key=batch_key(batch_id),
         UpdateExpression="SET requeueBatchId = if_not_exists(requeueBatchId, :candidate)",
         ExpressionAttributeValues={":candidate": requeue_batch_id(batch_id, now)},
-        ReturnValues="UPDATED_NEW",
+        ReturnValues="ALL_NEW",
     )
     return str(response["Attributes"]["requeueBatchId"])
 
