@@ -1,4 +1,4 @@
-"""process_results and record_failure against moto_server with realistic HealthImaging job outputs (fixtures/)."""
+"""process_results and record_failure on moto_server with realistic HealthImaging job outputs (fixtures/)."""
 
 from __future__ import annotations
 
@@ -132,7 +132,7 @@ def test_two_failures_out_of_ten_one_parked_one_requeued(
     assert server["status"] == "requeued" and server["requeuedTo"] == requeue_id
     assert server["reason"].startswith("InternalServerException")
 
-    # The re-queued object sits in a new batch, closed by its own manifest, which the workflow picks up like any.
+    # The re-queued object sits in a new batch closed by its own manifest: the workflow picks it up as any.
     new_key = (
         f"batches/{requeue_id}/{server['studyInstanceUid']}/{server['seriesInstanceUid']}/{sop_uid(9)}.dcm"
     )

@@ -1,4 +1,4 @@
-"""The sweeper against moto_server: abandoned batches get a manifest once; young and closed batches are left."""
+"""The sweeper on moto_server: abandoned batches get a manifest once; young and closed ones are left alone."""
 
 from __future__ import annotations
 
