@@ -9,7 +9,7 @@ sys.path[:0] = [str(DOCS / "_ext"), str(DOCS.parent)]
 
 project = "DICOM Store SCP for AWS HealthImaging"
 author = "DICOM Store SCP maintainers"
-copyright = "2026, DICOM Store SCP maintainers"  # noqa: A001 - the name Sphinx reads
+copyright = "2026, DICOM Store SCP maintainers"
 release = metadata.version("dicom-store-scp")
 
 extensions = ["sphinx.ext.graphviz", "cfn_docs"]

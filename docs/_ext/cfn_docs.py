@@ -1,6 +1,6 @@
 """Sphinx directives that render tables from the CloudFormation template and the daemon's code at build time.
 
-Each directive reads its source (template, ``scp.config``, ``scp.contexts``) itself, so the tables never drift.
+Each directive reads its source (template, ``scp.config``, ``scp.contexts``) itself: the tables never drift.
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from typing import Any
 
 import yaml
 from docutils import nodes
-from docutils.parsers.rst import Directive
 from sphinx.application import Sphinx
+from sphinx.util.docutils import SphinxDirective
 
 TEMPLATE = Path(__file__).resolve().parents[2] / "templates" / "dicom-store-scp.template.yaml"
 CONTAINER_NAME = "dicom-store-scp"
@@ -51,7 +51,9 @@ def _paragraph(content: str | nodes.Node) -> nodes.paragraph:
     return paragraph
 
 
-def _table(headers: Sequence[str], rows: Sequence[Sequence[str | nodes.Node]], widths: Sequence[int]) -> nodes.table:
+def _table(
+    headers: Sequence[str], rows: Sequence[Sequence[str | nodes.Node]], widths: Sequence[int]
+) -> nodes.table:
     table = nodes.table()
     group = nodes.tgroup(cols=len(headers))
     table += group
@@ -98,7 +100,7 @@ def _constraint(parameter: dict[str, Any]) -> str | nodes.Node:
     return f"AWS type {parameter['Type']}"
 
 
-class CloudFormationParameters(Directive):
+class CloudFormationParameters(SphinxDirective):
     """One table per parameter group of ``AWS::CloudFormation::Interface``, in the console's order."""
 
     has_content = False
@@ -117,13 +119,14 @@ class CloudFormationParameters(Directive):
                 title = nodes.inline()
                 title += nodes.strong(text=name)
                 title += nodes.Text(f" ({labels[name]['default']})")
-                rows.append([title, _default(parameter), _constraint(parameter), str(parameter["Description"])])
+                description = str(parameter["Description"])
+                rows.append([title, _default(parameter), _constraint(parameter), description])
             output.append(rubric)
             output.append(_table(["Parameter", "Default", "Allowed", "Description"], rows, [22, 14, 20, 44]))
         return output
 
 
-class CloudFormationOutputs(Directive):
+class CloudFormationOutputs(SphinxDirective):
     """The stack's outputs with their descriptions."""
 
     has_content = False
@@ -140,32 +143,34 @@ def _environment(template: dict[str, Any]) -> dict[str, Any]:
     return {item["Name"]: item["Value"] for item in container["Environment"]}
 
 
-def _source(value: Any) -> str | nodes.Node:
-    if isinstance(value, dict) and "Ref" in value:
-        reference = str(value["Ref"])
-        return f"stack's {reference.removeprefix('AWS::')}" if reference.startswith("AWS::") else (
-            f"parameter {reference}" if reference in load_template()["Parameters"] else f"resource {reference}"
-        )
-    return _literal(str(value))
+def _source(value: Any, parameters: dict[str, Any]) -> str | nodes.Node:
+    if not (isinstance(value, dict) and "Ref" in value):
+        return _literal(str(value))
+    reference = str(value["Ref"])
+    if reference.startswith("AWS::"):
+        return f"the stack's {reference.removeprefix('AWS::')}"
+    return f"parameter {reference}" if reference in parameters else f"resource {reference}"
 
 
-class DaemonSettings(Directive):
-    """Every environment variable the daemon reads, its default, and what the product's task definition sets."""
+class DaemonSettings(SphinxDirective):
+    """Every environment variable the daemon reads, its default, and what the task definition sets it to."""
 
     has_content = False
 
     def run(self) -> list[nodes.Node]:
         from scp.config import Settings  # the daemon's own table of settings
 
-        environment = _environment(load_template())
+        template = load_template()
+        environment = _environment(template)
         rows = []
         for name, default, meaning in Settings.documentation():
-            in_product = _source(environment[name]) if name in environment else "(not set)"
+            value = environment.get(name)
+            in_product = "(not set)" if value is None else _source(value, template["Parameters"])
             rows.append([_literal(name), _literal(default) if default else "(empty)", in_product, meaning])
         return [_table(["Variable", "Default", "Set by the stack to", "Meaning"], rows, [24, 14, 22, 40])]
 
 
-class TransferSyntaxes(Directive):
+class TransferSyntaxes(SphinxDirective):
     """The transfer syntaxes the SCP accepts for storage, from the daemon's own list."""
 
     has_content = False
@@ -179,7 +184,7 @@ class TransferSyntaxes(Directive):
         return [_table(["Transfer Syntax UID", "Name"], rows, [35, 65])]
 
 
-class StorageSopClasses(Directive):
+class StorageSopClasses(SphinxDirective):
     """Every storage SOP class the SCP accepts by default, from the daemon's own list."""
 
     has_content = False
