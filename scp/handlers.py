@@ -48,10 +48,11 @@ def calling_ae_title(event: Event) -> str:
 
 def _peer(event: Event) -> dict[str, Any]:
     requestor = event.assoc.requestor
+    request = requestor.primitive  # the A-ASSOCIATE-RQ: what the peer asked for, not our own title
     return {
         "peer": f"{requestor.address}:{requestor.port}",
         "calling_ae": printable(requestor.ae_title),
-        "called_ae": printable(event.assoc.acceptor.ae_title),
+        "called_ae": printable(request.called_ae_title if request else event.assoc.acceptor.ae_title),
     }
 
 

@@ -81,12 +81,17 @@ def make_instance(
     dataset.PatientID = "TEST-PATIENT"
     dataset.PatientName = "Test^Patient"
     columns = 512
-    rows = max(1, pixel_bytes // (columns * 2))
+    frame_bytes = 512 * columns * 2
+    frames = max(1, pixel_bytes // frame_bytes)
+    rows = 512 if pixel_bytes >= frame_bytes else max(1, pixel_bytes // (columns * 2))
+    if frames > 1:
+        dataset.NumberOfFrames = frames
     dataset.Rows, dataset.Columns = rows, columns
     dataset.BitsAllocated, dataset.BitsStored, dataset.HighBit = 16, 12, 11
     dataset.SamplesPerPixel, dataset.PixelRepresentation = 1, 0
     dataset.PhotometricInterpretation = "MONOCHROME2"
-    dataset.PixelData = bytes(range(256)) * (rows * columns * 2 // 256) + bytes(rows * columns * 2 % 256)
+    size = frames * rows * columns * 2
+    dataset.PixelData = bytes(range(256)) * (size // 256) + bytes(size % 256)
     path = directory / f"{dataset.SOPInstanceUID}.dcm"
     dataset.save_as(path, enforce_file_format=True)
     return path

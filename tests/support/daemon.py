@@ -64,6 +64,19 @@ class Daemon:
         finally:
             association.release()
 
+    def answers_dicom(self) -> bool:
+        """Up: it accepts and echoes, or it rejects (an AE title policy may refuse the test's own title)."""
+        association = self.associate()
+        if association.is_rejected:
+            return True
+        if not association.is_established:
+            return False
+        try:
+            status = association.send_c_echo()
+            return bool(status) and status.Status == 0
+        finally:
+            association.release()
+
     def signal(self, number: int) -> None:
         self.process.send_signal(number)
 
@@ -99,7 +112,7 @@ def start_daemon(workdir: Path, storage_dir: Path | None = None, port: int | Non
     daemon = Daemon(process, port, storage_dir, log_path, env, env.get("AE_TITLE", "STORESCP"))
     if ready:
         try:
-            wait_for(lambda: process.poll() is None and daemon.echo_ok(), 30, "the daemon to answer C-ECHO")
+            wait_for(lambda: process.poll() is None and daemon.answers_dicom(), 30, "the daemon to answer C-ECHO")
         except AssertionError:
             daemon.stop()
             raise AssertionError(f"daemon did not start; log:\n{log_path.read_text()}") from None

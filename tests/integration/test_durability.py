@@ -1,0 +1,124 @@
+"""Nothing acknowledged is lost, nothing torn is visible: kills, shutdowns and storage failures."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.support.corpus import comparable, make_instance, read
+from tests.support.daemon import Daemon, start_daemon
+from tests.support.waits import wait_for
+
+pytestmark = pytest.mark.integration
+
+LARGE = 160 * 1024 * 1024
+
+
+def storescu_process(daemon: Daemon, *files: Path) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        ["storescu", "-v", "-aec", daemon.ae_title, "127.0.0.1", str(daemon.port), *map(str, files)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={"TCP_NODELAY": "1", "PATH": "/usr/bin:/bin"},
+    )
+
+
+def receiving(daemon: Daemon) -> bool:
+    return any(path.suffix == ".rx" and path.stat().st_size > 0 for path in daemon.spool_files())
+
+
+@pytest.fixture(scope="module")
+def large_instance(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_instance(tmp_path_factory.mktemp("large"), pixel_bytes=LARGE)
+
+
+def test_sigkill_mid_transfer_leaves_no_torn_object_and_restart_cleans_up(
+    tmp_path: Path, large_instance: Path
+) -> None:
+    daemon = start_daemon(tmp_path)
+    acknowledged = [make_instance(tmp_path, pixel_bytes=64 * 1024) for _ in range(3)]
+    assert storescu_process(daemon, *acknowledged).wait(timeout=60) == 0
+
+    sender = storescu_process(daemon, large_instance)
+    wait_for(lambda: receiving(daemon), 30, "the large object to be arriving")
+    daemon.process.kill()
+    daemon.process.wait(timeout=10)
+    sender.wait(timeout=30)
+
+    # Under the final names: exactly the three acknowledged objects, each complete.
+    stored = daemon.stored_files()
+    assert sorted(p.name for p in stored) == sorted(p.name for p in acknowledged)
+    for path in acknowledged:
+        (copy,) = [p for p in stored if p.name == path.name]
+        assert comparable(read(copy)) == comparable(read(path))
+    assert daemon.spool_files(), "the interrupted receive is still in the spool"
+
+    restarted = start_daemon(tmp_path, storage_dir=daemon.storage_dir)
+    try:
+        assert restarted.spool_files() == []
+        (listening,) = restarted.log_messages("listening")
+        assert listening["spool_files_removed"] >= 1
+        assert len(restarted.stored_files()) == 3
+    finally:
+        restarted.stop()
+
+
+def test_sigterm_lets_the_transfer_in_flight_finish_and_refuses_new_ones(
+    tmp_path: Path, large_instance: Path
+) -> None:
+    daemon = start_daemon(tmp_path, SHUTDOWN_GRACE_SECONDS="60")
+    sender = storescu_process(daemon, large_instance)
+    wait_for(lambda: receiving(daemon), 30, "the large object to be arriving")
+    daemon.signal(signal.SIGTERM)
+
+    def refused() -> bool:
+        try:
+            socket.create_connection(("127.0.0.1", daemon.port), timeout=1).close()
+        except ConnectionRefusedError:
+            return True
+        return False
+
+    wait_for(refused, 5, "the listening socket to close")
+    output, _ = sender.communicate(timeout=120)
+    assert sender.returncode == 0, output
+    assert daemon.wait(timeout=60) == 0
+    (stored,) = daemon.stored_files()
+    assert stored.stat().st_size > LARGE
+    assert daemon.log_messages("stopped")[0]["associations_aborted"] == 0
+
+
+def test_sigterm_aborts_what_outlives_the_grace_period(tmp_path: Path) -> None:
+    daemon = start_daemon(tmp_path, SHUTDOWN_GRACE_SECONDS="1")
+    idle = daemon.associate()
+    assert idle.is_established
+    started = time.monotonic()
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait(timeout=30) == 0
+    assert time.monotonic() - started < 10
+    assert daemon.log_messages("stopped")[0]["associations_aborted"] == 1
+    wait_for(lambda: idle.is_aborted, 10, "the client to see the abort")
+
+
+def test_storage_failure_answers_out_of_resources_and_the_daemon_serves_on(tmp_path: Path) -> None:
+    daemon = start_daemon(tmp_path)
+    try:
+        instance = make_instance(tmp_path, pixel_bytes=4096)
+        study_uid = read(instance).StudyInstanceUID
+        daemon.storage_dir.joinpath(study_uid).write_text("not a directory")  # the study folder cannot be made
+
+        result = storescu_process(daemon, instance)
+        output, _ = result.communicate(timeout=60)
+        assert "Refused: OutOfResources" in output, output
+        (line,) = daemon.log_messages("store failed")
+        assert line["status"] == "0xA700"
+        assert daemon.spool_files() == []
+
+        os.unlink(daemon.storage_dir / study_uid)
+        assert storescu_process(daemon, instance).wait(timeout=60) == 0
+        assert len(daemon.stored_files()) == 1
+    finally:
+        daemon.stop()
