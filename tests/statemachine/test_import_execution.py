@@ -1,0 +1,366 @@
+"""Executes statemachines/import.asl.json in moto's Step Functions interpreter with the real Lambda handlers.
+
+How: moto runs the state machine in-process (``execute_state_machine``). Its Lambda task calls AWS Lambda
+through ``boto_client_for("lambda")``; moto cannot run Lambda code without Docker, so the test hands the
+interpreter a Lambda endpoint that runs the real ``functions/<name>/app.py`` handler in this process and
+answers as Lambda does (``FunctionError``, ``errorType`` = exception class name). HealthImaging, which moto
+lacks, is reached only through our start_import/check_import functions, whose boto3 clients get botocore's
+Stubber: each request is checked against the real medical-imaging model. S3 and DynamoDB are moto's in-process
+backends. Retry intervals are recorded instead of slept (moto sleeps them for real); Wait states really wait
+POLL_INTERVAL_SECONDS=1.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from types import ModuleType, SimpleNamespace
+from typing import Any
+
+import boto3
+import pytest
+from botocore.exceptions import ClientError
+from botocore.stub import Stubber
+from moto import mock_aws
+from moto.stepfunctions.parser.asl.component.common.retry import retrier_decl
+from moto.stepfunctions.parser.asl.component.state.exec.state_task import lambda_eval_utils
+
+from tests.functions.workflow import (
+    DATASTORE_ID,
+    FIXTURE_BATCH,
+    JOB_ID,
+    ROLE_ARN,
+    FakeContext,
+    batch_item,
+    create_table,
+    daemon_batch,
+    instances,
+    load_app,
+    sop_uid,
+    upload_job_output,
+)
+from tests.support.waits import wait_for
+
+ROOT = Path(__file__).resolve().parents[2]
+ASL = ROOT / "statemachines" / "import.asl.json"
+EVENT = Path(__file__).resolve().parent / "events" / "manifest-created.json"
+REGION = "us-east-1"
+FUNCTIONS = {
+    "RegisterBatchFunctionArn": "register_batch",
+    "StartImportFunctionArn": "start_import",
+    "CheckImportFunctionArn": "check_import",
+    "ProcessResultsFunctionArn": "process_results",
+    "RecordFailureFunctionArn": "record_failure",
+}
+SUBMITTED = datetime(2026, 11, 23, 18, 59, 0, tzinfo=UTC)
+
+
+def function_arn(placeholder: str) -> str:
+    return f"arn:aws:lambda:{REGION}:123456789012:function:dicom-store-scp-{FUNCTIONS[placeholder]}"
+
+
+class LambdaService:
+    """AWS Lambda's Invoke: runs the real handler, reports errors the way the Python runtime does."""
+
+    def __init__(self, handlers: dict[str, Callable[[Any, Any], Any]]) -> None:
+        self.handlers = handlers
+        self.calls: list[str] = []
+        self.service_errors: dict[str, list[str]] = {}
+
+    def invoke(self, FunctionName: str, Payload: bytes, **_: Any) -> dict[str, Any]:
+        self.calls.append(FunctionName)
+        pending = self.service_errors.get(FunctionName)
+        if pending:
+            code = pending.pop(0)
+            raise ClientError(
+                {
+                    "Error": {"Code": code, "Message": "Rate exceeded"},
+                    "ResponseMetadata": {"HTTPStatusCode": 429, "RequestId": "r"},
+                },
+                "Invoke",
+            )
+        try:
+            result = self.handlers[FunctionName](json.loads(Payload), FakeContext())
+        except Exception as error:  # the runtime turns any exception into a function error
+            body = {"errorType": type(error).__name__, "errorMessage": str(error)}
+            return {
+                "StatusCode": 200,
+                "FunctionError": "Unhandled",
+                "Payload": io.BytesIO(json.dumps(body).encode()),
+            }
+        return {
+            "StatusCode": 200,
+            "ExecutedVersion": "$LATEST",
+            "Payload": io.BytesIO(json.dumps(result).encode()),
+        }
+
+
+@dataclass
+class Workflow:
+    sfn: Any
+    s3: Any
+    table: Any
+    state_machine_arn: str
+    dicom_bucket: str
+    results_bucket: str
+    lambda_service: LambdaService
+    start_stub: Stubber
+    check_stub: Stubber
+    retry_sleeps: list[float] = field(default_factory=list)
+
+    def trigger(self, batch_id: str = FIXTURE_BATCH) -> str:
+        event = EVENT.read_text().replace("BUCKET", self.dicom_bucket).replace("BATCH", batch_id)
+        # EventBridge names every execution uniquely: a redelivered event is a new execution, same input.
+        name = uuid.uuid4().hex
+        started = self.sfn.start_execution(stateMachineArn=self.state_machine_arn, name=name, input=event)
+        return str(started["executionArn"])
+
+    def finish(self, execution_arn: str) -> dict[str, Any]:
+        def done() -> dict[str, Any] | None:
+            described = self.sfn.describe_execution(executionArn=execution_arn)
+            return described if described["status"] != "RUNNING" else None
+
+        return dict(wait_for(done, 60, f"execution {execution_arn} to finish", interval=0.1))
+
+    def states_entered(self, execution_arn: str) -> list[str]:
+        events = self.sfn.get_execution_history(executionArn=execution_arn, maxResults=1000)["events"]
+        return [e["stateEnteredEventDetails"]["name"] for e in events if "stateEnteredEventDetails" in e]
+
+    def expect_start(self, response: dict[str, Any] | None = None, error: str | None = None) -> None:
+        params = {
+            "jobName": FIXTURE_BATCH,
+            "datastoreId": DATASTORE_ID,
+            "dataAccessRoleArn": ROLE_ARN,
+            "clientToken": FIXTURE_BATCH,
+            "inputS3Uri": f"s3://{self.dicom_bucket}/batches/{FIXTURE_BATCH}/",
+            "outputS3Uri": f"s3://{self.results_bucket}/jobs/{FIXTURE_BATCH}/",
+        }
+        if error:
+            self.start_stub.add_client_error(
+                "start_dicom_import_job", error, "refused", 400, expected_params=params
+            )
+        else:
+            started = {
+                "datastoreId": DATASTORE_ID,
+                "jobId": JOB_ID,
+                "jobStatus": "SUBMITTED",
+                "submittedAt": SUBMITTED,
+            }
+            self.start_stub.add_response("start_dicom_import_job", response or started, params)
+
+    def expect_status(self, status: str, message: str | None = None) -> None:
+        properties: dict[str, Any] = {
+            "jobId": JOB_ID,
+            "jobName": FIXTURE_BATCH,
+            "jobStatus": status,
+            "datastoreId": DATASTORE_ID,
+            "dataAccessRoleArn": ROLE_ARN,
+            "submittedAt": SUBMITTED,
+            "inputS3Uri": f"s3://{self.dicom_bucket}/batches/{FIXTURE_BATCH}/",
+            "outputS3Uri": f"s3://{self.results_bucket}/jobs/{FIXTURE_BATCH}/",
+        }
+        if status in ("COMPLETED", "FAILED"):
+            properties["endedAt"] = SUBMITTED + timedelta(minutes=4)
+        if message:
+            properties["message"] = message
+        self.check_stub.add_response(
+            "get_dicom_import_job",
+            {"jobProperties": properties},
+            {"datastoreId": DATASTORE_ID, "jobId": JOB_ID},
+        )
+
+
+@pytest.fixture
+def workflow(monkeypatch: pytest.MonkeyPatch) -> Iterator[Workflow]:
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)  # everything in-process, nothing on moto_server
+    for name, value in {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": REGION,
+        "AWS_REGION": REGION,
+    }.items():
+        monkeypatch.setenv(name, value)
+    with mock_aws(config={"stepfunctions": {"execute_state_machine": True}}):
+        s3 = boto3.client("s3", region_name=REGION)
+        dicom_bucket, results_bucket = "dicom-store-scp-dicom", "dicom-store-scp-results"
+        s3.create_bucket(Bucket=dicom_bucket)
+        s3.create_bucket(Bucket=results_bucket)
+        table = create_table(boto3.resource("dynamodb", region_name=REGION), "dicom-store-scp-imports")
+        env = {
+            "TABLE_NAME": table.name,
+            "DICOM_BUCKET": dicom_bucket,
+            "RESULTS_BUCKET": results_bucket,
+            "DATASTORE_ID": DATASTORE_ID,
+            "DATA_ACCESS_ROLE_ARN": ROLE_ARN,
+            "POLL_INTERVAL_SECONDS": "1",
+        }
+        apps: dict[str, ModuleType] = {p: load_app(n, monkeypatch, env) for p, n in FUNCTIONS.items()}
+        lambda_service = LambdaService({function_arn(p): app.handler for p, app in apps.items()})
+
+        original = lambda_eval_utils.boto_client_for
+
+        def client_for(region: str, service: str, state_credentials: Any = None) -> Any:
+            if service == "lambda":
+                return lambda_service
+            return original(region=region, service=service, state_credentials=state_credentials)
+
+        monkeypatch.setattr(lambda_eval_utils, "boto_client_for", client_for)
+        sleeps: list[float] = []
+        monkeypatch.setattr(retrier_decl, "time", SimpleNamespace(sleep=sleeps.append))
+
+        definition = ASL.read_text()
+        for placeholder in FUNCTIONS:
+            definition = definition.replace("${" + placeholder + "}", function_arn(placeholder))
+        assert not re.search(r"\$\{", definition), "a placeholder the test does not substitute"
+        sfn = boto3.client("stepfunctions", region_name=REGION)
+        arn = sfn.create_state_machine(
+            name="dicom-store-scp-import", definition=definition, roleArn="arn:aws:iam::123456789012:role/sfn"
+        )["stateMachineArn"]
+        daemon_batch(s3, dicom_bucket)
+        with (
+            Stubber(apps["StartImportFunctionArn"].MEDICAL_IMAGING) as start_stub,
+            Stubber(apps["CheckImportFunctionArn"].MEDICAL_IMAGING) as check_stub,
+        ):
+            flow = Workflow(
+                sfn,
+                s3,
+                table,
+                arn,
+                dicom_bucket,
+                results_bucket,
+                lambda_service,
+                start_stub,
+                check_stub,
+                sleeps,
+            )
+            yield flow
+            start_stub.assert_no_pending_responses()
+            check_stub.assert_no_pending_responses()
+
+
+def test_success(workflow: Workflow) -> None:
+    upload_job_output(workflow.s3, workflow.results_bucket, FIXTURE_BATCH, "all_success")
+    workflow.expect_start()
+    workflow.expect_status("IN_PROGRESS")
+    workflow.expect_status("COMPLETED")
+
+    execution = workflow.trigger()
+    described = workflow.finish(execution)
+
+    assert described["status"] == "SUCCEEDED", described
+    output = json.loads(described["output"])
+    assert output["results"]["batchStatus"] == "imported" and output["results"]["imported"] == 10
+    assert workflow.states_entered(execution) == [
+        "RegisterBatch",
+        "IsDuplicateTrigger",
+        "StartImportJob",
+        "WaitForImportJob",
+        "CheckImportJob",
+        "IsImportJobFinished",
+        "WaitForImportJob",
+        "CheckImportJob",
+        "IsImportJobFinished",
+        "ProcessResults",
+        "DidImportJobFail",
+        "ImportFinished",
+    ]
+    assert {item["status"] for item in instances(workflow.table).values()} == {"imported"}
+    assert batch_item(workflow.table, FIXTURE_BATCH)["status"] == "imported"
+
+
+def test_partial_failure(workflow: Workflow) -> None:
+    upload_job_output(workflow.s3, workflow.results_bucket, FIXTURE_BATCH, "partial_failure")
+    workflow.expect_start()
+    workflow.expect_status("COMPLETED")
+
+    described = workflow.finish(workflow.trigger())
+
+    assert described["status"] == "SUCCEEDED", described
+    results = json.loads(described["output"])["results"]
+    assert (results["batchStatus"], results["imported"], results["failed"], results["requeued"]) == (
+        "partial",
+        8,
+        1,
+        1,
+    )
+    recorded = instances(workflow.table)
+    assert recorded[sop_uid(4)]["status"] == "failed"
+    assert recorded[sop_uid(9)]["status"] == "requeued"
+    manifest_key = f"manifests/{results['requeueBatchId']}.json"
+    assert workflow.s3.head_object(Bucket=workflow.dicom_bucket, Key=manifest_key)["ContentLength"] > 0
+
+
+def test_job_failed(workflow: Workflow) -> None:
+    upload_job_output(workflow.s3, workflow.results_bucket, FIXTURE_BATCH, "job_failed")
+    workflow.expect_start()
+    workflow.expect_status("FAILED", "Unable to read input: access denied on the input prefix")
+
+    execution = workflow.trigger()
+    described = workflow.finish(execution)
+
+    assert (described["status"], described.get("error")) == ("FAILED", "ImportJobFailed")
+    assert workflow.states_entered(execution)[-2:] == ["DidImportJobFail", "ImportJobFailed"]
+    assert {item["status"] for item in instances(workflow.table).values()} == {"failed"}
+    assert "access denied" in batch_item(workflow.table, FIXTURE_BATCH)["reason"]
+
+
+@pytest.mark.parametrize("error", ["ThrottlingException", "ServiceQuotaExceededException"])
+def test_throttled_or_over_quota_start_is_waited_out(workflow: Workflow, error: str) -> None:
+    upload_job_output(workflow.s3, workflow.results_bucket, FIXTURE_BATCH, "all_success")
+    for _ in range(3):
+        workflow.expect_start(error=error)
+    workflow.expect_start()
+    workflow.expect_status("COMPLETED")
+    # Lambda itself throttles the first status check once: a transient error retried as well.
+    workflow.lambda_service.service_errors[function_arn("CheckImportFunctionArn")] = [
+        "TooManyRequestsException"
+    ]
+
+    execution = workflow.trigger()
+    described = workflow.finish(execution)
+
+    assert described["status"] == "SUCCEEDED", described
+    assert workflow.lambda_service.calls.count(function_arn("StartImportFunctionArn")) == 4
+    # Backoff with full jitter: each wait drawn from [0, 5 * 2^n] seconds, capped at MaxDelaySeconds (300).
+    start_waits, check_wait = workflow.retry_sleeps[:3], workflow.retry_sleeps[3:]
+    for attempt, slept in enumerate(start_waits):
+        assert 0 <= slept <= min(5 * 2**attempt, 300)
+    assert len(check_wait) == 1 and 0 <= check_wait[0] <= 2
+    assert batch_item(workflow.table, FIXTURE_BATCH)["status"] == "imported"
+
+
+def test_rejected_start_marks_the_batch_failed_with_the_reason(workflow: Workflow) -> None:
+    workflow.expect_start(error="AccessDeniedException")
+
+    execution = workflow.trigger()
+    described = workflow.finish(execution)
+
+    assert (described["status"], described.get("error")) == ("FAILED", "BatchFailed")
+    assert workflow.states_entered(execution)[-3:] == ["StartImportJob", "RecordFailure", "BatchFailed"]
+    assert workflow.lambda_service.calls.count(function_arn("StartImportFunctionArn")) == 1  # never retried
+    record = batch_item(workflow.table, FIXTURE_BATCH)
+    assert record["status"] == "failed"
+    assert record["reason"] == "ImportRejected: AccessDeniedException: refused"
+    assert {item["status"] for item in instances(workflow.table).values()} == {"failed"}
+
+
+def test_duplicate_trigger_imports_once(workflow: Workflow) -> None:
+    upload_job_output(workflow.s3, workflow.results_bucket, FIXTURE_BATCH, "all_success")
+    workflow.expect_start()  # one StartDICOMImportJob response only: a second call would fail the Stubber
+    workflow.expect_status("COMPLETED")
+
+    first = workflow.trigger()
+    assert workflow.finish(first)["status"] == "SUCCEEDED"
+    second = workflow.trigger()
+    described = workflow.finish(second)
+
+    assert described["status"] == "SUCCEEDED"
+    assert workflow.states_entered(second) == ["RegisterBatch", "IsDuplicateTrigger", "DuplicateTrigger"]
+    assert workflow.lambda_service.calls.count(function_arn("StartImportFunctionArn")) == 1
+    assert batch_item(workflow.table, FIXTURE_BATCH)["executionArn"] == first
