@@ -1,0 +1,99 @@
+"""Settings: defaults, parsing, and one error naming every bad variable."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from scp.config import DEFAULT_MAXIMUM_PDU_SIZE, Settings, SettingsError
+
+
+def test_defaults_match_the_container_readme() -> None:
+    settings = Settings.from_env({})
+    assert settings.scp_port == 11112
+    assert settings.ae_title == "STORESCP"
+    assert settings.dicom_bucket is None
+    assert settings.require_called_ae_title is False
+    assert settings.require_calling_ae_title == ()
+    assert settings.max_pool_connections == 50
+    assert settings.dimse_timeout == 60
+    assert settings.maximum_associations == 300
+    assert settings.maximum_pdu_size == 0 and settings.effective_pdu_size == DEFAULT_MAXIMUM_PDU_SIZE
+    assert settings.network_timeout == 90
+    assert settings.supported_sop_class_uids == ()
+    assert settings.log_level == "INFO"
+    assert settings.storage_dir == Path("./storage")
+
+
+def test_values_are_parsed_and_typed() -> None:
+    settings = Settings.from_env(
+        {
+            "DICOM_BUCKET": "my-dicom-bucket",
+            "SCP_PORT": "104",
+            "AE_TITLE": " PACS ",
+            "REQUIRE_CALLED_AE_TITLE": "Yes",
+            "REQUIRE_CALLING_AE_TITLE": "CT1, MR2",
+            "SUPPORTED_SOP_CLASS_UIDS": "1.2.840.10008.5.1.4.1.1.2, 1.2.840.10008.5.1.4.1.1.4",
+            "MAXIMUM_PDU_SIZE": "65536",
+            "LOG_LEVEL": "debug",
+        }
+    )
+    assert settings.dicom_bucket == "my-dicom-bucket"
+    assert settings.scp_port == 104
+    assert settings.ae_title == "PACS"
+    assert settings.require_called_ae_title is True
+    assert settings.require_calling_ae_title == ("CT1", "MR2")
+    assert settings.supported_sop_class_uids == ("1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.4")
+    assert settings.effective_pdu_size == 65536
+    assert settings.log_level == "DEBUG"
+
+
+def test_every_bad_variable_is_named_at_once() -> None:
+    with pytest.raises(SettingsError) as raised:
+        Settings.from_env(
+            {
+                "SCP_PORT": "0",
+                "AE_TITLE": "A" * 17,
+                "REQUIRE_CALLED_AE_TITLE": "maybe",
+                "SUPPORTED_SOP_CLASS_UIDS": "1.2.840.10008.5.1.4.1.1.2,1.2.x",
+                "DIMSE_TIMEOUT": "-1",
+                "MAXIMUM_ASSOCIATIONS": "many",
+                "DICOM_BUCKET": "Not_A_Bucket",
+            }
+        )
+    named = [problem.split(":")[0] for problem in raised.value.problems]
+    assert named == [
+        "DICOM_BUCKET", "SCP_PORT", "AE_TITLE", "REQUIRE_CALLED_AE_TITLE", "DIMSE_TIMEOUT",
+        "MAXIMUM_ASSOCIATIONS", "SUPPORTED_SOP_CLASS_UIDS",
+    ]  # fmt: skip
+    assert "SCP_PORT: expected 1-65535, got '0'" in str(raised.value)
+
+
+@pytest.mark.parametrize("title", ["", "   ", "BACK\\SLASH", "TAB\tTITLE", "Ünicode", "X" * 17])
+def test_invalid_ae_titles(title: str) -> None:
+    with pytest.raises(SettingsError, match="AE_TITLE"):
+        Settings.from_env({"AE_TITLE": title})
+
+
+@pytest.mark.parametrize("value", ["1", "4095", "4194305", "-5"])
+def test_pdu_size_outside_the_allowed_range(value: str) -> None:
+    with pytest.raises(SettingsError, match="MAXIMUM_PDU_SIZE"):
+        Settings.from_env({"MAXIMUM_PDU_SIZE": value})
+
+
+def test_nan_timeouts_are_rejected() -> None:
+    with pytest.raises(SettingsError, match="NETWORK_TIMEOUT"):
+        Settings.from_env({"NETWORK_TIMEOUT": "nan"})
+
+
+def test_batches_stay_inside_healthimaging_job_quotas() -> None:
+    with pytest.raises(SettingsError) as raised:
+        Settings.from_env({"BATCH_MAX_FILES": "5001", "BATCH_MAX_BYTES": "10000000001"})
+    assert {p.split(":")[0] for p in raised.value.problems} == {"BATCH_MAX_FILES", "BATCH_MAX_BYTES"}
+
+
+def test_documentation_lists_every_field_with_its_default() -> None:
+    documented = {name: default for name, default, _ in Settings.documentation()}
+    assert "SCP_PORT" in documented and documented["SCP_PORT"] == "11112"
+    assert Settings.from_env(documented) == Settings.from_env({})
