@@ -12,7 +12,7 @@ from typing import Any
 from pynetdicom import AE, _config, evt
 from pynetdicom.transport import ThreadedAssociationServer
 
-from scp import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, handlers
+from scp import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, handlers, pdu_guard
 from scp.config import Settings
 from scp.contexts import supported_contexts
 from scp.ingest import Ingest
@@ -68,6 +68,7 @@ def start(settings: Settings, spool: Spool, ingest: Ingest) -> DicomServer:
     """Listen on the configured address and serve associations on background threads."""
     configure_pynetdicom()
     spool.install()
+    pdu_guard.install()
     ae = build_application_entity(settings)
     server = ae.make_server(
         (settings.bind_address, settings.scp_port),
