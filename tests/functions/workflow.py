@@ -101,7 +101,7 @@ def daemon_batch(
     s3: Any, bucket: str, batch_id: str = FIXTURE_BATCH, count: int = 10, write_manifest: bool = True
 ) -> Batch:
     """Objects and manifest exactly as the daemon writes them (docs/s3-layout.rst)."""
-    objects = []
+    objects: list[dict[str, Any]] = []
     for number in range(1, count + 1):
         key = object_key(batch_id, number)
         body = b"\0" * 128 + b"DICM" + number.to_bytes(4, "little")

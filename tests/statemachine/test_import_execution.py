@@ -30,6 +30,7 @@ from botocore.stub import Stubber
 from moto import mock_aws
 from moto.stepfunctions.parser.asl.component.common.retry import retrier_decl
 from moto.stepfunctions.parser.asl.component.state.exec.state_task import lambda_eval_utils
+from moto.stepfunctions.parser.asl.utils.boto_client import boto_client_for
 
 from tests.functions.workflow import (
     DATASTORE_ID,
@@ -78,13 +79,11 @@ class LambdaService:
         pending = self.service_errors.get(FunctionName)
         if pending:
             code = pending.pop(0)
-            raise ClientError(
-                {
-                    "Error": {"Code": code, "Message": "Rate exceeded"},
-                    "ResponseMetadata": {"HTTPStatusCode": 429, "RequestId": "r"},
-                },
-                "Invoke",
-            )
+            response: Any = {
+                "Error": {"Code": code, "Message": "Rate exceeded"},
+                "ResponseMetadata": {"HTTPStatusCode": 429, "RequestId": "r"},
+            }
+            raise ClientError(response, "Invoke")
         try:
             result = self.handlers[FunctionName](json.loads(Payload), FakeContext())
         except Exception as error:  # the runtime turns any exception into a function error
@@ -122,9 +121,9 @@ class Workflow:
         return str(started["executionArn"])
 
     def finish(self, execution_arn: str) -> dict[str, Any]:
-        def done() -> dict[str, Any] | None:
+        def done() -> dict[str, Any]:
             described = self.sfn.describe_execution(executionArn=execution_arn)
-            return described if described["status"] != "RUNNING" else None
+            return dict(described) if described["status"] != "RUNNING" else {}
 
         return dict(wait_for(done, 60, f"execution {execution_arn} to finish", interval=0.1))
 
@@ -203,12 +202,10 @@ def workflow(monkeypatch: pytest.MonkeyPatch) -> Iterator[Workflow]:
         apps: dict[str, ModuleType] = {p: load_app(n, monkeypatch, env) for p, n in FUNCTIONS.items()}
         lambda_service = LambdaService({function_arn(p): app.handler for p, app in apps.items()})
 
-        original = lambda_eval_utils.boto_client_for
-
         def client_for(region: str, service: str, state_credentials: Any = None) -> Any:
             if service == "lambda":
                 return lambda_service
-            return original(region=region, service=service, state_credentials=state_credentials)
+            return boto_client_for(region=region, service=service, state_credentials=state_credentials)
 
         monkeypatch.setattr(lambda_eval_utils, "boto_client_for", client_for)
         sleeps: list[float] = []
