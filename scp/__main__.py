@@ -46,7 +46,14 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def build_store(settings: Settings) -> Store:
-    return LocalStore(settings.storage_dir)
+    if settings.dicom_bucket is None:
+        return LocalStore(settings.storage_dir)
+    from scp.storage.s3 import S3Store, s3_client  # boto3 loads only when S3 is configured
+
+    store = S3Store(s3_client(settings), settings)
+    store.check_bucket()
+    store.start()
+    return store
 
 
 def serve(settings: Settings) -> int:

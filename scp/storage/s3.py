@@ -1,0 +1,167 @@
+"""S3 store: an object is acknowledged only after S3 has confirmed its upload and verified its checksum."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import boto3
+from boto3.s3.transfer import TransferConfig, create_transfer_manager
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError
+
+from scp.batches import Batch, BatchLimits, Batches, manifest_body
+from scp.config import Settings
+from scp.status import Status, StoreFailure
+from scp.storage import ReceivedInstance, StoredInstance
+
+LOG = logging.getLogger(__name__)
+
+# Large objects go up in parts; the transfer manager holds at most this many parts in memory for all
+# associations together, so memory stays bounded whatever the object sizes and the number of associations.
+_PART_SIZE = 8 * 1024 * 1024
+_PARTS_IN_MEMORY = 8
+_MULTIPART_THRESHOLD = 2 * _PART_SIZE
+_POLL_SECONDS = 0.05
+# CRC32 is computed here and verified by S3 before it answers, so a 200 means the bytes arrived intact.
+_UPLOAD_ARGUMENTS = {"ChecksumAlgorithm": "CRC32", "ContentType": "application/dicom"}
+# The sender waits DIMSE_TIMEOUT for our answer; leave it time to receive the failure status.
+_DEADLINE_SHARE = 0.75
+_FIRST_BACKOFF_SECONDS = 0.25
+_MAX_BACKOFF_SECONDS = 4.0
+# Errors that say "not now" rather than "never": worth retrying within the deadline.
+_RETRYABLE_CODES = frozenset(
+    {"SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout", "RequestTimeTooSkewed", "Throttling",
+     "ThrottlingException", "RequestLimitExceeded", "500", "502", "503", "504"}
+)  # fmt: skip
+
+
+def s3_client(settings: Settings) -> Any:
+    """An S3 client from the standard credential and region chain; AWS_ENDPOINT_URL is honoured by boto3."""
+    config = Config(
+        max_pool_connections=settings.max_pool_connections,
+        connect_timeout=5,
+        read_timeout=max(5, settings.dimse_timeout * _DEADLINE_SHARE / 2),
+        retries={"mode": "standard", "max_attempts": 2},
+        request_checksum_calculation="when_supported",
+    )
+    return boto3.session.Session().client("s3", config=config)
+
+
+class S3Store:
+    def __init__(self, client: Any, settings: Settings) -> None:
+        assert settings.dicom_bucket
+        self._client = client
+        self._bucket = settings.dicom_bucket
+        self._deadline_seconds = settings.dimse_timeout * _DEADLINE_SHARE
+        self._multipart_threshold = _MULTIPART_THRESHOLD
+        transfer_config = TransferConfig(
+            multipart_threshold=_MULTIPART_THRESHOLD,
+            multipart_chunksize=_PART_SIZE,
+            max_concurrency=settings.max_pool_connections,
+            use_threads=True,
+        )
+        transfer_config.max_in_memory_upload_chunks = _PARTS_IN_MEMORY  # s3transfer's knob; boto3 has no alias
+        self._transfers = create_transfer_manager(client, transfer_config)
+        self.batches = Batches(
+            BatchLimits(settings.batch_max_files, settings.batch_max_bytes, settings.batch_window_seconds),
+            self._write_manifest,
+        )
+
+    def check_bucket(self) -> bool:
+        """HeadBucket at start: a clear log line now beats a mysterious 0xA700 on the first store."""
+        try:
+            self._client.head_bucket(Bucket=self._bucket)
+        except (ClientError, BotoCoreError) as error:
+            LOG.error(
+                "S3 bucket is not usable; stores will be refused with 0xA700 until it is",
+                extra={"bucket": self._bucket, "error": _describe(error)},
+            )
+            return False
+        return True
+
+    def start(self) -> None:
+        self.batches.start()
+
+    def store(self, staged: Path, instance: ReceivedInstance) -> StoredInstance:
+        size = os.path.getsize(staged)
+        batch = self.batches.join(size)
+        key = batch.key_for(instance)
+        uploaded = False
+        try:
+            self._upload(staged, key)
+            uploaded = True
+        finally:
+            if not uploaded:
+                self.batches.leave(batch, size)
+        replaced = self.batches.complete(batch, key, instance, size)
+        return StoredInstance(location=f"s3://{self._bucket}/{key}", replaced=replaced)
+
+    def close(self) -> None:
+        left_open = self.batches.close_all(timeout=60)
+        if left_open:
+            LOG.error("batches left without a manifest; the sweeper will close them", extra={"batches": left_open})
+        self._transfers.shutdown()
+
+    def _upload(self, staged: Path, key: str) -> None:
+        deadline = time.monotonic() + self._deadline_seconds
+        backoff = _FIRST_BACKOFF_SECONDS
+        attempt = 1
+        while True:
+            try:
+                self._upload_once(staged, key, deadline)
+                return
+            except (ClientError, BotoCoreError) as error:
+                if not _retryable(error) or time.monotonic() + backoff >= deadline:
+                    raise StoreFailure(Status.OUT_OF_RESOURCES, f"S3 upload failed: {_describe(error)}") from error
+                LOG.warning("S3 upload retry", extra={"key": key, "attempt": attempt, "error": _describe(error)})
+            time.sleep(backoff)
+            backoff = min(backoff * 2, _MAX_BACKOFF_SECONDS)
+            attempt += 1
+
+    def _upload_once(self, staged: Path, key: str, deadline: float) -> None:
+        if os.path.getsize(staged) < self._multipart_threshold:
+            # One PUT streamed from the file; botocore's timeouts bound it.
+            with open(staged, "rb") as body:
+                self._client.put_object(Bucket=self._bucket, Key=key, Body=body, **_UPLOAD_ARGUMENTS)
+            return
+        future = self._transfers.upload(str(staged), self._bucket, key, extra_args=dict(_UPLOAD_ARGUMENTS))
+        # s3transfer futures cannot wait with a timeout; a multipart upload takes seconds, so polling is cheap.
+        while not future.done():
+            if time.monotonic() >= deadline:
+                future.cancel()
+                raise StoreFailure(Status.OUT_OF_RESOURCES, "S3 upload did not finish in time")
+            time.sleep(_POLL_SECONDS)
+        future.result()
+
+    def _write_manifest(self, batch: Batch) -> None:
+        try:
+            # If-None-Match makes the first manifest final: a sweeper that closed this batch first wins.
+            self._client.put_object(
+                Bucket=self._bucket,
+                Key=batch.manifest_key,
+                Body=manifest_body(batch, self._bucket),
+                ContentType="application/json",
+                ChecksumAlgorithm="CRC32",
+                IfNoneMatch="*",
+            )
+        except ClientError as error:
+            if error.response.get("Error", {}).get("Code") != "PreconditionFailed":
+                raise
+            LOG.warning("batch manifest already written elsewhere", extra={"batch_id": batch.batch_id})
+
+
+def _retryable(error: Exception) -> bool:
+    if isinstance(error, ClientError):
+        return str(error.response.get("Error", {}).get("Code")) in _RETRYABLE_CODES
+    return True  # connection, timeout and other transport errors
+
+
+def _describe(error: Exception) -> str:
+    if isinstance(error, ClientError):
+        details = error.response.get("Error", {})
+        return f"{details.get('Code', 'error')}: {details.get('Message', '')}".strip()
+    return f"{type(error).__name__}: {error}"
