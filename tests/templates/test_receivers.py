@@ -1,0 +1,142 @@
+"""The receivers' task definition: every daemon setting wired, values the daemon accepts, the Fargate contract."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from scp.config import Settings
+from tests.templates import cfn
+
+NLB_TCP_IDLE_TIMEOUT_SECONDS = 350
+FARGATE_MAX_STOP_TIMEOUT_SECONDS = 120
+PARAMETER_FOR = {
+    "SCP_PORT": "SCPPort",
+    "AE_TITLE": "SCPAETitle",
+    "REQUIRE_CALLED_AE_TITLE": "RequireCalledAETitle",
+    "REQUIRE_CALLING_AE_TITLE": "AllowedCallingAETitles",
+    "DIMSE_TIMEOUT": "DIMSETimeout",
+    "MAXIMUM_ASSOCIATIONS": "MaximumAssociations",
+    "SUPPORTED_SOP_CLASS_UIDS": "SupportedSOPClassUIDs",
+    "LOG_LEVEL": "LogLevel",
+    "BATCH_MAX_FILES": "BatchMaxFiles",
+    "BATCH_MAX_BYTES": "BatchMaxBytes",
+    "BATCH_WINDOW_SECONDS": "BatchWindowSeconds",
+}
+
+
+def _container(template: dict[str, Any]) -> dict[str, Any]:
+    definition = template["Resources"]["ReceiverTaskDefinition"]["Properties"]
+    (container,) = definition["ContainerDefinitions"]
+    return dict(container)
+
+
+def _environment(template: dict[str, Any], **parameters: Any) -> dict[str, str]:
+    """The container's environment as the daemon would see it for these parameter values."""
+    resolver = cfn.Resolver(template, cfn.parameter_values(template, **parameters))
+    environment = {}
+    for item in resolver.resolve(_container(template)["Environment"]):
+        value = item["Value"]
+        if isinstance(value, dict):  # a resource reference: give it a realistic value
+            value = {"DicomBucket": "stack-dicombucket-1a2b3c4d5e6f", "AWS::Region": "us-east-1"}[value["Ref"]]
+        environment[item["Name"]] = str(value)
+    return environment
+
+
+def test_every_daemon_setting_is_set_by_the_task_definition(template: dict[str, Any]) -> None:
+    names = {item["Name"] for item in _container(template)["Environment"]}
+    settings = {name for name, _default, _meaning in Settings.documentation()}
+    assert settings <= names, f"not wired: {sorted(settings - names)}"
+
+
+def test_daemon_settings_come_from_their_parameters(template: dict[str, Any]) -> None:
+    values = {item["Name"]: item["Value"] for item in _container(template)["Environment"]}
+    for variable, parameter in PARAMETER_FOR.items():
+        assert values[variable] == {"Ref": parameter}, variable
+    assert values["DICOM_BUCKET"] == {"Ref": "DicomBucket"}
+
+
+def test_the_daemon_accepts_the_defaults(template: dict[str, Any]) -> None:
+    settings = Settings.from_env(_environment(template))
+    assert settings.ae_title == "STORESCP"
+    assert settings.scp_port == 11112
+    assert settings.dicom_bucket == "stack-dicombucket-1a2b3c4d5e6f"
+    assert str(settings.storage_dir) == "/app/storage"
+
+
+@pytest.mark.parametrize("bound", ["MinValue", "MaxValue"])
+def test_the_daemon_accepts_every_numeric_parameter_at_its_bounds(template: dict[str, Any], bound: str) -> None:
+    wired = {parameter for parameter in PARAMETER_FOR.values()}
+    for name, spec in template["Parameters"].items():
+        if name in wired and bound in spec:
+            Settings.from_env(_environment(template, **{name: spec[bound]}))
+
+
+def test_the_daemon_accepts_the_optional_lists(template: dict[str, Any]) -> None:
+    settings = Settings.from_env(
+        _environment(
+            template,
+            AllowedCallingAETitles="CT01,MR 2",
+            SupportedSOPClassUIDs="1.2.840.10008.5.1.4.1.1.2,1.2.840.10008.5.1.4.1.1.4",
+            RequireCalledAETitle="true",
+        )
+    )
+    assert settings.require_calling_ae_title == ("CT01", "MR 2")
+    assert settings.require_called_ae_title is True
+    assert len(settings.supported_sop_class_uids) == 2
+
+
+def test_timeouts_fit_the_load_balancer_and_fargate(template: dict[str, Any]) -> None:
+    environment = _environment(template)
+    container = _container(template)
+    assert float(environment["NETWORK_TIMEOUT"]) < NLB_TCP_IDLE_TIMEOUT_SECONDS
+    assert container["StopTimeout"] == FARGATE_MAX_STOP_TIMEOUT_SECONDS
+    assert float(environment["SHUTDOWN_GRACE_SECONDS"]) < container["StopTimeout"]
+    attributes = {
+        item["Key"]: item["Value"]
+        for item in template["Resources"]["ReceiverTargetGroup"]["Properties"]["TargetGroupAttributes"]
+    }
+    assert attributes["deregistration_delay.connection_termination.enabled"] == "false"
+    assert int(attributes["deregistration_delay.timeout_seconds"]) <= 300
+
+
+def test_container_is_non_root_read_only_with_a_writable_receive_area(template: dict[str, Any]) -> None:
+    container = _container(template)
+    definition = template["Resources"]["ReceiverTaskDefinition"]["Properties"]
+    assert container["User"] not in ("root", "0")
+    assert container["ReadonlyRootFilesystem"] is True
+    assert container["LinuxParameters"]["Capabilities"]["Drop"] == ["ALL"]
+    (mount,) = container["MountPoints"]
+    assert mount["ContainerPath"] == _environment(template)["STORAGE_DIR"]
+    assert mount["ReadOnly"] is False
+    assert mount["SourceVolume"] in {volume["Name"] for volume in definition["Volumes"]}
+    assert definition["RequiresCompatibilities"] == ["FARGATE"]
+    assert definition["Cpu"] == {"Ref": "TaskCPU"}
+    assert definition["Memory"] == {"Ref": "TaskMemoryLimit"}
+
+
+def test_health_check_logs_and_port(template: dict[str, Any]) -> None:
+    container = _container(template)
+    assert container["HealthCheck"]["Command"] == ["CMD", "dicom-store-scp", "healthcheck"]
+    assert container["PortMappings"] == [{"ContainerPort": {"Ref": "SCPPort"}, "Protocol": "tcp"}]
+    options = container["LogConfiguration"]["Options"]
+    assert container["LogConfiguration"]["LogDriver"] == "awslogs"
+    # The seeds name the log group <stack-name>-PacsServerTaskDefPacsContainerLogGroup*.
+    assert options["awslogs-group"] == {"Ref": "PacsServerTaskDefPacsContainerLogGroup"}
+    assert "LogGroupName" not in template["Resources"]["PacsServerTaskDefPacsContainerLogGroup"]["Properties"]
+
+
+def test_service_runs_in_private_subnets_and_autoscales_between_the_parameters(template: dict[str, Any]) -> None:
+    resources = template["Resources"]
+    service = resources["ReceiverService"]["Properties"]
+    network = service["NetworkConfiguration"]["AwsvpcConfiguration"]
+    assert network["Subnets"] == {"Ref": "PrivateSubnetIDs"}
+    assert network["AssignPublicIp"] == "DISABLED"
+    assert service["DesiredCount"] == {"Ref": "TaskDesiredCount"}
+    target = resources["ReceiverScalableTarget"]["Properties"]
+    assert target["MinCapacity"] == {"Ref": "TaskDesiredCount"}
+    assert target["MaxCapacity"] == {"Ref": "AutoscaleMaxCapacity"}
+    policy = resources["ReceiverCpuScaling"]["Properties"]
+    assert policy["PolicyType"] == "TargetTrackingScaling"
+    assert resources["Cluster"]["Properties"]["ClusterSettings"] == [{"Name": "containerInsights", "Value": "enabled"}]

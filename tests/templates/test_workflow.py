@@ -1,0 +1,128 @@
+"""The import workflow's wiring: ASL placeholders, Lambda packages, environment, state machine and triggers."""
+
+from __future__ import annotations
+
+import ast
+import json
+import re
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from tests.templates.cfn import ROOT
+
+ASL = ROOT / "statemachines" / "import.asl.json"
+FUNCTIONS = ROOT / "functions"
+
+
+def _lambdas(template: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {
+        name: resource["Properties"]
+        for name, resource in template["Resources"].items()
+        if resource["Type"] == "AWS::Lambda::Function"
+    }
+
+
+def _function_directories() -> list[Path]:
+    return sorted(path.parent for path in FUNCTIONS.glob("*/app.py"))
+
+
+def _package_name(properties: dict[str, Any]) -> str:
+    key = properties["Code"]["S3Key"]["Fn::Sub"]
+    match = re.fullmatch(r"\$\{ArtifactKeyPrefix\}functions/([a-z_]+)\.zip", key)
+    assert match, key
+    return match.group(1)
+
+
+def test_placeholders_and_substitutions_match_both_ways(template: dict[str, Any]) -> None:
+    placeholders = set(re.findall(r"\$\{([A-Za-z0-9_]+)\}", ASL.read_text()))
+    machine = template["Resources"]["ImportStateMachine"]["Properties"]
+    assert placeholders == set(machine["DefinitionSubstitutions"])
+
+
+def test_substitutions_point_at_the_functions_they_name(template: dict[str, Any]) -> None:
+    substitutions = template["Resources"]["ImportStateMachine"]["Properties"]["DefinitionSubstitutions"]
+    for placeholder, value in substitutions.items():
+        function = placeholder.removesuffix("Arn")
+        assert value == {"Fn::GetAtt": [function, "Arn"]}, placeholder
+        assert template["Resources"][function]["Type"] == "AWS::Lambda::Function"
+
+
+def test_every_function_directory_has_a_lambda_reading_its_zip(template: dict[str, Any]) -> None:
+    packaged = sorted(_package_name(properties) for properties in _lambdas(template).values())
+    assert packaged == [path.name for path in _function_directories()]
+
+
+def test_the_makefile_builds_the_zip_names_the_template_reads(template: dict[str, Any]) -> None:
+    dry_run = subprocess.run(
+        ["make", "--no-print-directory", "-n", "-B", "package-functions"],
+        cwd=ROOT, capture_output=True, text=True, check=True, timeout=60,
+    ).stdout
+    built = set(re.findall(r"zip -X -q -D \.\./([a-z_]+)\.zip", dry_run))
+    assert built == {_package_name(properties) for properties in _lambdas(template).values()}
+    assert "build/statemachines/import.asl.json" in dry_run
+
+
+def _required_variables(app: Path) -> set[str]:
+    """Names a function's settings read with ``reader.text(...)``: it fails at cold start without them."""
+    names = set()
+    for node in ast.walk(ast.parse(app.read_text())):
+        if (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute)
+            and node.func.attr == "text"
+            and node.args
+            and isinstance(node.args[0], ast.Constant)
+        ):
+            names.add(str(node.args[0].value))
+    return names
+
+
+def test_every_required_environment_variable_is_set(template: dict[str, Any]) -> None:
+    by_package = {_package_name(properties): properties for properties in _lambdas(template).values()}
+    for directory in _function_directories():
+        required = _required_variables(directory / "app.py")
+        assert required, f"{directory.name}: no settings found"
+        variables = set(by_package[directory.name]["Environment"]["Variables"])
+        assert required <= variables, f"{directory.name} misses {sorted(required - variables)}"
+
+
+def test_functions_share_the_runtime_the_packages_are_built_for(template: dict[str, Any]) -> None:
+    for name, properties in _lambdas(template).items():
+        assert properties["Runtime"] == "python3.12", name
+        assert properties["Handler"] == "app.handler", name
+        assert properties["Architectures"] == ["x86_64"], name
+        assert properties["Code"]["S3Bucket"] == {"Ref": "ArtifactBucketName"}, name
+
+
+def test_state_machine_loads_the_asl_file_logs_without_data_and_traces(template: dict[str, Any]) -> None:
+    machine = template["Resources"]["ImportStateMachine"]["Properties"]
+    assert machine["DefinitionS3Location"] == {
+        "Bucket": {"Ref": "ArtifactBucketName"},
+        "Key": {"Fn::Sub": "${ArtifactKeyPrefix}statemachines/import.asl.json"},
+    }
+    assert machine["StateMachineType"] == "STANDARD"
+    assert machine["LoggingConfiguration"]["IncludeExecutionData"] is False
+    assert machine["LoggingConfiguration"]["Level"] in ("ERROR", "FATAL")
+    assert machine["TracingConfiguration"] == {"Enabled": True}
+    json.loads(ASL.read_text())  # the file the template loads is valid JSON
+
+
+def test_a_new_manifest_starts_the_workflow(template: dict[str, Any]) -> None:
+    rule = template["Resources"]["ManifestCreatedRule"]["Properties"]
+    pattern = rule["EventPattern"]
+    assert pattern["source"] == ["aws.s3"]
+    assert pattern["detail-type"] == ["Object Created"]
+    assert pattern["detail"]["bucket"]["name"] == [{"Ref": "DicomBucket"}]
+    assert pattern["detail"]["object"]["key"] == [{"prefix": "manifests/"}]
+    (target,) = rule["Targets"]
+    assert target["Arn"] == {"Ref": "ImportStateMachine"}
+    assert "Input" not in target and "InputPath" not in target  # the event itself is the input
+
+
+def test_sweeper_runs_on_a_schedule(template: dict[str, Any]) -> None:
+    schedule = template["Resources"]["SweeperSchedule"]["Properties"]
+    assert schedule["ScheduleExpression"].startswith("rate(")
+    assert schedule["Targets"][0]["Arn"] == {"Fn::GetAtt": ["SweeperFunction", "Arn"]}
+    permission = template["Resources"]["SweeperInvokePermission"]["Properties"]
+    assert permission["SourceArn"] == {"Fn::GetAtt": ["SweeperSchedule", "Arn"]}
