@@ -64,7 +64,7 @@ def serve(settings: Settings) -> int:
         store = build_store(settings)
         listener = server.start(settings, spool, Ingest(spool, store))
     except OSError as error:
-        LOG.error("cannot start", extra={"error": str(error)})  # noqa: TRY400 - one line, no traceback
+        LOG.error("cannot start", extra={"error": str(error)})
         return 1
     stop = threading.Event()
     for number in (signal.SIGTERM, signal.SIGINT):
@@ -75,7 +75,7 @@ def serve(settings: Settings) -> int:
             "address": settings.bind_address,
             "port": listener.server_address[1],
             "ae_title": settings.ae_title,
-            "store": settings.dicom_bucket and f"s3://{settings.dicom_bucket}" or str(settings.storage_dir),
+            "store": (settings.dicom_bucket and f"s3://{settings.dicom_bucket}") or str(settings.storage_dir),
             "version": __version__,
             "spool_files_removed": leftovers,
         },

@@ -57,8 +57,7 @@ class Batch:
     def key_for(self, instance: ReceivedInstance) -> str:
         # The UIDs were validated (digits and dots) before they reach a key; see scp/uids.py.
         return (
-            f"{self.prefix}{instance.study_instance_uid}/{instance.series_instance_uid}/"
-            f"{instance.sop_instance_uid}.dcm"
+            f"{self.prefix}{instance.study_instance_uid}/{instance.series_instance_uid}/{instance.sop_instance_uid}.dcm"
         )
 
     def manifest(self, bucket: str, closed_at: datetime) -> dict[str, Any]:

@@ -50,9 +50,7 @@ class Settings:
     scp_port: int = _setting("11112", "TCP port the SCP listens on")
     bind_address: str = _setting("0.0.0.0", "address the SCP listens on")  # noqa: S104 - a network service
     ae_title: str = _setting("STORESCP", "the SCP's AE title (1-16 characters)")
-    require_called_ae_title: bool = _setting(
-        "false", "reject associations whose called AE title is not AE_TITLE"
-    )
+    require_called_ae_title: bool = _setting("false", "reject associations whose called AE title is not AE_TITLE")
     require_calling_ae_title: tuple[str, ...] = _setting(
         "", "comma-separated calling AE titles allowed to connect; empty allows any"
     )
@@ -66,13 +64,13 @@ class Settings:
         "", "comma-separated SOP Class UIDs accepted for storage; empty accepts every storage SOP class"
     )
     log_level: str = _setting("INFO", "DEBUG, INFO, WARNING, ERROR or CRITICAL")
-    storage_dir: Path = _setting("./storage", "local store root, and the receive spool in S3 mode")
+    storage_dir: Path = _setting(  # noqa: RUF009 - a field with metadata and no default, like the others
+        "./storage", "local store root, and the receive spool in S3 mode"
+    )
     batch_max_files: int = _setting("4000", "an S3 import batch closes at this many objects")
     batch_max_bytes: int = _setting("8000000000", "an S3 import batch closes at this many bytes")
     batch_window_seconds: float = _setting("60", "an S3 import batch closes after this many quiet seconds")
-    shutdown_grace_seconds: float = _setting(
-        "100", "on SIGTERM, seconds in-flight associations may take to finish"
-    )
+    shutdown_grace_seconds: float = _setting("100", "on SIGTERM, seconds in-flight associations may take to finish")
 
     @property
     def effective_pdu_size(self) -> int:

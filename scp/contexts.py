@@ -57,7 +57,7 @@ def storage_sop_classes() -> tuple[str, ...]:
         sorted(
             str(value)
             for value in vars(sop_class).values()
-            if isinstance(value, sop_class.SOPClass) and value.service_class is StorageServiceClass
+            if isinstance(value, sop_class.SOPClass) and getattr(value, "service_class", None) is StorageServiceClass
         )
     )
 

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from typing import Any, cast
 
 from pydicom.dataset import Dataset
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import Event
+from pynetdicom.pdu_primitives import A_ASSOCIATE
 
 from scp.ingest import Ingest, StoreRequest
 from scp.spool import Spool
@@ -67,7 +69,7 @@ def handle_echo(event: Event) -> int:
 
 def handle_store(event: Event, ingest: Ingest) -> Dataset | int:
     started = time.monotonic()
-    command = event.request
+    command = cast(C_STORE, event.request)
     request = StoreRequest(
         sop_class_uid=str(command.AffectedSOPClassUID or ""),
         sop_instance_uid=str(command.AffectedSOPInstanceUID or ""),
@@ -88,7 +90,7 @@ def handle_store(event: Event, ingest: Ingest) -> Dataset | int:
             },
         )
         return _failure_response(failure)
-    except Exception as error:  # noqa: BLE001 - our own fault must read "retry later", never 0xC211 "bad data"
+    except Exception as error:
         LOG.exception(
             "store failed unexpectedly",
             extra={**_peer(event), "status": f"0x{Status.OUT_OF_RESOURCES:04X}", "error": type(error).__name__},
@@ -124,8 +126,8 @@ def handle_accepted(event: Event) -> None:
 
 
 def handle_rejected(event: Event) -> None:
-    primitive = event.assoc.acceptor.primitive
-    code = (primitive.result, primitive.result_source, primitive.diagnostic)
+    primitive = cast(A_ASSOCIATE, event.assoc.acceptor.primitive)
+    code = (int(primitive.result or 0), int(primitive.result_source or 0), int(primitive.diagnostic or 0))
     LOG.warning(
         "association rejected",
         extra={**_peer(event), "reason": _REJECT_REASONS.get(code, "rejected"), "code": list(code)},

@@ -57,7 +57,10 @@ class Ingest:
                 identity = read_identity(received, size - offset, request.transfer_syntax)
                 instance = _instance(request, identity, size - offset)
                 header = part10_header(
-                    instance.sop_class_uid, instance.sop_instance_uid, request.transfer_syntax, instance.calling_ae_title
+                    instance.sop_class_uid,
+                    instance.sop_instance_uid,
+                    request.transfer_syntax,
+                    instance.calling_ae_title,
                 )
                 with open(staged, "wb", buffering=0) as output:
                     output.write(header)

@@ -7,7 +7,7 @@ import socket
 import socketserver
 import threading
 import time
-from typing import Any
+from typing import Any, cast
 
 from pynetdicom import AE, _config, evt
 from pynetdicom.transport import ThreadedAssociationServer
@@ -70,18 +70,21 @@ def start(settings: Settings, spool: Spool, ingest: Ingest) -> DicomServer:
     spool.install()
     pdu_guard.install()
     ae = build_application_entity(settings)
-    server = ae.make_server(
-        (settings.bind_address, settings.scp_port),
-        evt_handlers=[
-            (evt.EVT_C_ECHO, handlers.handle_echo),
-            (evt.EVT_C_STORE, handlers.handle_store, [ingest]),
-            (evt.EVT_ACCEPTED, handlers.handle_accepted),
-            (evt.EVT_REJECTED, handlers.handle_rejected),
-            (evt.EVT_RELEASED, handlers.handle_released),
-            (evt.EVT_ABORTED, handlers.handle_aborted),
-            (evt.EVT_CONN_CLOSE, handlers.handle_connection_closed, [spool]),
-        ],
-        server_class=DicomServer,
+    server = cast(
+        DicomServer,
+        ae.make_server(
+            (settings.bind_address, settings.scp_port),
+            evt_handlers=[
+                (evt.EVT_C_ECHO, handlers.handle_echo),
+                (evt.EVT_C_STORE, handlers.handle_store, [ingest]),
+                (evt.EVT_ACCEPTED, handlers.handle_accepted),
+                (evt.EVT_REJECTED, handlers.handle_rejected),
+                (evt.EVT_RELEASED, handlers.handle_released),
+                (evt.EVT_ABORTED, handlers.handle_aborted),
+                (evt.EVT_CONN_CLOSE, handlers.handle_connection_closed, [spool]),
+            ],
+            server_class=DicomServer,
+        ),
     )
     threading.Thread(target=server.serve_forever, name="dicom-listener", daemon=True).start()
     return server

@@ -9,7 +9,7 @@ association inside pynetdicom's reader.
 
 from __future__ import annotations
 
-import logging
+import contextlib
 import os
 import shutil
 import threading
@@ -19,8 +19,6 @@ from types import TracebackType
 from typing import Any
 
 from pynetdicom import dimse_messages
-
-LOG = logging.getLogger(__name__)
 
 SPOOL_DIRECTORY_NAME = ".incoming"
 
@@ -109,7 +107,5 @@ class Spool:
 
 
 def remove_quietly(path: Path) -> None:
-    try:
+    with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
-    except FileNotFoundError:
-        pass

@@ -13,7 +13,7 @@ from boto3.s3.transfer import TransferConfig, create_transfer_manager
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
-from scp.batches import Batch, BatchLimits, Batches, manifest_body
+from scp.batches import Batch, Batches, BatchLimits, manifest_body
 from scp.config import Settings
 from scp.status import Status, StoreFailure
 from scp.storage import ReceivedInstance, StoredInstance

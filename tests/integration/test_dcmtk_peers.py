@@ -13,10 +13,25 @@ from tests.support.daemon import Daemon
 pytestmark = pytest.mark.integration
 
 
-def storescu(daemon: Daemon, *files: Path, options: tuple[str, ...] = (), calling: str = "MODALITY1") -> subprocess.CompletedProcess[str]:
+def storescu(
+    daemon: Daemon, *files: Path, options: tuple[str, ...] = (), calling: str = "MODALITY1"
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        ["storescu", *options, "-aet", calling, "-aec", daemon.ae_title, "127.0.0.1", str(daemon.port), *map(str, files)],
-        capture_output=True, text=True, timeout=120, env={"TCP_NODELAY": "1", "PATH": "/usr/bin:/bin"},
+        [
+            "storescu",
+            *options,
+            "-aet",
+            calling,
+            "-aec",
+            daemon.ae_title,
+            "127.0.0.1",
+            str(daemon.port),
+            *map(str, files),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={"TCP_NODELAY": "1", "PATH": "/usr/bin:/bin"},
     )
 
 
@@ -35,7 +50,9 @@ def test_storescu_object_lands_intact_in_its_own_transfer_syntax(daemon: Daemon,
     sent = read(corpus_file.path)
     (stored_path,) = daemon.stored_files()
     assert stored_path.relative_to(daemon.storage_dir).parts == (
-        sent.StudyInstanceUID, sent.SeriesInstanceUID, f"{sent.SOPInstanceUID}.dcm"
+        sent.StudyInstanceUID,
+        sent.SeriesInstanceUID,
+        f"{sent.SOPInstanceUID}.dcm",
     )
     stored = read(stored_path)
     # Received in the file's own syntax (nothing transcoded on either side) and kept as received.

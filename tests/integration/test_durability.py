@@ -23,7 +23,10 @@ LARGE = 160 * 1024 * 1024
 def storescu_process(daemon: Daemon, *files: Path) -> subprocess.Popen[str]:
     return subprocess.Popen(
         ["storescu", "-v", "-aec", daemon.ae_title, "127.0.0.1", str(daemon.port), *map(str, files)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={"TCP_NODELAY": "1", "PATH": "/usr/bin:/bin"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={"TCP_NODELAY": "1", "PATH": "/usr/bin:/bin"},
     )
 
 
@@ -36,9 +39,7 @@ def large_instance(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_instance(tmp_path_factory.mktemp("large"), pixel_bytes=LARGE)
 
 
-def test_sigkill_mid_transfer_leaves_no_torn_object_and_restart_cleans_up(
-    tmp_path: Path, large_instance: Path
-) -> None:
+def test_sigkill_mid_transfer_leaves_no_torn_object_and_restart_cleans_up(tmp_path: Path, large_instance: Path) -> None:
     daemon = start_daemon(tmp_path)
     acknowledged = [make_instance(tmp_path, pixel_bytes=64 * 1024) for _ in range(3)]
     assert storescu_process(daemon, *acknowledged).wait(timeout=60) == 0
@@ -67,9 +68,7 @@ def test_sigkill_mid_transfer_leaves_no_torn_object_and_restart_cleans_up(
         restarted.stop()
 
 
-def test_sigterm_lets_the_transfer_in_flight_finish_and_refuses_new_ones(
-    tmp_path: Path, large_instance: Path
-) -> None:
+def test_sigterm_lets_the_transfer_in_flight_finish_and_refuses_new_ones(tmp_path: Path, large_instance: Path) -> None:
     daemon = start_daemon(tmp_path, SHUTDOWN_GRACE_SECONDS="60")
     sender = storescu_process(daemon, large_instance)
     wait_for(lambda: receiving(daemon), 30, "the large object to be arriving")

@@ -7,11 +7,11 @@ import warnings
 from pathlib import Path
 
 import pytest
-from pynetdicom import _config
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset, write_file_meta_info
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
+from pynetdicom import _config
 
 from tests.support.corpus import CT_IMAGE_STORAGE, make_instance, read
 from tests.support.daemon import Daemon

@@ -42,8 +42,9 @@ class Daemon:
         spool = self.storage_dir / ".incoming"
         return sorted(spool.iterdir()) if spool.exists() else []
 
-    def associate(self, calling: str = "TESTSCU", called: str | None = None, contexts: list[Any] | None = None,
-                  **ae_settings: Any) -> Association:
+    def associate(
+        self, calling: str = "TESTSCU", called: str | None = None, contexts: list[Any] | None = None, **ae_settings: Any
+    ) -> Association:
         ae = AE(ae_title=calling)
         for name, value in ae_settings.items():
             setattr(ae, name, value)
@@ -93,8 +94,9 @@ class Daemon:
         return self.process.wait(timeout=10)
 
 
-def start_daemon(workdir: Path, storage_dir: Path | None = None, port: int | None = None,
-                 ready: bool = True, **settings: str) -> Daemon:
+def start_daemon(
+    workdir: Path, storage_dir: Path | None = None, port: int | None = None, ready: bool = True, **settings: str
+) -> Daemon:
     """Start `python -m scp` with the given settings (environment variables) and wait for a C-ECHO."""
     storage_dir = storage_dir or workdir / "storage"
     port = port or free_port()

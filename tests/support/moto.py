@@ -31,7 +31,7 @@ class MotoServer:
         return {**CREDENTIALS, "AWS_ENDPOINT_URL": self.endpoint}
 
     def reset(self) -> None:
-        urllib.request.urlopen(  # noqa: S310 - loopback test endpoint
+        urllib.request.urlopen(
             urllib.request.Request(f"{self.endpoint}/moto-api/reset", method="POST"), timeout=10
         ).read()
 
@@ -45,7 +45,7 @@ class MotoServer:
 
 
 def _alive(endpoint: str) -> bool:
-    with urllib.request.urlopen(f"{endpoint}/moto-api/data.json", timeout=2) as response:  # noqa: S310
+    with urllib.request.urlopen(f"{endpoint}/moto-api/data.json", timeout=2) as response:
         return bool(response.status == 200)
 
 

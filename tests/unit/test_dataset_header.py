@@ -89,7 +89,11 @@ def test_explicit_bytes_on_an_implicit_context_are_refused() -> None:
 
 
 def test_element_longer_than_the_data_is_refused() -> None:
-    raw = struct.pack("<HH2sH", 0x0008, 0x0005, b"CS", 10) + b"ISO_IR 100" + struct.pack("<HH2sH", 0x0008, 0x0016, b"UI", 60)
+    raw = (
+        struct.pack("<HH2sH", 0x0008, 0x0005, b"CS", 10)
+        + b"ISO_IR 100"
+        + struct.pack("<HH2sH", 0x0008, 0x0016, b"UI", 60)
+    )
     assert "past the end" in refuses(raw + b"1.2", EXPLICIT_LE).reason
 
 
@@ -124,5 +128,10 @@ def test_overlong_uid_value_is_refused() -> None:
 
 
 def test_out_of_order_elements_are_refused() -> None:
-    raw = struct.pack("<HH2sH", 0x0008, 0x0018, b"UI", 2) + b"1\x00" + struct.pack("<HH2sH", 0x0008, 0x0016, b"UI", 2) + b"1\x00"
+    raw = (
+        struct.pack("<HH2sH", 0x0008, 0x0018, b"UI", 2)
+        + b"1\x00"
+        + struct.pack("<HH2sH", 0x0008, 0x0016, b"UI", 2)
+        + b"1\x00"
+    )
     refuses(raw, EXPLICIT_LE)

@@ -11,7 +11,8 @@ def test_valid(uid: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "uid", ["", ".", "1.", ".1", "1..2", "1.2.a", "../1", "/1.2", "1.2\x00", "1\\2", " 1.2", "1." + "2" * 63, "１.2"]
+    "uid",
+    ["", ".", "1.", ".1", "1..2", "1.2.a", "../1", "/1.2", "1.2\x00", "1\\2", " 1.2", "1." + "2" * 63, "１.2"],  # noqa: RUF001 - a full-width digit, on purpose
 )
 def test_invalid(uid: str) -> None:
     assert not is_valid_uid(uid)
