@@ -33,6 +33,8 @@ _FIXED_PDU_LENGTH = 4
 # DICOM's "0 = no maximum" advertised by a local AE still gets a ceiling: the largest PDU size settings allow.
 UNLIMITED_PDU_CEILING = 4 * 1024 * 1024
 
+_DISCARD_READS = 16
+
 _PDU_NAMES = {
     A_ASSOCIATE_RQ: "A-ASSOCIATE-RQ",
     A_ASSOCIATE_AC: "A-ASSOCIATE-AC",
@@ -85,11 +87,14 @@ class GuardedDULServiceProvider(DULServiceProvider):
         before any memory is allocated for the body.
         """
         assert self.socket is not None and self.socket.socket is not None
-        if self._refused:
-            # The rest of a refused PDU is still arriving; the A-ABORT has gone out, so just hang up.
-            self.socket.close()
-            return
         raw = self.socket.socket
+        if self._refused:
+            # What follows a refused PDU is never read as PDUs. Hang up only once the state machine has sent the
+            # A-ABORT (Sta13); it may still have earlier events queued ahead of the refusal.
+            if self.state_machine.current_state == "Sta13":
+                _discard_pending(raw)
+                self.socket.close()
+            return
         timeout = self.network_timeout
         deadline = None if timeout is None else time.monotonic() + timeout
         header = bytearray(HEADER_LENGTH)
@@ -166,6 +171,17 @@ def _receive_into(raw: socket.socket, buffer: memoryview, deadline: float | None
         if count == 0:
             raise _PeerClosed(already + received)
         received += count
+
+
+def _discard_pending(raw: socket.socket) -> None:
+    """Drop what is already buffered (a bounded amount), so closing sends FIN after the A-ABORT, not RST."""
+    raw.setblocking(False)  # with a timeout set, Python would first wait for readability
+    for _ in range(_DISCARD_READS):
+        try:
+            if not raw.recv(65536):
+                return
+        except OSError:
+            return
 
 
 def install() -> None:
