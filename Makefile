@@ -9,6 +9,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
+RUNTIME := $(VENV)/.runtime
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: help
@@ -24,6 +25,13 @@ $(INSTALLED): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $@
 
+# `make run` needs only the daemon's own dependencies, not the test and lint tools.
+$(RUNTIME): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e .
+	touch $@
+
 .PHONY: venv
 venv: $(INSTALLED) ## Create the virtual environment with the daemon and the test tools
 
@@ -37,7 +45,7 @@ dcmtk: ## Install DCMTK (storescu, echoscu, storescp) when missing
 
 # Loopback unless told otherwise: a modality on the network needs BIND_ADDRESS=0.0.0.0.
 .PHONY: run
-run: $(INSTALLED) ## Start the SCP on port 11112, AE STORESCP, storing to ./storage (or S3 with DICOM_BUCKET)
+run: $(RUNTIME) ## Start the SCP on port 11112, AE STORESCP, storing to ./storage (or S3 with DICOM_BUCKET)
 	BIND_ADDRESS=$${BIND_ADDRESS:-127.0.0.1} STORAGE_DIR=$${STORAGE_DIR:-./storage} $(BIN)/dicom-store-scp
 
 # ---------------------------------------------------------------------------------------------------------------
