@@ -16,6 +16,7 @@ from pynetdicom.events import Event
 from pynetdicom.pdu_primitives import A_ASSOCIATE
 
 from scp.ingest import Ingest, StoreRequest
+from scp.metrics import Metrics
 from scp.spool import Spool
 from scp.status import Status, StoreFailure
 
@@ -67,7 +68,7 @@ def handle_echo(event: Event) -> int:
     return int(Status.SUCCESS)
 
 
-def handle_store(event: Event, ingest: Ingest) -> Dataset | int:
+def handle_store(event: Event, ingest: Ingest, metrics: Metrics) -> Dataset | int:
     started = time.monotonic()
     command = cast(C_STORE, event.request)
     request = StoreRequest(
@@ -89,13 +90,17 @@ def handle_store(event: Event, ingest: Ingest) -> Dataset | int:
                 "sop_instance_uid": printable(request.sop_instance_uid),
             },
         )
+        metrics.store_failed(failure.status)
         return _failure_response(failure)
     except Exception as error:
         LOG.exception(
             "store failed unexpectedly",
             extra={**_peer(event), "status": f"0x{Status.OUT_OF_RESOURCES:04X}", "error": type(error).__name__},
         )
+        metrics.store_failed(Status.OUT_OF_RESOURCES)
         return _failure_response(StoreFailure(Status.OUT_OF_RESOURCES, "internal error, retry later"))
+    milliseconds = (time.monotonic() - started) * 1000
+    metrics.object_stored(instance.size, milliseconds)
     LOG.info(
         "replaced" if stored.replaced else "stored",
         extra={
@@ -106,7 +111,7 @@ def handle_store(event: Event, ingest: Ingest) -> Dataset | int:
             "series_instance_uid": instance.series_instance_uid,
             "transfer_syntax": instance.transfer_syntax,
             "bytes": instance.size,
-            "milliseconds": round((time.monotonic() - started) * 1000, 1),
+            "milliseconds": round(milliseconds, 1),
             "location": stored.location,
         },
     )
@@ -120,18 +125,19 @@ def _failure_response(failure: StoreFailure) -> Dataset:
     return response
 
 
-def handle_accepted(event: Event) -> None:
+def handle_accepted(event: Event, metrics: Metrics) -> None:
+    if event.assoc.requestor.ae_title != HEALTHCHECK_AE_TITLE:
+        metrics.association_accepted(event.assoc)
     contexts = event.assoc.accepted_contexts
     LOG.log(_level(event), "association accepted", extra={**_peer(event), "accepted_contexts": len(contexts)})
 
 
-def handle_rejected(event: Event) -> None:
+def handle_rejected(event: Event, metrics: Metrics) -> None:
     primitive = cast(A_ASSOCIATE, event.assoc.acceptor.primitive)
     code = (int(primitive.result or 0), int(primitive.result_source or 0), int(primitive.diagnostic or 0))
-    LOG.warning(
-        "association rejected",
-        extra={**_peer(event), "reason": _REJECT_REASONS.get(code, "rejected"), "code": list(code)},
-    )
+    reason = _REJECT_REASONS.get(code, "rejected")
+    metrics.association_rejected(reason)
+    LOG.warning("association rejected", extra={**_peer(event), "reason": reason, "code": list(code)})
 
 
 def handle_released(event: Event) -> None:
@@ -142,7 +148,8 @@ def handle_aborted(event: Event) -> None:
     LOG.warning("association aborted", extra=_peer(event))
 
 
-def handle_connection_closed(event: Event, spool: Spool) -> None:
+def handle_connection_closed(event: Event, spool: Spool, metrics: Metrics) -> None:
+    metrics.association_ended(event.assoc)
     discarded = spool.discard_unhandled(event.assoc.dul.ident)
     if discarded:
         LOG.warning("incomplete objects discarded", extra={**_peer(event), "objects": discarded})
