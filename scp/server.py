@@ -16,6 +16,7 @@ from scp import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, handlers,
 from scp.config import Settings
 from scp.contexts import supported_contexts
 from scp.ingest import Ingest
+from scp.metrics import Metrics
 from scp.spool import Spool
 
 LOG = logging.getLogger(__name__)
@@ -64,7 +65,7 @@ def build_application_entity(settings: Settings) -> AE:
     return ae
 
 
-def start(settings: Settings, spool: Spool, ingest: Ingest) -> DicomServer:
+def start(settings: Settings, spool: Spool, ingest: Ingest, metrics: Metrics) -> DicomServer:
     """Listen on the configured address and serve associations on background threads."""
     configure_pynetdicom()
     spool.install()
@@ -76,12 +77,12 @@ def start(settings: Settings, spool: Spool, ingest: Ingest) -> DicomServer:
             (settings.bind_address, settings.scp_port),
             evt_handlers=[
                 (evt.EVT_C_ECHO, handlers.handle_echo),
-                (evt.EVT_C_STORE, handlers.handle_store, [ingest]),
-                (evt.EVT_ACCEPTED, handlers.handle_accepted),
-                (evt.EVT_REJECTED, handlers.handle_rejected),
+                (evt.EVT_C_STORE, handlers.handle_store, [ingest, metrics]),
+                (evt.EVT_ACCEPTED, handlers.handle_accepted, [metrics]),
+                (evt.EVT_REJECTED, handlers.handle_rejected, [metrics]),
                 (evt.EVT_RELEASED, handlers.handle_released),
                 (evt.EVT_ABORTED, handlers.handle_aborted),
-                (evt.EVT_CONN_CLOSE, handlers.handle_connection_closed, [spool]),
+                (evt.EVT_CONN_CLOSE, handlers.handle_connection_closed, [spool, metrics]),
             ],
             server_class=DicomServer,
         ),
