@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from scp.metrics import Metrics
 from scp.storage import ReceivedInstance
 
 LOG = logging.getLogger(__name__)
@@ -92,8 +93,9 @@ ManifestWriter = Callable[[Batch], None]
 class Batches:
     """Thread-safe bookkeeping of the open batch and of closed batches waiting for their manifest."""
 
-    def __init__(self, limits: BatchLimits, write_manifest: ManifestWriter) -> None:
+    def __init__(self, limits: BatchLimits, write_manifest: ManifestWriter, metrics: Metrics) -> None:
         self._limits = limits
+        self._metrics = metrics
         self._write_manifest = write_manifest
         self._lock = threading.Lock()
         self._open: Batch | None = None
@@ -214,6 +216,7 @@ class Batches:
                     extra={"batch_id": batch.batch_id, "error": f"{type(error).__name__}: {error}"},
                 )
                 return False
+            self._metrics.batch_closed()
             LOG.info(
                 "batch closed",
                 extra={

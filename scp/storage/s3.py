@@ -15,6 +15,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from scp.batches import Batch, Batches, BatchLimits, manifest_body
 from scp.config import Settings
+from scp.metrics import Metrics
 from scp.status import Status, StoreFailure
 from scp.storage import ReceivedInstance, StoredInstance
 
@@ -52,9 +53,10 @@ def s3_client(settings: Settings) -> Any:
 
 
 class S3Store:
-    def __init__(self, client: Any, settings: Settings) -> None:
+    def __init__(self, client: Any, settings: Settings, metrics: Metrics) -> None:
         assert settings.dicom_bucket
         self._client = client
+        self._metrics = metrics
         self._bucket = settings.dicom_bucket
         self._deadline_seconds = settings.dimse_timeout * _DEADLINE_SHARE
         self._multipart_threshold = _MULTIPART_THRESHOLD
@@ -69,6 +71,7 @@ class S3Store:
         self.batches = Batches(
             BatchLimits(settings.batch_max_files, settings.batch_max_bytes, settings.batch_window_seconds),
             self._write_manifest,
+            metrics,
         )
 
     def check_bucket(self) -> bool:
@@ -118,6 +121,7 @@ class S3Store:
                 if not _retryable(error) or time.monotonic() + backoff >= deadline:
                     raise StoreFailure(Status.OUT_OF_RESOURCES, f"S3 upload failed: {_describe(error)}") from error
                 LOG.warning("S3 upload retry", extra={"key": key, "attempt": attempt, "error": _describe(error)})
+                self._metrics.s3_upload_retried()
             time.sleep(backoff)
             backoff = min(backoff * 2, _MAX_BACKOFF_SECONDS)
             attempt += 1
