@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from scp import __version__, logs, server
 from scp.config import Settings, SettingsError
 from scp.ingest import Ingest
+from scp.metrics import Metrics
 from scp.spool import Spool
 from scp.storage import Store
 from scp.storage.local import LocalStore
@@ -45,12 +46,12 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def build_store(settings: Settings) -> Store:
+def build_store(settings: Settings, metrics: Metrics) -> Store:
     if settings.dicom_bucket is None:
         return LocalStore(settings.storage_dir)
     from scp.storage.s3 import S3Store, s3_client  # boto3 loads only when S3 is configured
 
-    store = S3Store(s3_client(settings), settings)
+    store = S3Store(s3_client(settings), settings, metrics)
     store.check_bucket()
     store.start()
     return store
@@ -59,13 +60,15 @@ def build_store(settings: Settings) -> Store:
 def serve(settings: Settings) -> int:
     logs.configure(settings.log_level)
     spool = Spool(settings.storage_dir)
+    metrics = Metrics()
     try:
         leftovers = spool.prepare()
-        store = build_store(settings)
-        listener = server.start(settings, spool, Ingest(spool, store))
+        store = build_store(settings, metrics)
+        listener = server.start(settings, spool, Ingest(spool, store), metrics)
     except OSError as error:
         LOG.error("cannot start", extra={"error": str(error)})
         return 1
+    metrics.start()
     stop = threading.Event()
     for number in (signal.SIGTERM, signal.SIGINT):
         signal.signal(number, lambda *_: stop.set())
@@ -84,6 +87,7 @@ def serve(settings: Settings) -> int:
     LOG.info("stopping: no new associations", extra={"grace_seconds": settings.shutdown_grace_seconds})
     aborted = server.drain(listener, settings.shutdown_grace_seconds)
     store.close()
+    metrics.stop()  # after the store: closing the last batch is counted too
     LOG.info("stopped", extra={"associations_aborted": aborted})
     return 0
 
