@@ -9,6 +9,7 @@ from pathlib import Path
 
 import boto3
 import pytest
+from pydicom.uid import UID
 from pynetdicom import AE
 
 from scp.metrics import METRICS, NAMESPACE, SERVICE
@@ -29,11 +30,12 @@ def test_outcomes_of_a_session_reach_the_emf_lines(tmp_path: Path, moto: MotoSer
     bucket = f"dicom-{uuid.uuid4().hex[:12]}"
     boto3.client("s3", endpoint_url=moto.endpoint, region_name="us-east-1",
                  aws_access_key_id="testing", aws_secret_access_key="testing").create_bucket(Bucket=bucket)  # fmt: skip
-    daemon = start_daemon(tmp_path, DICOM_BUCKET=bucket, REQUIRE_CALLING_AE_TITLE="CT01", **moto.env())
+    settings = {"DICOM_BUCKET": bucket, "REQUIRE_CALLING_AE_TITLE": "CT01", **moto.env()}
+    daemon = start_daemon(tmp_path, storage_dir=tmp_path / "spool", **settings)
     try:
         files = [make_instance(tmp_path, pixel_bytes=4096) for _ in range(3)]
         broken = read(files[0])
-        broken.SOPInstanceUID = broken.file_meta.MediaStorageSOPInstanceUID = "1.2.3.999"
+        broken.SOPInstanceUID = broken.file_meta.MediaStorageSOPInstanceUID = UID("1.2.3.999")
         del broken.StudyInstanceUID  # answered 0xA900: the data set lacks a required UID
         association = daemon.associate(calling="CT01", contexts=[(CT_IMAGE_STORAGE, ["1.2.840.10008.1.2.1"])])
         assert association.is_established
