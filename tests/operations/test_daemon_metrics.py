@@ -6,6 +6,7 @@ import json
 import uuid
 import warnings
 from pathlib import Path
+from typing import Any
 
 import boto3
 import pytest
@@ -30,7 +31,7 @@ def test_outcomes_of_a_session_reach_the_emf_lines(tmp_path: Path, moto: MotoSer
     bucket = f"dicom-{uuid.uuid4().hex[:12]}"
     boto3.client("s3", endpoint_url=moto.endpoint, region_name="us-east-1",
                  aws_access_key_id="testing", aws_secret_access_key="testing").create_bucket(Bucket=bucket)  # fmt: skip
-    settings = {"DICOM_BUCKET": bucket, "REQUIRE_CALLING_AE_TITLE": "CT01", **moto.env()}
+    settings: dict[str, Any] = {"DICOM_BUCKET": bucket, "REQUIRE_CALLING_AE_TITLE": "CT01", **moto.env()}
     daemon = start_daemon(tmp_path, storage_dir=tmp_path / "spool", **settings)
     try:
         files = [make_instance(tmp_path, pixel_bytes=4096) for _ in range(3)]
