@@ -1,4 +1,4 @@
-"""Entry point: `dicom-store-scp [serve|healthcheck]`. Parses settings, wires the parts, serves until SIGTERM."""
+"""Entry point: `dicom-store-scp [serve|healthcheck|status]`. Parses settings, wires the parts, serves until SIGTERM."""
 
 from __future__ import annotations
 
@@ -40,8 +40,9 @@ def _parser() -> argparse.ArgumentParser:
         "command",
         nargs="?",
         default="serve",
-        choices=["serve", "healthcheck"],
-        help="serve (default): run the SCP; healthcheck: exit 0 if the running SCP answers DICOM",
+        choices=["serve", "healthcheck", "status"],
+        help="serve (default): run the SCP; healthcheck: exit 0 if the running SCP answers DICOM; "
+        "status: import status of a study or a modality's sending (see `dicom-store-scp status --help`)",
     )
     return parser
 
@@ -64,7 +65,7 @@ def serve(settings: Settings) -> int:
     try:
         leftovers = spool.prepare()
         store = build_store(settings, metrics)
-        listener = server.start(settings, spool, Ingest(spool, store), metrics)
+        listener = server.start(settings, spool, Ingest(store), metrics)
     except OSError as error:
         LOG.error("cannot start", extra={"error": str(error)})
         return 1
@@ -76,7 +77,7 @@ def serve(settings: Settings) -> int:
         "listening",
         extra={
             "address": settings.bind_address,
-            "port": listener.server_address[1],
+            "port": listener.port,
             "ae_title": settings.ae_title,
             "store": (settings.dicom_bucket and f"s3://{settings.dicom_bucket}") or str(settings.storage_dir),
             "version": __version__,
@@ -102,7 +103,13 @@ def healthcheck(settings: Settings) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    arguments = _parser().parse_args(argv)
+    words = list(sys.argv[1:] if argv is None else argv)
+    if words[:1] == ["status"]:
+        # A client of the import table, not of the daemon's settings: it has options of its own.
+        from scp import study_status
+
+        return study_status.main(words[1:], os.environ)
+    arguments = _parser().parse_args(words)
     try:
         settings = Settings.from_env(os.environ)
     except SettingsError as error:
