@@ -34,6 +34,9 @@ _FIXED_PDU_LENGTH = 4
 UNLIMITED_PDU_CEILING = 4 * 1024 * 1024
 
 _DISCARD_READS = 16
+# Decoded DIMSE messages waiting for the association's thread; a modality waits for each C-STORE response (or
+# keeps a small asynchronous window), so more than a few means a peer flooding requests.
+MESSAGE_BACKLOG_MAX = 8
 
 _PDU_NAMES = {
     A_ASSOCIATE_RQ: "A-ASSOCIATE-RQ",
@@ -87,6 +90,11 @@ class GuardedDULServiceProvider(DULServiceProvider):
         before any memory is allocated for the body.
         """
         assert self.socket is not None and self.socket.socket is not None
+        if self.assoc.dimse.msg_queue.qsize() >= MESSAGE_BACKLOG_MAX:
+            # pynetdicom queues every decoded DIMSE message without bound; a peer that pipelines requests (and
+            # maybe never reads the answers) would grow it by kilobytes per 80-byte request. Leaving the bytes in
+            # the socket pushes back through TCP instead.
+            return
         raw = self.socket.socket
         if self._refused:
             # What follows a refused PDU is never read as PDUs. Hang up only once the state machine has sent the

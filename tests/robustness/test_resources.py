@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import select
 import socket
 import time
@@ -28,11 +29,11 @@ CYCLE_RSS_GROWTH_LIMIT_MIB = 16
 def test_association_flood_is_rejected_promptly_and_slots_come_back(
     start_watched: Callable[..., Watched],
 ) -> None:
-    watched = start_watched(MAXIMUM_ASSOCIATIONS=str(MAXIMUM_ASSOCIATIONS))
+    watched = start_watched(MAXIMUM_ASSOCIATIONS=str(MAXIMUM_ASSOCIATIONS), NETWORK_TIMEOUT="60")
     held = [Peer(watched.port) for _ in range(MAXIMUM_ASSOCIATIONS)]
     for peer in held:
         peer.associate()
-    for _ in range(20):
+    for _ in range(10):
         with Peer(watched.port) as extra:
             started = time.monotonic()
             extra.send(wire.associate_rq())
@@ -69,13 +70,13 @@ def test_hundreds_of_idle_connections_are_closed_after_the_acse_timeout(
         connection = socket.create_connection(("127.0.0.1", watched.port), timeout=10)
         idle.append(connection)
     opened = time.monotonic()
-    during = wait_for(lambda: (s := sample(watched.pid)).threads >= IDLE_CONNECTIONS and s, 20, "threads per idle peer")
-    assert during.rss_mib < watched.baseline.rss_mib + 150, (watched.baseline, during)
-
-    # PS3.8 9.1.2: the ARTIM timer bounds the wait for an association request.
+    # PS3.8 9.1.2: the ARTIM timer bounds the wait for an association request; accepting 300 connections
+    # should take a second or two of CPU, so all are closed well within this.
     pending = set(idle)
-    deadline = opened + ACSE_TIMEOUT + 20
+    deadline = opened + ACSE_TIMEOUT + 15
+    peak_rss = 0.0
     while pending and time.monotonic() < deadline:
+        peak_rss = max(peak_rss, sample(watched.pid).rss_mib)
         readable, _, _ = select.select(list(pending), [], [], 0.5)
         for connection in readable:
             try:
@@ -86,34 +87,38 @@ def test_hundreds_of_idle_connections_are_closed_after_the_acse_timeout(
     for connection in idle:
         connection.close()
     assert not pending, f"{len(pending)} idle connections still open {time.monotonic() - opened:.0f}s later"
+    assert peak_rss < watched.baseline.rss_mib + 150, (watched.baseline, peak_rss)
     wait_for(lambda: sample(watched.pid).threads <= watched.baseline.threads, 10, "threads back to baseline")
     watched.assert_healthy()
 
 
-def test_peer_that_never_reads_responses_is_dropped(start_watched: Callable[..., Watched]) -> None:
+def test_peer_pipelining_requests_without_reading_keeps_memory_bounded(start_watched: Callable[..., Watched]) -> None:
+    """80-byte C-ECHO requests as fast as TCP takes them, answers never read: the daemon reads no faster than
+    it answers (pynetdicom alone would queue every decoded request, kilobytes each, without bound)."""
     watched = start_watched()
-    peer = Peer(watched.port, receive_buffer=4096)
-    peer.associate()
-    request = wire.p_data(wire.ECHO_CONTEXT, wire.echo_rq(), command=True)
-    peer.sock.settimeout(0.5)
-    sent = 0
-    try:
-        for _ in range(100_000):
-            peer.sock.sendall(request * 50)
-            sent += 50
-    except TimeoutError:
-        pass  # the daemon stopped reading: its responses fill our window and its send buffer
-    except (BrokenPipeError, ConnectionResetError):
-        pass
-    assert sent < 100_000 * 50, "the daemon kept reading although nothing read its responses"
-    stalled = time.monotonic()
-    # A send that makes no progress for NETWORK_TIMEOUT ends the association; other peers are served meanwhile.
-    assert watched.daemon.echo_ok()
-    wait_for(lambda: watched.log_messages("association aborted"), NETWORK_TIMEOUT + 15, "the stalled peer to be dropped")
-    assert time.monotonic() - stalled < NETWORK_TIMEOUT + 15
-    peer.close()
+    request = wire.p_data(wire.ECHO_CONTEXT, wire.echo_rq(), command=True) * 100
+    with Peer(watched.port, receive_buffer=4096) as peer:
+        peer.associate()
+        peer.sock.settimeout(0.2)
+        flooding_until = time.monotonic() + 4
+        while time.monotonic() < flooding_until:
+            with contextlib.suppress(TimeoutError):
+                peer.sock.sendall(request)
+        during = sample(watched.pid)
+        assert during.rss_mib < watched.baseline.rss_mib + 24, (watched.baseline, during)
+    # Closing with answers unread resets the connection; the association ends at once.
+    wait_for(lambda: watched.log_messages("association aborted"), 10, "the flooding peer's association to end")
     wait_for(lambda: sample(watched.pid).threads <= watched.baseline.threads, 10, "threads back to baseline")
     watched.assert_healthy()
+
+
+def test_peer_that_never_reads_responses_is_dropped_after_the_network_timeout(watched: Watched) -> None:
+    with Peer(watched.port, receive_buffer=4096) as peer:
+        peer.associate()
+        peer.send(wire.p_data(wire.ECHO_CONTEXT, wire.echo_rq(), command=True) * 200)
+        started = time.monotonic()
+        wait_for(lambda: watched.log_messages("association aborted"), NETWORK_TIMEOUT + 10, "the silent peer's abort")
+        assert time.monotonic() - started >= NETWORK_TIMEOUT - 0.5
 
 
 def _echo_cycle(port: int) -> None:
@@ -132,7 +137,9 @@ def _abort_cycle(port: int) -> None:
 def test_thousands_of_short_cycles_leave_threads_descriptors_and_memory_at_baseline(
     start_watched: Callable[..., Watched],
 ) -> None:
-    watched = start_watched()
+    # Only CT storage is offered: with every storage SOP class, pynetdicom's per-association deep copy of the
+    # supported contexts costs ~0.1 s of CPU, which would make this case about that cost instead of leaks.
+    watched = start_watched(SUPPORTED_SOP_CLASS_UIDS=wire.CT_IMAGE_STORAGE)
     for _ in range(50):  # warm up allocator arenas and lazy imports before taking the baseline
         _echo_cycle(watched.port)
     wait_for(lambda: sample(watched.pid).threads <= watched.baseline.threads, 10, "warm-up threads to end")
