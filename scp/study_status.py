@@ -233,15 +233,13 @@ def _batch_statuses(table: Any, batch_ids: Iterable[str]) -> dict[str, str]:
 def _registered(table: Any, batch_ids: Sequence[str]) -> set[str]:
     """Which of ``batch_ids`` have a batch item (100 keys per BatchGetItem, DynamoDB's limit)."""
     found: set[str] = set()
-    client = table.meta.client
+    client = table.meta.client  # the resource's client: it (de)serialises attribute values like the table does
     for start in range(0, len(batch_ids), 100):
-        keys: list[dict[str, Any]] = [
-            {"pk": {"S": f"BATCH#{batch_id}"}, "sk": {"S": "BATCH"}} for batch_id in batch_ids[start : start + 100]
-        ]
+        keys = [{"pk": f"BATCH#{batch_id}", "sk": "BATCH"} for batch_id in batch_ids[start : start + 100]]
         request: dict[str, Any] = {table.name: {"Keys": keys, "ProjectionExpression": "pk"}}
         while request:
             answer = client.batch_get_item(RequestItems=request)
-            found.update(item["pk"]["S"][len("BATCH#") :] for item in answer["Responses"].get(table.name, []))
+            found.update(str(item["pk"])[len("BATCH#") :] for item in answer["Responses"].get(table.name, []))
             request = answer.get("UnprocessedKeys") or {}
     return found
 
@@ -580,11 +578,13 @@ def _parse_time(text: str) -> datetime:
 
 
 def _duration(seconds: int) -> str:
-    days, rest = divmod(seconds, 86_400)
-    hours, rest = divmod(rest, 3600)
-    minutes, seconds = divmod(rest, 60)
-    parts = [f"{days}d"] * bool(days) + [f"{hours}h"] * bool(hours) + [f"{minutes}m"] * bool(minutes)
-    return " ".join([*parts, f"{seconds}s"])
+    """The two largest units: ``2d 3h``, ``1h 0m``, ``5m 12s``, ``42s``."""
+    units = (("d", 86_400), ("h", 3600), ("m", 60), ("s", 1))
+    for index, (name, size) in enumerate(units[:-1]):
+        if seconds >= size:
+            smaller, smaller_size = units[index + 1]
+            return f"{seconds // size}{name} {seconds % size // smaller_size}{smaller}"
+    return f"{seconds}s"
 
 
 def _camel(record: dict[str, Any]) -> dict[str, Any]:

@@ -1,0 +1,120 @@
+"""Puts studies into each stage of their way to HealthImaging with the product's own writers.
+
+The daemon's batch and manifest code (scp/batches.py, scp/part10.py) makes the S3 side; the import workflow's
+record writers (functions/common/records.py) make the DynamoDB side. The status command must read what they wrote.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from common.manifest import parse_manifest
+from common.records import (
+    REQUEUED,
+    InstanceOutcome,
+    Retention,
+    record_instance_outcome,
+    record_job_started,
+    register_batch,
+    register_instances,
+)
+
+from scp.batches import Batch, iso
+from scp.part10 import part10_header
+from tests.functions.workflow import DATASTORE_ID
+
+CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
+EXPLICIT_LITTLE = "1.2.840.10008.1.2.1"
+
+
+def uid(*parts: int) -> str:
+    return "1.2.826.0.1.3680043.8.498." + ".".join(str(p) for p in parts)
+
+
+@dataclass
+class Sent:
+    """One batch as the daemon leaves it in S3."""
+
+    batch: Batch
+    received_at: datetime
+    keys: dict[str, str] = field(default_factory=dict)  # SOP Instance UID -> key
+
+
+class Pipeline:
+    def __init__(self, s3: Any, table: Any, bucket: str, now: datetime) -> None:
+        self.s3, self.table, self.bucket, self.now = s3, table, bucket, now
+
+    def send(self, minutes_ago: float, study: str, series: str, sops: list[str], calling: str = "CT01") -> Sent:
+        """Objects stored by the daemon into a batch opened ``minutes_ago``; no manifest yet (open batch)."""
+        opened = self.now - timedelta(minutes=minutes_ago)
+        batch = Batch(f"{opened:%Y%m%dT%H%M%SZ}-{os.urandom(8).hex()}")
+        sent = Sent(batch, opened)
+        for number, sop in enumerate(sops):
+            key = f"{batch.prefix}{study}/{series}/{sop}.dcm"
+            body = part10_header(CT_IMAGE_STORAGE, sop, EXPLICIT_LITTLE, calling) + b"\x08\x00\x16\x00"
+            self.s3.put_object(Bucket=self.bucket, Key=key, Body=body)
+            batch.objects[key] = {
+                "key": key,
+                "sopInstanceUid": sop,
+                "sopClassUid": CT_IMAGE_STORAGE,
+                "studyInstanceUid": study,
+                "seriesInstanceUid": series,
+                "bytes": len(body),
+                "callingAETitle": calling,
+                "receivedAt": iso(opened + timedelta(seconds=number)),
+            }
+            sent.keys[sop] = key
+        return sent
+
+    def close(self, sent: Sent) -> None:
+        """The daemon writes the manifest: the batch is closed, the workflow has not registered it yet."""
+        sent.batch.closed_by = "window"
+        document = sent.batch.manifest(self.bucket, sent.received_at + timedelta(seconds=90))
+        self.s3.put_object(Bucket=self.bucket, Key=sent.batch.manifest_key, Body=json.dumps(document).encode())
+
+    def register(self, sent: Sent) -> None:
+        """register_batch ran: batch item and one importing item per instance, no job yet."""
+        self.close(sent)
+        body = self.s3.get_object(Bucket=self.bucket, Key=sent.batch.manifest_key)["Body"].read()
+        manifest = parse_manifest(body, sent.batch.batch_id, self.bucket)
+        execution = f"arn:aws:states:us-east-1:123456789012:execution:import:{sent.batch.batch_id}"
+        attempt = register_batch(self.table, manifest, execution, self.now)
+        register_instances(self.table, manifest, attempt, self.now)
+
+    def start_job(self, sent: Sent) -> str:
+        """start_import ran: the job is recorded and the batch is importing."""
+        self.register(sent)
+        job_id = os.urandom(16).hex()
+        job = {"jobId": job_id, "datastoreId": DATASTORE_ID, "jobStatus": "SUBMITTED", "submittedAt": self.now}
+        output = f"s3://results/jobs/{sent.batch.batch_id}/"
+        record_job_started(self.table, sent.batch.batch_id, job, output, 120.0, self.now)
+        return job_id
+
+    def outcome(
+        self,
+        sent: Sent,
+        job_id: str,
+        sop: str,
+        status: str,
+        image_set: str | None = None,
+        primary: bool | None = None,
+        reason: str | None = None,
+    ) -> None:
+        """process_results wrote this instance's outcome."""
+        record = sent.batch.objects[sent.keys[sop]]
+        outcome = InstanceOutcome(
+            key=sent.keys[sop],
+            study_instance_uid=record["studyInstanceUid"],
+            series_instance_uid=record["seriesInstanceUid"],
+            sop_instance_uid=sop,
+            status=status,
+            image_set_id=image_set,
+            is_primary=primary,
+            reason=reason,
+            requeued_to="20991231T000000Z-0000000000000000" if status == REQUEUED else None,
+        )
+        assert record_instance_outcome(self.table, sent.batch.batch_id, job_id, outcome, Retention(365), self.now)
