@@ -67,7 +67,13 @@ class Watched:
     daemon: Daemon
     baseline: ProcessSample
     acknowledged: dict[str, bytes] = field(default_factory=dict)  # SOP Instance UID -> pixel data sent
-    log_start: int = 0
+    log_start: int = 0  # parsed JSON lines before this case
+    log_offset: int = 0  # bytes of the log file before this case
+
+    def log_text(self) -> str:
+        with open(self.daemon.log_path, "rb") as log:
+            log.seek(self.log_offset)
+            return log.read().decode(errors="replace")
 
     def logs(self) -> list[dict[str, Any]]:
         return self.daemon.logs()[self.log_start :]
@@ -138,6 +144,7 @@ def shared_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Watched]
 def watched(shared_daemon: Watched) -> Iterator[Watched]:
     """The module's daemon, checked after the case: still up, memory bounded, nothing lost, echoscu answered."""
     case = Watched(shared_daemon.daemon, shared_daemon.baseline, shared_daemon.acknowledged,
-                   log_start=len(shared_daemon.daemon.logs()))
+                   log_start=len(shared_daemon.daemon.logs()),
+                   log_offset=shared_daemon.daemon.log_path.stat().st_size)
     yield case
     case.assert_healthy()

@@ -16,8 +16,18 @@ APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"
 A_ASSOCIATE_RQ, A_ASSOCIATE_AC, A_ASSOCIATE_RJ, P_DATA_TF = 0x01, 0x02, 0x03, 0x04
 A_RELEASE_RQ, A_RELEASE_RP, A_ABORT = 0x05, 0x06, 0x07
 
+EXPLICIT_VR_BIG_ENDIAN = "1.2.840.10008.1.2.2"
+DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2.1.99"
+
 ECHO_CONTEXT = 1
 STORE_CONTEXT = 3
+# One context per transfer syntax for CT storage, so a test picks the syntax by context ID.
+STORE_CONTEXTS = {
+    EXPLICIT_VR_LITTLE_ENDIAN: STORE_CONTEXT,
+    IMPLICIT_VR_LITTLE_ENDIAN: 5,
+    EXPLICIT_VR_BIG_ENDIAN: 7,
+    DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN: 9,
+}
 
 
 def uid(value: str) -> bytes:
@@ -42,7 +52,7 @@ def presentation_context(context_id: int, abstract: str, syntaxes: list[str]) ->
 
 DEFAULT_CONTEXTS = [
     (ECHO_CONTEXT, VERIFICATION, [IMPLICIT_VR_LITTLE_ENDIAN]),
-    (STORE_CONTEXT, CT_IMAGE_STORAGE, [EXPLICIT_VR_LITTLE_ENDIAN]),
+    *((context_id, CT_IMAGE_STORAGE, [syntax]) for syntax, context_id in STORE_CONTEXTS.items()),
 ]
 
 
@@ -174,6 +184,19 @@ class Peer:
         self.send(p_data(ECHO_CONTEXT, echo_rq(message_id), command=True))
         answer = self.receive()
         assert answer is not None and answer.pdu_type == P_DATA_TF, answer
+        return command_status(answer.payload[6:])
+
+    def store(self, sop_instance_uid: str, data_set: bytes, syntax: str = EXPLICIT_VR_LITTLE_ENDIAN,
+              fragment: int = 65536) -> int | None:
+        """One C-STORE of exactly ``data_set``; the response status, or None if the daemon hung up."""
+        context_id = STORE_CONTEXTS[syntax]
+        self.send(p_data(context_id, store_rq(sop_instance_uid), command=True))
+        for start in range(0, max(len(data_set), 1), fragment):
+            piece = data_set[start : start + fragment]
+            self.send(p_data(context_id, piece, command=False, last=start + fragment >= len(data_set)))
+        answer = self.receive(timeout=30)
+        if answer is None or answer.pdu_type != P_DATA_TF:
+            return None
         return command_status(answer.payload[6:])
 
     def release(self) -> None:

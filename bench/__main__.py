@@ -1,0 +1,239 @@
+"""`make bench`: DCMTK storescu sends one corpus to each receiver at 1, 4, 16 and 64 associations; report and chart.
+
+Settings (environment): BENCH_FILES (slices, default 400), BENCH_REPEATS (default 3), BENCH_CONCURRENCY
+(default 1,4,16,64), BENCH_RECEIVERS (comma-separated name prefixes, default all), BENCH_LARGE=1 (also one
+256 MiB and one 1 GiB multi-frame object, sent alone to this daemon to measure peak memory), BENCH_PROFILE=1
+(py-spy profile of this daemon at 16 associations), BENCH_SOURCE (the tree whose daemon is measured).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+
+from bench import corpus, report
+from bench.receivers import AE_TITLE, REPOSITORY, Receiver, ThisDaemon, all_receivers
+
+BUILD = REPOSITORY / "build" / "bench"
+RESULTS = REPOSITORY / "bench" / "results"
+SAMPLE_SECONDS = 0.05
+
+
+@dataclass
+class Run:
+    receiver: str
+    concurrency: int
+    files: int
+    megabytes: float
+    seconds: float
+    cpu_seconds: float
+    peak_rss_mib: float
+    verified: bool
+    problem: str = ""
+
+    @property
+    def files_per_second(self) -> float:
+        return self.files / self.seconds
+
+    @property
+    def megabytes_per_second(self) -> float:
+        return self.megabytes / self.seconds
+
+
+def _tree(process: psutil.Process) -> list[psutil.Process]:
+    try:
+        return [process, *process.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def _cpu(process: psutil.Process) -> float:
+    """The receiver's own CPU seconds plus those of the children it has reaped (storescp --fork)."""
+    times = process.cpu_times()
+    return float(times.user + times.system + times.children_user + times.children_system)
+
+
+def _send(receiver: Receiver, files: list[corpus.CorpusFile], concurrency: int) -> tuple[float, float, float, str]:
+    """storescu processes, one association each; returns (wall seconds, CPU seconds, peak tree RSS MiB, errors)."""
+    assert receiver.process is not None
+    root = psutil.Process(receiver.process.pid)
+    slices = [files[n::concurrency] for n in range(concurrency)]
+    cpu_before = _cpu(root)
+    live_cpu: dict[int, float] = {}
+    peak = 0.0
+    started = time.monotonic()
+    senders = [
+        subprocess.Popen(
+            ["storescu", "-aec", AE_TITLE, "-to", "60", "127.0.0.1", str(receiver.port),
+             *(str(f.path) for f in part)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={"TCP_NODELAY": "1", "PATH": "/usr/bin:/bin"},
+        )
+        for part in slices
+        if part
+    ]
+    while any(sender.poll() is None for sender in senders):
+        rss = 0
+        for process in _tree(root):
+            try:
+                rss += process.memory_info().rss
+                if process.pid != root.pid:
+                    live_cpu[process.pid] = _cpu(process)
+            except psutil.NoSuchProcess:
+                continue
+        peak = max(peak, rss / 2**20)
+        time.sleep(SAMPLE_SECONDS)
+    seconds = time.monotonic() - started
+    errors = "; ".join(
+        sender.stderr.read().decode(errors="replace").strip()[-300:]
+        for sender in senders
+        if sender.returncode != 0 and sender.stderr
+    )
+    for sender in senders:
+        if sender.stderr:
+            sender.stderr.close()
+    time.sleep(0.3)  # let a forking receiver reap its last children
+    reaped = _cpu(root) - cpu_before
+    unreaped = sum(cpu for pid, cpu in live_cpu.items() if psutil.pid_exists(pid))
+    return seconds, reaped + unreaped, peak, errors
+
+
+def measure(receiver: Receiver, files: list[corpus.CorpusFile], concurrency: int) -> Run:
+    workdir = Path(tempfile.mkdtemp(prefix="bench-", dir=BUILD))
+    try:
+        receiver.start(workdir)
+        try:
+            seconds, cpu, peak, errors = _send(receiver, files, concurrency)
+        finally:
+            receiver.stop()
+        received = receiver.received()
+        expected = {f.sop_instance_uid: f.pixel_sha256 for f in files}
+        verified = received == expected
+        problem = errors
+        if not verified:
+            missing = len(set(expected) - set(received))
+            differing = sum(1 for uid, digest in received.items() if expected.get(uid) not in (None, digest))
+            problem = f"{missing} missing, {differing} differ; {errors}"[:400]
+        megabytes = sum(f.size for f in files) / 1e6
+        return Run(receiver.name, concurrency, len(files), megabytes, seconds, cpu, peak, verified, problem)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def median_run(runs: list[Run]) -> Run:
+    good = [run for run in runs if run.verified] or runs
+    ordered = sorted(good, key=lambda run: run.seconds)
+    middle = ordered[len(ordered) // 2]
+    return Run(
+        middle.receiver, middle.concurrency, middle.files, middle.megabytes,
+        statistics.median(run.seconds for run in good), statistics.median(run.cpu_seconds for run in good),
+        statistics.median(run.peak_rss_mib for run in good), all(run.verified for run in runs),
+        "; ".join(run.problem for run in runs if run.problem)[:400],
+    )  # fmt: skip
+
+
+def large_objects(source: Path, frames: tuple[int, ...]) -> list[Run]:
+    files = corpus.build(BUILD / "corpus-large", 0, frames)
+    return [measure(ThisDaemon(source), [file], 1) for file in files]
+
+
+def profile(source: Path, files: list[corpus.CorpusFile], concurrency: int) -> Path | None:
+    """py-spy samples this daemon while it receives the corpus; returns the collapsed stacks file."""
+    py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    if not Path(py_spy).exists():
+        return None
+    receiver = ThisDaemon(source)
+    workdir = Path(tempfile.mkdtemp(prefix="bench-profile-", dir=BUILD))
+    stacks = BUILD / "profile.collapsed"
+    receiver.start(workdir)
+    assert receiver.process is not None
+    sampler = subprocess.Popen(
+        [py_spy, "record", "--pid", str(receiver.process.pid), "--format", "raw", "--output", str(stacks),
+         "--rate", "200", "--subprocesses", "--threads", "--nonblocking"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    time.sleep(1.0)
+    try:
+        _send(receiver, files, concurrency)
+    finally:
+        sampler.send_signal(2)
+        sampler.wait(timeout=60)
+        receiver.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+    return stacks if stacks.exists() else None
+
+
+def machine() -> dict[str, str]:
+    cpu = next(
+        (line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+         if line.startswith("model name")), platform.processor(),
+    )  # fmt: skip
+    disk = subprocess.run(["df", "-h", str(BUILD)], capture_output=True, text=True, check=False).stdout.splitlines()
+    versions = {
+        "dcmtk": subprocess.run(["storescp", "--version"], capture_output=True, text=True, check=False).stdout,
+        "orthanc": subprocess.run(["Orthanc", "--version"], capture_output=True, text=True, check=False).stdout
+        if shutil.which("Orthanc") else "not installed",
+    }  # fmt: skip
+    return {
+        "CPU": f"{cpu}, {os.cpu_count()} logical cores",
+        "Memory": f"{psutil.virtual_memory().total / 2**30:.1f} GiB",
+        "Kernel": platform.release(),
+        "Python": platform.python_version(),
+        "Filesystem": disk[-1] if disk else "",
+        "DCMTK": next((line for line in versions["dcmtk"].splitlines() if "DCMTK" in line), "?").strip(),
+        "Orthanc": versions["orthanc"].splitlines()[0] if versions["orthanc"] else "?",
+    }
+
+
+def main() -> None:
+    count = int(os.environ.get("BENCH_FILES", "400"))
+    repeats = int(os.environ.get("BENCH_REPEATS", "3"))
+    levels = [int(n) for n in os.environ.get("BENCH_CONCURRENCY", "1,4,16,64").split(",")]
+    wanted = [w.strip().lower() for w in os.environ.get("BENCH_RECEIVERS", "").split(",") if w.strip()]
+    source = Path(os.environ.get("BENCH_SOURCE", REPOSITORY)).resolve()
+    BUILD.mkdir(parents=True, exist_ok=True)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    files = corpus.build(BUILD / "corpus", count)
+    receivers = [r for r in all_receivers(source) if not wanted or any(r.name.lower().startswith(w) for w in wanted)]
+    results: list[Run] = []
+    started = time.monotonic()
+    for concurrency in levels:
+        for receiver in receivers:
+            if not receiver.available:
+                continue
+            runs = []
+            for _ in range(repeats):
+                try:
+                    runs.append(measure(receiver, files, concurrency))
+                except RuntimeError as error:
+                    receiver.note = f"could not run: {error}"[:200]
+                    break
+            if runs:
+                result = median_run(runs)
+                results.append(result)
+                print(f"{result.receiver:24} x{concurrency:<3} {result.files_per_second:7.1f} files/s "
+                      f"{result.cpu_seconds:6.1f} CPU s {result.peak_rss_mib:7.1f} MiB "
+                      f"{'ok' if result.verified else 'NOT VERIFIED ' + result.problem}", flush=True)  # fmt: skip
+    large = large_objects(source, (512, 2048)) if os.environ.get("BENCH_LARGE") == "1" else []
+    for run in large:
+        print(f"large object {run.megabytes:.0f} MB: peak RSS {run.peak_rss_mib:.1f} MiB, verified {run.verified}")
+    stacks = profile(source, files, 16) if os.environ.get("BENCH_PROFILE", "1") == "1" else None
+    report.write(
+        RESULTS, results, large, receivers, machine(), stacks,
+        {"files": count, "repeats": repeats, "levels": levels, "minutes": (time.monotonic() - started) / 60,
+         "source": str(source)},
+    )  # fmt: skip
+    print(f"report: {RESULTS / 'REPORT.md'}")
+
+
+if __name__ == "__main__":
+    main()
