@@ -171,6 +171,18 @@ docs: $(INSTALLED) graphviz ## Build the HTML documentation into docs/_build/htm
 	$(BIN)/sphinx-build -W --keep-going -q -b html docs docs/_build/html
 
 # ---------------------------------------------------------------------------------------------------------------
+# Benchmarks
+
+# Not part of `make test`: about 10-15 minutes on 2 cores. BENCH_FILES, BENCH_REPEATS, BENCH_CONCURRENCY,
+# BENCH_RECEIVERS, BENCH_LARGE=1 and BENCH_PROFILE=0 tune it (see bench/__main__.py).
+.PHONY: bench
+bench: $(INSTALLED) dcmtk ## Ingest benchmark against DCMTK storescp, Orthanc, pynetdicom; writes bench/results/
+	@command -v Orthanc >/dev/null || { $(SUDO) apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq orthanc; }
+	$(BIN)/pip install --quiet -e '.[dev,bench]'
+	$(BIN)/python -m bench
+
+# ---------------------------------------------------------------------------------------------------------------
 # Housekeeping
 
 .PHONY: clean
