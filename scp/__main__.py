@@ -7,7 +7,6 @@ import logging
 import os
 import signal
 import sys
-import threading
 from collections.abc import Sequence
 
 from scp import __version__, logs, server
@@ -58,7 +57,14 @@ def build_store(settings: Settings, metrics: Metrics) -> Store:
     return store
 
 
+_STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+
+
 def serve(settings: Settings) -> int:
+    # Block the stop signals before any thread exists (threads inherit the mask), then take them with sigwait:
+    # otherwise the kernel may deliver SIGTERM to a worker thread while the main thread sleeps, and Python would
+    # run the handler only whenever the main thread next wakes.
+    signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
     logs.configure(settings.log_level)
     spool = Spool(settings.storage_dir)
     metrics = Metrics()
@@ -70,9 +76,6 @@ def serve(settings: Settings) -> int:
         LOG.error("cannot start", extra={"error": str(error)})
         return 1
     metrics.start()
-    stop = threading.Event()
-    for number in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(number, lambda *_: stop.set())
     LOG.info(
         "listening",
         extra={
@@ -84,7 +87,7 @@ def serve(settings: Settings) -> int:
             "spool_files_removed": leftovers,
         },
     )
-    stop.wait()
+    signal.sigwait(_STOP_SIGNALS)
     LOG.info("stopping: no new associations", extra={"grace_seconds": settings.shutdown_grace_seconds})
     aborted = server.drain(listener, settings.shutdown_grace_seconds)
     store.close()

@@ -11,27 +11,28 @@ DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2.1.99"
 
 # Exactly what AWS HealthImaging imports (its "Supported transfer syntaxes" page). Anything else is refused at
 # negotiation so the modality falls back to a syntax that will import, instead of being told "stored" for an
-# object that would then fail in HealthImaging. Uncompressed syntaxes come first: when a modality proposes
-# several, pynetdicom picks the first of ours it also offers, and PS3.5 10.1 lets us prefer the native ones.
+# object that would then fail in HealthImaging. When one presentation context proposes several, the first in
+# this order wins (PS3.8 9.3.3.2 leaves the choice to the acceptor): uncompressed, then lossless, then lossy, so a
+# modality is never led to compress lossily an image it offered to send intact.
 IMPORTABLE_TRANSFER_SYNTAXES: tuple[str, ...] = (
     "1.2.840.10008.1.2.1",  # Explicit VR Little Endian
     "1.2.840.10008.1.2",  # Implicit VR Little Endian
     "1.2.840.10008.1.2.2",  # Explicit VR Big Endian (retired, still sent by old modalities)
     DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN,
-    "1.2.840.10008.1.2.4.50",  # JPEG Baseline (Process 1)
-    "1.2.840.10008.1.2.4.51",  # JPEG Extended (Process 2 & 4)
-    "1.2.840.10008.1.2.4.57",  # JPEG Lossless, Non-Hierarchical (Process 14)
     "1.2.840.10008.1.2.4.70",  # JPEG Lossless, First-Order Prediction
+    "1.2.840.10008.1.2.4.57",  # JPEG Lossless, Non-Hierarchical (Process 14)
     "1.2.840.10008.1.2.4.80",  # JPEG-LS Lossless
-    "1.2.840.10008.1.2.4.81",  # JPEG-LS Near-Lossless
     "1.2.840.10008.1.2.4.90",  # JPEG 2000 Lossless Only
-    "1.2.840.10008.1.2.4.91",  # JPEG 2000
     "1.2.840.10008.1.2.4.92",  # JPEG 2000 Part 2 Multi-component Lossless Only
-    "1.2.840.10008.1.2.4.93",  # JPEG 2000 Part 2 Multi-component
     "1.2.840.10008.1.2.4.201",  # HTJ2K Lossless Only
     "1.2.840.10008.1.2.4.202",  # HTJ2K with RPCL Options Lossless Only
-    "1.2.840.10008.1.2.4.203",  # HTJ2K
     "1.2.840.10008.1.2.5",  # RLE Lossless
+    "1.2.840.10008.1.2.4.50",  # JPEG Baseline (Process 1)
+    "1.2.840.10008.1.2.4.51",  # JPEG Extended (Process 2 & 4)
+    "1.2.840.10008.1.2.4.81",  # JPEG-LS Near-Lossless
+    "1.2.840.10008.1.2.4.91",  # JPEG 2000
+    "1.2.840.10008.1.2.4.93",  # JPEG 2000 Part 2 Multi-component
+    "1.2.840.10008.1.2.4.203",  # HTJ2K
     "1.2.840.10008.1.2.4.100",  # MPEG2 Main Profile / Main Level
     "1.2.840.10008.1.2.4.100.1",
     "1.2.840.10008.1.2.4.101",  # MPEG2 Main Profile / High Level

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pynetdicom import AE
 
+from scp.association import HEALTHCHECK_AE_TITLE
 from scp.config import Settings
 from scp.contexts import VERIFICATION_SOP_CLASS
-from scp.handlers import HEALTHCHECK_AE_TITLE
 
 _TIMEOUT_SECONDS = 10
 

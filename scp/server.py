@@ -1,107 +1,114 @@
-"""Builds the pynetdicom application entity and its listening server, and drains it on shutdown."""
+"""The listening socket: accepts connections, runs each association on its own thread, drains on shutdown."""
 
 from __future__ import annotations
 
 import logging
 import socket
-import socketserver
 import threading
 import time
-from typing import Any, cast
 
-from pynetdicom import AE, _config, evt
-from pynetdicom.transport import ThreadedAssociationServer
-
-from scp import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, handlers, pdu_guard
+from scp.association import Association, Registry
 from scp.config import Settings
-from scp.contexts import supported_contexts
 from scp.ingest import Ingest
 from scp.metrics import Metrics
+from scp.negotiation import Policy
 from scp.spool import Spool
 
 LOG = logging.getLogger(__name__)
 
+# A burst of modalities connecting at once must queue in the kernel, not be refused.
+_LISTEN_BACKLOG = 512
+# Connections that never send an association request hold a thread until ACSE_TIMEOUT; past this many beyond
+# MAXIMUM_ASSOCIATIONS a new connection is closed at once instead of costing another thread.
+_SPARE_CONNECTIONS = 64
+_ACCEPT_POLL_SECONDS = 1.0
 
-class DicomServer(ThreadedAssociationServer):
-    """pynetdicom's threaded server with a listen backlog sized for a burst of modalities and no Nagle delay."""
 
-    # socketserver's default backlog of 5 drops connections when a few dozen modalities connect at once.
-    request_queue_size = 512
-    daemon_threads = True
+class Listener:
+    def __init__(self, settings: Settings, ingest: Ingest, spool: Spool, metrics: Metrics) -> None:
+        self._settings = settings
+        self._metrics = metrics
+        self._policy = Policy(settings)
+        self._ingest = ingest
+        self._spool = spool
+        self.registry = Registry()
+        self._connections = 0
+        self._connections_lock = threading.Lock()
+        self._stopping = threading.Event()
+        family = socket.AF_INET6 if ":" in settings.bind_address else socket.AF_INET
+        self._socket = socket.create_server(
+            (settings.bind_address, settings.scp_port), family=family, backlog=_LISTEN_BACKLOG
+        )
+        self._socket.settimeout(_ACCEPT_POLL_SECONDS)
+        self.port = int(self._socket.getsockname()[1])
+        self._thread = threading.Thread(target=self._accept_loop, name="dicom-listener", daemon=True)
 
-    def get_request(self) -> tuple[socket.socket, Any]:
-        client, address = super().get_request()
-        # Responses are small writes after large reads; without TCP_NODELAY, Nagle plus the peer's delayed ACK
-        # can hold every C-STORE response for ~40 ms.
-        client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return client, address
+    def start(self) -> None:
+        self._thread.start()
 
     def stop_accepting(self) -> None:
-        """End the accept loop and close the listening socket; live associations go on."""
-        socketserver.BaseServer.shutdown(self)
-        self.server_close()
+        """Close the listening socket; associations in progress go on."""
+        self._stopping.set()
+        self._thread.join(timeout=_ACCEPT_POLL_SECONDS * 2)
+        self._socket.close()
+
+    def _accept_loop(self) -> None:
+        limit = self._settings.maximum_associations + _SPARE_CONNECTIONS
+        while not self._stopping.is_set():
+            try:
+                connection, address = self._socket.accept()
+            except TimeoutError:
+                continue
+            except OSError as error:
+                if self._stopping.is_set():
+                    return
+                LOG.warning("accept failed", extra={"error": str(error)})
+                time.sleep(0.1)  # e.g. out of file descriptors: do not spin
+                continue
+            with self._connections_lock:
+                admitted = self._connections < limit
+                if admitted:
+                    self._connections += 1
+            if not admitted:
+                LOG.warning("connection closed: too many connections", extra={"peer": f"{address[0]}:{address[1]}"})
+                connection.close()
+                continue
+            # Responses are small writes after large reads; without TCP_NODELAY, Nagle plus the peer's delayed
+            # ACK can hold every C-STORE response for ~40 ms.
+            connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            association = Association(
+                connection, address, self._settings, self._policy, self._ingest, self._spool, self.registry,
+                self._metrics, on_end=self._connection_ended,
+            )  # fmt: skip
+            threading.Thread(target=association.run, name=f"association-{address[0]}:{address[1]}", daemon=True).start()
+
+    def _connection_ended(self) -> None:
+        with self._connections_lock:
+            self._connections -= 1
 
 
-def configure_pynetdicom() -> None:
-    """Process-wide pynetdicom switches this daemon depends on."""
-    # Stream each received data set to a file instead of memory (memory must not grow with object size).
-    _config.STORE_RECV_CHUNKED_DATASET = True
-    # pynetdicom's standard handlers log every PDU and DIMSE message; ours log one line per outcome.
-    _config.LOG_HANDLER_LEVEL = "none"
-
-
-def build_application_entity(settings: Settings) -> AE:
-    ae = AE(ae_title=settings.ae_title)
-    ae.implementation_class_uid = IMPLEMENTATION_CLASS_UID
-    ae.implementation_version_name = IMPLEMENTATION_VERSION_NAME
-    ae.maximum_associations = settings.maximum_associations
-    ae.maximum_pdu_size = settings.effective_pdu_size
-    ae.acse_timeout = settings.acse_timeout
-    ae.dimse_timeout = settings.dimse_timeout
-    ae.network_timeout = settings.network_timeout
-    ae.require_called_aet = settings.require_called_ae_title
-    ae.require_calling_aet = list(settings.require_calling_ae_title)
-    ae.supported_contexts = supported_contexts(settings.supported_sop_class_uids)
-    return ae
-
-
-def start(settings: Settings, spool: Spool, ingest: Ingest, metrics: Metrics) -> DicomServer:
+def start(settings: Settings, spool: Spool, ingest: Ingest, metrics: Metrics) -> Listener:
     """Listen on the configured address and serve associations on background threads."""
-    configure_pynetdicom()
-    spool.install()
-    pdu_guard.install()
-    ae = build_application_entity(settings)
-    server = cast(
-        DicomServer,
-        ae.make_server(
-            (settings.bind_address, settings.scp_port),
-            evt_handlers=[
-                (evt.EVT_C_ECHO, handlers.handle_echo),
-                (evt.EVT_C_STORE, handlers.handle_store, [ingest, metrics]),
-                (evt.EVT_ACCEPTED, handlers.handle_accepted, [metrics]),
-                (evt.EVT_REJECTED, handlers.handle_rejected, [metrics]),
-                (evt.EVT_RELEASED, handlers.handle_released),
-                (evt.EVT_ABORTED, handlers.handle_aborted),
-                (evt.EVT_CONN_CLOSE, handlers.handle_connection_closed, [spool, metrics]),
-            ],
-            server_class=DicomServer,
-        ),
-    )
-    threading.Thread(target=server.serve_forever, name="dicom-listener", daemon=True).start()
-    return server
+    listener = Listener(settings, ingest, spool, metrics)
+    listener.start()
+    return listener
 
 
-def drain(server: DicomServer, grace_seconds: float) -> int:
+def drain(listener: Listener, grace_seconds: float) -> int:
     """Stop accepting at once, let live associations finish within the grace period, abort the rest.
 
-    pynetdicom's own ``AE.shutdown()`` aborts every association immediately, which would cut off a modality in
-    the middle of a study on every scale-in; returns how many associations had to be aborted.
+    A modality in the middle of a study finishes it on scale-in instead of being cut off; returns how many
+    associations had to be aborted.
     """
-    server.stop_accepting()
+    listener.stop_accepting()
     deadline = time.monotonic() + grace_seconds
-    while server.active_associations and time.monotonic() < deadline:
+    while listener.registry.snapshot() and time.monotonic() < deadline:
         time.sleep(0.1)
-    remaining = server.active_associations
+    remaining = listener.registry.snapshot()
     for association in remaining:
-        association.abort()
+        association.abort_from_outside()
+    # Give the aborted threads a moment to remove their partial files before the process exits.
+    end = time.monotonic() + 5
+    while listener.registry.snapshot() and time.monotonic() < end:
+        time.sleep(0.05)
     return len(remaining)

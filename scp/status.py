@@ -7,6 +7,8 @@ from enum import IntEnum
 
 class Status(IntEnum):
     SUCCESS = 0x0000
+    # PS3.7 C.5.13: the command names a SOP class other than its presentation context's.
+    SOP_CLASS_NOT_SUPPORTED = 0x0122
     # A7xx: the object was not stored through no fault of its own; the sender should retry later.
     OUT_OF_RESOURCES = 0xA700
     # A9xx: the data set does not match the SOP class (or the command) it was sent under.

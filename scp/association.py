@@ -1,0 +1,410 @@
+"""One association, from TCP accept to release or abort: negotiation, then C-ECHO and C-STORE served in turn.
+
+Each association runs on its own thread with blocking reads, so an idle association costs no CPU. Received data
+set fragments go straight from the PDU buffer to the receive file (behind the Part-10 header written from the
+command), so an object is never held in memory and never copied on its way to the store.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import socket
+import struct
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from scp import dimse
+from scp.config import Settings
+from scp.ingest import Ingest, StoreRequest
+from scp.metrics import Metrics
+from scp.negotiation import LOCAL_LIMIT_EXCEEDED, REJECT_REASONS, Policy, rejection_pdu
+from scp.part10 import part10_header
+from scp.spool import Spool, remove_quietly
+from scp.status import Status, StoreFailure
+from scp.uids import is_valid_uid
+from scp.upper_layer import (
+    AbortReason,
+    PduReader,
+    PduType,
+    PeerClosed,
+    PeerSilent,
+    ProtocolError,
+    abort,
+    p_data,
+    release_rp,
+)
+
+LOG = logging.getLogger("scp.association")
+
+HEALTHCHECK_AE_TITLE = "HEALTHCHECK"
+# An A-ASSOCIATE-RQ proposing the maximum 128 contexts with every transfer syntax we know stays far below this.
+_MAX_REQUEST_PDU = 256 * 1024
+# A command set is a few hundred bytes; more is an attack on memory.
+_MAX_COMMAND_SET = 64 * 1024
+_COMMAND_FRAGMENT = 0x01
+_LAST_FRAGMENT = 0x02
+_PROVIDER = 2
+_LOGGED_VALUE_MAX = 70  # enough for any real UID or AE title; crafted input stays out of the log
+
+
+def printable(value: object) -> str:
+    """A received value made safe for a log line: printable ASCII, bounded length."""
+    text = "".join(char if 0x20 <= ord(char) < 0x7F else "?" for char in str(value))
+    return text if len(text) <= _LOGGED_VALUE_MAX else text[:_LOGGED_VALUE_MAX] + "..."
+
+
+def source_ae_title(calling: str) -> str:
+    """The calling AE title as it may appear in a file meta (AE VR: 16 printable characters, no backslash)."""
+    return printable(calling).replace("\\", "?")[:16]
+
+
+@dataclass
+class _Message:
+    """A DIMSE message being received."""
+
+    context_id: int
+    command_bytes: bytearray
+    command: dimse.Command | None = None
+    receive_file: Path | None = None
+    handle: Any = None  # the open receive file, unbuffered
+    write_error: OSError | None = None
+    failure: StoreFailure | None = None  # decided from the command; the data set is read and discarded
+    started: float = 0.0
+
+
+class Registry:
+    """The live associations: their count enforces MAXIMUM_ASSOCIATIONS; drain aborts what outlives the grace."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._live: set[Association] = set()
+
+    def add(self, association: Association) -> int:
+        with self._lock:
+            self._live.add(association)
+            return len(self._live)
+
+    def remove(self, association: Association) -> None:
+        with self._lock:
+            self._live.discard(association)
+
+    def snapshot(self) -> list[Association]:
+        with self._lock:
+            return list(self._live)
+
+
+class Association:
+    def __init__(
+        self,
+        sock: socket.socket,
+        address: tuple[str, int],
+        settings: Settings,
+        policy: Policy,
+        ingest: Ingest,
+        spool: Spool,
+        registry: Registry,
+        metrics: Metrics,
+        on_end: Callable[[], None] = lambda: None,
+    ) -> None:
+        self._socket = sock
+        self._peer = f"{address[0]}:{address[1]}"
+        self._settings = settings
+        self._policy = policy
+        self._ingest = ingest
+        self._spool = spool
+        self._registry = registry
+        self._metrics = metrics
+        self._on_end = on_end
+        self._reader = PduReader(sock)
+        self._send_lock = threading.Lock()
+        self._contexts: dict[int, tuple[str, str]] = {}
+        self._calling = ""
+        self._called = ""
+        self._message: _Message | None = None
+        self._aborted_by_us = False
+        self._requested = False
+
+    # -- lifecycle ---------------------------------------------------------------------------------------------
+
+    def run(self) -> None:
+        """Serve the connection to its end; never raises."""
+        count = self._registry.add(self)
+        try:
+            self._serve(count)
+        except PeerClosed as closed:
+            if self._requested:
+                self._log_end(logging.WARNING, "association aborted", reason=f"connection lost: {closed}")
+            else:  # port probes and load balancer health checks connect and leave without a word
+                self._log_end(logging.DEBUG, "connection closed before an association request")
+        except PeerSilent as silent:
+            self._abort(AbortReason.NOT_SPECIFIED)
+            self._log_end(logging.WARNING, "association aborted", reason=f"timeout: {silent}")
+        except ProtocolError as error:
+            self._abort(error.reason)
+            self._log_end(logging.WARNING, "association aborted", reason=f"protocol error: {error.detail}")
+        except Exception as error:
+            self._abort(AbortReason.NOT_SPECIFIED)
+            LOG.exception("association failed", extra={**self._who(), "error": type(error).__name__})
+        finally:
+            self._discard_message()
+            self._registry.remove(self)
+            self._metrics.association_ended(self)
+            self._close()
+            self._on_end()
+
+    def abort_from_outside(self) -> None:
+        """Shutdown: abort this association from another thread; its reader wakes on the closed socket."""
+        self._abort(AbortReason.NOT_SPECIFIED)
+        with contextlib.suppress(OSError):  # already closed by its own thread
+            self._socket.shutdown(socket.SHUT_RDWR)
+
+    # -- negotiation -------------------------------------------------------------------------------------------
+
+    def _serve(self, live_count: int) -> None:
+        # PS3.8 9.1.2: the ARTIM timer bounds the wait for the association request.
+        timeout = self._settings.acse_timeout
+        pdu_type, body = self._reader.read(timeout, timeout, _MAX_REQUEST_PDU)
+        if pdu_type != PduType.ASSOCIATE_RQ:
+            raise ProtocolError(AbortReason.UNEXPECTED_PDU, f"expected an A-ASSOCIATE-RQ, got PDU 0x{pdu_type:02X}")
+        self._requested = True
+        request = self._policy.decode_request(bytes(body))
+        self._calling, self._called = request.calling_ae_title, request.called_ae_title
+        code = self._policy.rejection(request)
+        if code is None and live_count > self._settings.maximum_associations:
+            code = LOCAL_LIMIT_EXCEEDED
+        if code is not None:
+            self._send(rejection_pdu(code))
+            reason = REJECT_REASONS.get(code, "rejected")
+            self._metrics.association_rejected(reason)
+            LOG.warning("association rejected", extra={**self._who(), "reason": reason, "code": list(code)})
+            return
+        accepted = self._policy.accept(request)
+        self._contexts = accepted.contexts
+        self._send(accepted.reply)
+        if self._calling != HEALTHCHECK_AE_TITLE:
+            self._metrics.association_accepted(self)
+        LOG.log(self._level(), "association accepted", extra={**self._who(), "accepted_contexts": len(self._contexts)})
+        self._data_phase()
+
+    # -- data transfer -----------------------------------------------------------------------------------------
+
+    def _data_phase(self) -> None:
+        max_body = self._settings.effective_pdu_size + 6  # the negotiated maximum applies to the PDVs' contents
+        while True:
+            idle = self._settings.dimse_timeout if self._message else self._settings.network_timeout
+            pdu_type, body = self._reader.read(idle, self._settings.network_timeout, max_body)
+            if pdu_type == PduType.P_DATA_TF:
+                self._p_data(body)
+            elif pdu_type == PduType.RELEASE_RQ:
+                self._send(release_rp())
+                if self._message is not None:
+                    LOG.warning("incomplete objects discarded", extra={**self._who(), "objects": 1})
+                self._log_end(self._level(), "association released")
+                return
+            elif pdu_type == PduType.ABORT:
+                self._log_end(logging.WARNING, "association aborted", reason="aborted by the peer")
+                return
+            else:
+                raise ProtocolError(AbortReason.UNEXPECTED_PDU, f"unexpected PDU 0x{pdu_type:02X} after association")
+
+    def _p_data(self, body: memoryview) -> None:
+        offset = 0
+        while offset < len(body):
+            if offset + 6 > len(body):
+                raise ProtocolError(AbortReason.INVALID_PDU_PARAMETER_VALUE, "PDV header truncated")
+            (length,) = struct.unpack_from(">L", body, offset)
+            if length < 2 or length > len(body) - offset - 4:
+                raise ProtocolError(AbortReason.INVALID_PDU_PARAMETER_VALUE, f"PDV length {length} does not fit")
+            context_id, header = body[offset + 4], body[offset + 5]
+            self._fragment(context_id, header, body[offset + 6 : offset + 4 + length])
+            offset += 4 + length
+
+    def _fragment(self, context_id: int, header: int, data: memoryview) -> None:
+        if context_id not in self._contexts:
+            raise ProtocolError(AbortReason.INVALID_PDU_PARAMETER_VALUE, f"PDV on unaccepted context {context_id}")
+        message = self._message
+        if message is None:
+            if not header & _COMMAND_FRAGMENT:
+                raise ProtocolError(AbortReason.UNEXPECTED_PDU_PARAMETER, "data set fragment before its command")
+            message = self._message = _Message(context_id, bytearray(), started=time.monotonic())
+        elif context_id != message.context_id:
+            raise ProtocolError(AbortReason.UNEXPECTED_PDU_PARAMETER, "fragments of one message on two contexts")
+        if header & _COMMAND_FRAGMENT:
+            if message.command is not None:
+                raise ProtocolError(AbortReason.UNEXPECTED_PDU_PARAMETER, "command fragment inside a data set")
+            message.command_bytes += data
+            if len(message.command_bytes) > _MAX_COMMAND_SET:
+                raise ProtocolError(AbortReason.INVALID_PDU_PARAMETER_VALUE, "command set too large")
+            if header & _LAST_FRAGMENT:
+                self._command_complete(message)
+            return
+        if message.command is None or not message.command.has_data_set:
+            raise ProtocolError(
+                AbortReason.UNEXPECTED_PDU_PARAMETER, "data set fragment without a command expecting it"
+            )
+        if message.handle is not None and message.write_error is None:
+            try:
+                message.handle.write(data)
+            except OSError as error:
+                message.write_error = error  # answered with 0xA700 once the data set has arrived
+        if header & _LAST_FRAGMENT:
+            self._store(message)
+
+    def _command_complete(self, message: _Message) -> None:
+        try:
+            command = dimse.parse_command(bytes(message.command_bytes))
+        except dimse.MalformedCommand as error:
+            raise ProtocolError(AbortReason.INVALID_PDU_PARAMETER_VALUE, str(error)) from None
+        message.command = command
+        if command.command_field == dimse.C_ECHO_RQ and not command.has_data_set:
+            self._respond(message, Status.SUCCESS)
+            return
+        if command.command_field != dimse.C_STORE_RQ or not command.has_data_set:
+            raise ProtocolError(
+                AbortReason.UNEXPECTED_PDU_PARAMETER, f"unsupported command 0x{command.command_field:04X}"
+            )
+        message.failure = self._check_command(message.context_id, command)
+        if message.failure is None:
+            message.receive_file = self._spool.new_path(".rx")
+            transfer_syntax = self._contexts[message.context_id][1]
+            try:
+                message.handle = open(message.receive_file, "wb", buffering=0)  # noqa: SIM115 - closed in _store
+                message.handle.write(
+                    part10_header(
+                        command.affected_sop_class_uid,
+                        command.affected_sop_instance_uid,
+                        transfer_syntax,
+                        source_ae_title(self._calling),
+                    )
+                )
+            except OSError as error:
+                message.write_error = error
+
+    def _check_command(self, context_id: int, command: dimse.Command) -> StoreFailure | None:
+        for name, uid in (
+            ("Affected SOP Class UID", command.affected_sop_class_uid),
+            ("Affected SOP Instance UID", command.affected_sop_instance_uid),
+        ):
+            if not is_valid_uid(uid):
+                return StoreFailure(Status.CANNOT_UNDERSTAND, f"command {name} is not a valid UID")
+        if command.affected_sop_class_uid != self._contexts[context_id][0]:
+            return StoreFailure(Status.SOP_CLASS_NOT_SUPPORTED, "SOP Class UID differs from the presentation context")
+        return None
+
+    def _store(self, message: _Message) -> None:
+        command = message.command
+        assert command is not None
+        status, comment = Status.SUCCESS, None
+        if message.handle is not None:
+            message.handle.close()
+            message.handle = None
+        failure = message.failure
+        if failure is None and message.write_error is not None:
+            failure = StoreFailure(
+                Status.OUT_OF_RESOURCES, f"receive spool write failed: {message.write_error.strerror}"
+            )
+        if failure is None:
+            assert message.receive_file is not None
+            request = StoreRequest(
+                sop_class_uid=command.affected_sop_class_uid,
+                sop_instance_uid=command.affected_sop_instance_uid,
+                transfer_syntax=self._contexts[message.context_id][1],
+                calling_ae_title=source_ae_title(self._calling),
+                received_file=message.receive_file,
+            )
+            try:
+                instance, stored = self._ingest.receive(request)
+            except StoreFailure as refused:
+                failure = refused
+            except Exception as error:
+                LOG.exception("store failed unexpectedly", extra={**self._who(), "error": type(error).__name__})
+                failure = StoreFailure(Status.OUT_OF_RESOURCES, "internal error, retry later")
+            else:
+                milliseconds = round((time.monotonic() - message.started) * 1000, 1)
+                self._metrics.object_stored(instance.size, milliseconds)
+                LOG.info(
+                    "replaced" if stored.replaced else "stored",
+                    extra={
+                        **self._who(),
+                        "sop_class_uid": instance.sop_class_uid,
+                        "sop_instance_uid": instance.sop_instance_uid,
+                        "study_instance_uid": instance.study_instance_uid,
+                        "series_instance_uid": instance.series_instance_uid,
+                        "transfer_syntax": instance.transfer_syntax,
+                        "bytes": instance.size,
+                        "milliseconds": milliseconds,
+                        "location": stored.location,
+                    },
+                )
+        if failure is not None:
+            status, comment = failure.status, failure.reason
+            self._metrics.store_failed(failure.status)
+            LOG.warning(
+                "store failed",
+                extra={
+                    **self._who(),
+                    "status": f"0x{failure.status:04X}",
+                    "reason": failure.reason,
+                    "sop_instance_uid": printable(command.affected_sop_instance_uid),
+                },
+            )
+        self._discard_message()
+        self._respond(message, status, comment)
+
+    def _respond(self, message: _Message, status: int, comment: str | None = None) -> None:
+        assert message.command is not None
+        response = dimse.response(message.command, status, comment)
+        self._message = None
+        self._send(p_data(message.context_id, _COMMAND_FRAGMENT | _LAST_FRAGMENT, response))
+
+    # -- plumbing ----------------------------------------------------------------------------------------------
+
+    def _discard_message(self) -> None:
+        message = self._message
+        if message is None:
+            return
+        if message.handle is not None:
+            message.handle.close()
+            message.handle = None
+        if message.receive_file is not None:
+            remove_quietly(message.receive_file)
+
+    def _send(self, data: bytes) -> None:
+        with self._send_lock:
+            if self._aborted_by_us:
+                raise PeerClosed("association aborted")
+            self._socket.settimeout(self._settings.network_timeout)
+            try:
+                self._socket.sendall(data)
+            except OSError as error:
+                raise PeerClosed(str(error)) from None
+
+    def _abort(self, reason: AbortReason) -> None:
+        with self._send_lock:
+            if self._aborted_by_us:
+                return
+            self._aborted_by_us = True
+            try:
+                self._socket.settimeout(1)
+                self._socket.sendall(abort(_PROVIDER, int(reason)))
+            except OSError:
+                pass  # the peer is gone already; closing is all that is left
+
+    def _close(self) -> None:
+        with contextlib.suppress(OSError):
+            self._socket.close()
+
+    def _who(self) -> dict[str, Any]:
+        return {"peer": self._peer, "calling_ae": printable(self._calling), "called_ae": printable(self._called)}
+
+    def _level(self) -> int:
+        # Health checks run every few seconds; they would drown the log at INFO.
+        return logging.DEBUG if self._calling == HEALTHCHECK_AE_TITLE else logging.INFO
+
+    def _log_end(self, level: int, message: str, **fields: Any) -> None:
+        LOG.log(level, message, extra={**self._who(), **fields})

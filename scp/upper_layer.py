@@ -1,0 +1,122 @@
+"""DICOM Upper Layer framing (PS3.8 9.3): reading whole PDUs under a deadline, and the small PDUs we send.
+
+Every PDU is read with two limits: its declared length may not exceed what was negotiated (so a peer cannot make
+us allocate gigabytes), and the whole PDU must arrive within one timeout (so a peer trickling a byte at a time is
+dropped instead of holding a thread forever).
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+import time
+from enum import IntEnum
+
+HEADER_LENGTH = 6
+
+
+class PduType(IntEnum):
+    ASSOCIATE_RQ = 0x01
+    ASSOCIATE_AC = 0x02
+    ASSOCIATE_RJ = 0x03
+    P_DATA_TF = 0x04
+    RELEASE_RQ = 0x05
+    RELEASE_RP = 0x06
+    ABORT = 0x07
+
+
+_KNOWN_TYPES = frozenset(int(member) for member in PduType)
+
+
+class AbortReason(IntEnum):
+    """A-ABORT reasons when the service provider (source 2) aborts, PS3.8 Table 9-26."""
+
+    NOT_SPECIFIED = 0
+    UNRECOGNIZED_PDU = 1
+    UNEXPECTED_PDU = 2
+    UNRECOGNIZED_PDU_PARAMETER = 4
+    UNEXPECTED_PDU_PARAMETER = 5
+    INVALID_PDU_PARAMETER_VALUE = 6
+
+
+class PeerClosed(Exception):
+    """The peer closed the connection (or reset it)."""
+
+
+class PeerSilent(Exception):
+    """No PDU, or not all of one, arrived within the allowed time."""
+
+
+class ProtocolError(Exception):
+    """The peer broke the protocol; the association is aborted with ``reason``."""
+
+    def __init__(self, reason: AbortReason, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
+
+
+class PduReader:
+    """Reads PDUs from one connection into a buffer that grows to the largest PDU seen, never past the cap."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._socket = sock
+        self._header = bytearray(HEADER_LENGTH)
+        self._body = bytearray(0)
+
+    def read(self, idle_seconds: float, pdu_seconds: float, max_body: int) -> tuple[int, memoryview]:
+        """(PDU type, body) of the next PDU.
+
+        Waits up to ``idle_seconds`` for it to begin; once begun, all of it must arrive within ``pdu_seconds``.
+        The body view is valid until the next call.
+        """
+        self._fill(memoryview(self._header), time.monotonic() + idle_seconds, first=True)
+        pdu_type, _, length = struct.unpack(">BBL", self._header)
+        deadline = time.monotonic() + pdu_seconds
+        if pdu_type not in _KNOWN_TYPES:
+            raise ProtocolError(AbortReason.UNRECOGNIZED_PDU, f"unknown PDU type 0x{pdu_type:02X}")
+        if length > max_body:
+            raise ProtocolError(
+                AbortReason.INVALID_PDU_PARAMETER_VALUE, f"PDU of {length} bytes exceeds the limit of {max_body}"
+            )
+        if len(self._body) < length:
+            self._body = bytearray(length)
+        body = memoryview(self._body)[:length]
+        self._fill(body, deadline, first=False)
+        return pdu_type, body
+
+    def _fill(self, view: memoryview, deadline: float, first: bool) -> None:
+        received = 0
+        while received < len(view):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise PeerSilent("no PDU within the network timeout" if first and not received else "PDU too slow")
+            self._socket.settimeout(remaining)
+            try:
+                count = self._socket.recv_into(view[received:])
+            except TimeoutError:
+                continue  # the loop re-checks the deadline
+            except OSError as error:
+                raise PeerClosed(str(error)) from None
+            if count == 0:
+                raise PeerClosed("connection closed by the peer")
+            received += count
+            first = False
+
+
+def pdu(pdu_type: PduType, body: bytes) -> bytes:
+    return struct.pack(">BBL", pdu_type, 0, len(body)) + body
+
+
+def release_rp() -> bytes:
+    return pdu(PduType.RELEASE_RP, b"\x00\x00\x00\x00")
+
+
+def abort(source: int, reason: int) -> bytes:
+    return pdu(PduType.ABORT, struct.pack(">BBBB", 0, 0, source, reason))
+
+
+def p_data(context_id: int, message_header: int, data: bytes) -> bytes:
+    """One P-DATA-TF PDU holding one PDV (PS3.8 9.3.5)."""
+    item = struct.pack(">LBB", len(data) + 2, context_id, message_header) + data
+    return pdu(PduType.P_DATA_TF, item)
