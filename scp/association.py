@@ -194,7 +194,8 @@ class Association:
     # -- data transfer -----------------------------------------------------------------------------------------
 
     def _data_phase(self) -> None:
-        max_body = self._settings.effective_pdu_size + 6  # the negotiated maximum applies to the PDVs' contents
+        # PS3.8 D.1: the maximum we announced bounds the variable field of each P-DATA-TF PDU.
+        max_body = self._settings.effective_pdu_size
         while True:
             idle = self._settings.dimse_timeout if self._message else self._settings.network_timeout
             pdu_type, body = self._reader.read(idle, self._settings.network_timeout, max_body)
@@ -202,8 +203,7 @@ class Association:
                 self._p_data(body)
             elif pdu_type == PduType.RELEASE_RQ:
                 self._send(release_rp())
-                if self._message is not None:
-                    LOG.warning("incomplete objects discarded", extra={**self._who(), "objects": 1})
+                self._discard_message()
                 self._log_end(self._level(), "association released")
                 return
             elif pdu_type == PduType.ABORT:
@@ -368,6 +368,8 @@ class Association:
         message = self._message
         if message is None:
             return
+        if message.receive_file is not None and message.receive_file.exists():
+            LOG.warning("incomplete objects discarded", extra={**self._who(), "objects": 1})
         if message.handle is not None:
             message.handle.close()
             message.handle = None

@@ -70,7 +70,7 @@ class PduReader:
         Waits up to ``idle_seconds`` for it to begin; once begun, all of it must arrive within ``pdu_seconds``.
         The body view is valid until the next call.
         """
-        self._fill(memoryview(self._header), time.monotonic() + idle_seconds, first=True)
+        self._fill(memoryview(self._header), time.monotonic() + idle_seconds, f"no PDU within {idle_seconds:g} s")
         pdu_type, _, length = struct.unpack(">BBL", self._header)
         deadline = time.monotonic() + pdu_seconds
         if pdu_type not in _KNOWN_TYPES:
@@ -82,15 +82,15 @@ class PduReader:
         if len(self._body) < length:
             self._body = bytearray(length)
         body = memoryview(self._body)[:length]
-        self._fill(body, deadline, first=False)
+        self._fill(body, deadline, f"PDU of {length} bytes incomplete after {pdu_seconds:g} s")
         return pdu_type, body
 
-    def _fill(self, view: memoryview, deadline: float, first: bool) -> None:
+    def _fill(self, view: memoryview, deadline: float, late: str) -> None:
         received = 0
         while received < len(view):
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise PeerSilent("no PDU within the network timeout" if first and not received else "PDU too slow")
+                raise PeerSilent(late)
             self._socket.settimeout(remaining)
             try:
                 count = self._socket.recv_into(view[received:])
@@ -101,7 +101,6 @@ class PduReader:
             if count == 0:
                 raise PeerClosed("connection closed by the peer")
             received += count
-            first = False
 
 
 def pdu(pdu_type: PduType, body: bytes) -> bytes:

@@ -53,7 +53,7 @@ def test_any_byte_stream_ends_the_association_and_nothing_else(watched: Watched,
             peer.send(stream)
             peer.sock.shutdown(socket.SHUT_WR)  # the daemon sees the end of the stream and must let go
             peer.ending(15)
-        except (ConnectionResetError, BrokenPipeError):
+        except OSError:  # reset, broken pipe, or not connected: the daemon hung up first, as it may
             pass
     assert watched.daemon.process.poll() is None
 
