@@ -3,7 +3,8 @@
 Settings (environment): BENCH_FILES (slices, default 400), BENCH_REPEATS (default 3), BENCH_CONCURRENCY
 (default 1,4,16,64), BENCH_RECEIVERS (comma-separated name prefixes, default all), BENCH_LARGE=1 (also one
 256 MiB and one 1 GiB multi-frame object, sent alone to this daemon to measure peak memory), BENCH_PROFILE=1
-(py-spy profile of this daemon at 16 associations), BENCH_SOURCE (the tree whose daemon is measured).
+(py-spy profile of this daemon at 16 associations), BENCH_HELD (associations held at once, default 300),
+BENCH_SOURCE (the tree whose daemon is measured).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import psutil
 
-from bench import corpus, report
+from bench import corpus, read_path, report
 from bench.receivers import AE_TITLE, REPOSITORY, Receiver, ThisDaemon, all_receivers
 
 BUILD = REPOSITORY / "build" / "bench"
@@ -146,6 +147,36 @@ def large_objects(source: Path, frames: tuple[int, ...]) -> list[Run]:
     return [measure(ThisDaemon(source), [file], 1) for file in files]
 
 
+def held_associations(source: Path, count: int) -> tuple[int, float, float]:
+    """``count`` associations established and held at once: (how many were accepted, seconds, peak tree RSS MiB)."""
+    from tests.robustness.wire import A_ASSOCIATE_AC, Peer, associate_rq
+
+    receiver = ThisDaemon(source)
+    workdir = Path(tempfile.mkdtemp(prefix="bench-held-", dir=BUILD))
+    receiver.start(workdir)
+    assert receiver.process is not None
+    root = psutil.Process(receiver.process.pid)
+    peers: list[Peer] = []
+    try:
+        started = time.monotonic()
+        for _ in range(count):
+            peer = Peer(receiver.port, timeout=120)
+            peer.send(associate_rq(called=AE_TITLE))
+            peers.append(peer)
+        accepted = sum(1 for peer in peers if (answer := peer.receive(120)) and answer.pdu_type == A_ASSOCIATE_AC)
+        seconds = time.monotonic() - started
+        peak = 0.0
+        for _ in range(5):
+            peak = max(peak, sum(process.memory_info().rss for process in _tree(root)) / 2**20)
+            time.sleep(0.2)
+        return accepted, seconds, peak
+    finally:
+        for peer in peers:
+            peer.close()
+        receiver.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
 def profile(source: Path, files: list[corpus.CorpusFile], concurrency: int) -> Path | None:
     """py-spy samples this daemon while it receives the corpus; returns the collapsed stacks file."""
     py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
@@ -226,11 +257,13 @@ def main() -> None:
     large = large_objects(source, (512, 2048)) if os.environ.get("BENCH_LARGE") == "1" else []
     for run in large:
         print(f"large object {run.megabytes:.0f} MB: peak RSS {run.peak_rss_mib:.1f} MiB, verified {run.verified}")
+    held = held_associations(source, int(os.environ.get("BENCH_HELD", "300")))
+    print(f"held associations: {held[0]} accepted in {held[1]:.1f} s, peak RSS {held[2]:.0f} MiB")
     stacks = profile(source, files, 16) if os.environ.get("BENCH_PROFILE", "1") == "1" else None
     report.write(
-        RESULTS, results, large, receivers, machine(), stacks,
+        RESULTS, results, large, receivers, machine(), stacks, [read_path.compare()],
         {"files": count, "repeats": repeats, "levels": levels, "minutes": (time.monotonic() - started) / 60,
-         "source": str(source)},
+         "source": str(source), "held": held},
     )  # fmt: skip
     print(f"report: {RESULTS / 'REPORT.md'}")
 

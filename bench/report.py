@@ -39,6 +39,30 @@ def _profile_top(stacks: Path, limit: int = 15) -> list[tuple[str, float, float]
     return [(frame, inclusive[frame] / total, own[frame] / total) for frame, _ in own.most_common(limit)]
 
 
+def _targets(results: list[Run], large: list[Run], held: tuple[int, float, float] | None) -> list[str]:
+    """The issue's three targets, each marked reached or not with the measured figure."""
+    by_key = {(run.receiver, run.concurrency): run for run in results}
+    mine, theirs = by_key.get((THIS, 16)), by_key.get(("DCMTK storescp", 16))
+    lines = ["| target | measured | reached |", "| --- | --- | --- |"]
+    if mine and theirs:
+        ratio = mine.files_per_second / theirs.files_per_second
+        lines.append(f"| throughput >= DCMTK storescp at 16 associations, fsync on | {mine.files_per_second:.0f} vs "
+                     f"{theirs.files_per_second:.0f} files/s ({ratio:.2f}x) | {'yes' if ratio >= 1 else 'no'} |")
+    gibibyte = [run for run in large if run.megabytes > 1000]
+    if gibibyte:
+        peak = gibibyte[0].peak_rss_mib
+        reached = "yes" if peak < 150 else "no"
+        lines.append(f"| peak RSS < 150 MiB receiving a 1 GiB object | {peak:.0f} MiB | {reached} |")
+    else:
+        lines.append("| peak RSS < 150 MiB receiving a 1 GiB object | not measured in this run (BENCH_LARGE=1) | - |")
+    if held:
+        accepted, seconds, peak = held
+        reached = "yes" if peak < 2048 and accepted >= 300 else "no"
+        lines.append(f"| 300 concurrent associations within 2 GiB | {accepted} held, {peak:.0f} MiB, "
+                     f"{seconds:.0f} s to establish | {reached} |")
+    return lines
+
+
 def _chart(path: Path, results: list[Run]) -> None:
     import matplotlib
 
@@ -71,6 +95,7 @@ def write(
     receivers: list[Receiver],
     machine: dict[str, str],
     stacks: Path | None,
+    sections: list[str],
     settings: dict[str, Any],
 ) -> None:
     lines = [
@@ -118,6 +143,7 @@ def write(
             f"| {run.receiver} | {run.concurrency} | {mine.files_per_second / run.files_per_second:.2f} | "
             f"{mine.cpu_seconds / max(run.cpu_seconds, 0.01):.2f} | {mine.peak_rss_mib / run.peak_rss_mib:.2f} |"
         )
+    lines += ["", "## Targets", "", *_targets(results, large, settings.get("held"))]
     if large:
         lines += ["", "## Large objects (this daemon, one association)", "",
                   "| object | seconds | peak RSS MiB | verified |", "| --- | ---: | ---: | --- |"]  # fmt: skip
@@ -129,6 +155,8 @@ def write(
                   "Share of busy samples (idle threads excluded), by innermost function.", "",
                   "| function | own | on stack |", "| --- | ---: | ---: |"]  # fmt: skip
         lines += [f"| `{frame}` | {own:.1%} | {inclusive:.1%} |" for frame, inclusive, own in top]
+    for section in sections:
+        lines += ["", section]
     lines += ["", "![throughput and CPU per object](ingest.png)", ""]
     directory.joinpath("REPORT.md").write_text("\n".join(lines))
     if results:

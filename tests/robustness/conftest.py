@@ -122,7 +122,8 @@ def start_watched(tmp_path: Path) -> Iterator[Callable[..., Watched]]:
     started: list[Watched] = []
 
     def start(storage_dir: Path | None = None, **settings: str) -> Watched:
-        daemon = start_daemon(tmp_path, storage_dir=storage_dir, **{**ROBUST_SETTINGS, **settings})
+        environment: dict[str, Any] = {**ROBUST_SETTINGS, **settings}
+        daemon = start_daemon(tmp_path, storage_dir=storage_dir, **environment)
         watched = Watched(daemon, sample(daemon.process.pid))
         started.append(watched)
         return watched
@@ -135,7 +136,8 @@ def start_watched(tmp_path: Path) -> Iterator[Callable[..., Watched]]:
 @pytest.fixture(scope="module")
 def shared_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Watched]:
     """One daemon for a module's cases: starting one per case would cost most of the suite's time."""
-    daemon = start_daemon(tmp_path_factory.mktemp("daemon"), **ROBUST_SETTINGS)
+    environment: dict[str, Any] = ROBUST_SETTINGS
+    daemon = start_daemon(tmp_path_factory.mktemp("daemon"), **environment)
     yield Watched(daemon, sample(daemon.process.pid))
     daemon.stop()
 

@@ -11,8 +11,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from pydicom.dataset import Dataset
 
 from tests.robustness.conftest import Watched, assert_acknowledged_present
+from tests.robustness.test_data import encode
 from tests.robustness.wire import Peer
 from tests.support.corpus import make_instance, read
 from tests.support.daemon import start_daemon
@@ -108,8 +110,6 @@ def test_disk_full_is_a700_leaves_no_temporary_file_and_the_next_store_works(
     small = read(make_instance(tmp_path, pixel_bytes=4096))
     with Peer(watched.port) as peer:
         peer.associate()
-        from tests.robustness.test_data import encode
-
         assert peer.store(big.SOPInstanceUID, encode(_without_meta(big))) == 0xA700
         assert watched.daemon.spool_files() == []
         assert watched.daemon.stored_files() == []
@@ -122,6 +122,6 @@ def test_disk_full_is_a700_leaves_no_temporary_file_and_the_next_store_works(
     watched.assert_healthy()
 
 
-def _without_meta(dataset: object) -> object:
-    del dataset.file_meta  # type: ignore[attr-defined]
+def _without_meta(dataset: Dataset) -> Dataset:
+    del dataset.file_meta
     return dataset

@@ -11,7 +11,7 @@ from collections.abc import Callable
 import pytest
 
 from tests.robustness import wire
-from tests.robustness.conftest import ACSE_TIMEOUT, NETWORK_TIMEOUT, Watched, sample
+from tests.robustness.conftest import ACSE_TIMEOUT, NETWORK_TIMEOUT, ProcessSample, Watched, sample
 from tests.robustness.wire import Peer
 from tests.support.waits import wait_for
 
@@ -149,11 +149,12 @@ def test_thousands_of_short_cycles_leave_threads_descriptors_and_memory_at_basel
     for _ in range(ABORT_CYCLES):
         _abort_cycle(watched.port)
 
-    def settled() -> object:
+    def settled() -> ProcessSample | None:
         now = sample(watched.pid)
-        return (now.threads <= baseline.threads and now.descriptors <= baseline.descriptors) and now
+        return now if now.threads <= baseline.threads and now.descriptors <= baseline.descriptors else None
 
     after = wait_for(settled, 15, f"threads and descriptors back to {baseline}")
+    assert after is not None
     assert after.rss_mib < baseline.rss_mib + CYCLE_RSS_GROWTH_LIMIT_MIB, (baseline, after)
     assert len(watched.log_messages("association released")) >= ECHO_CYCLES
     assert len(watched.log_messages("association aborted")) >= ABORT_CYCLES

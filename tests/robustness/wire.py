@@ -207,7 +207,7 @@ class Peer:
     def ending(self, timeout: float) -> tuple[list[int], float]:
         """Read until the daemon closes the connection: the PDU types it sent, and how long that took."""
         started = time.monotonic()
-        types = []
+        types: list[int] = []
         deadline = started + timeout
         while True:
             remaining = deadline - time.monotonic()
