@@ -1,0 +1,93 @@
+"""Negotiation decisions: AE title policy, protocol checks, and which transfer syntax a context gets."""
+
+from __future__ import annotations
+
+from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RJ, A_ASSOCIATE_RQ
+from pynetdicom.pdu_primitives import A_ASSOCIATE, MaximumLengthNotification
+from pynetdicom.presentation import build_context
+
+from scp import IMPLEMENTATION_CLASS_UID
+from scp.config import Settings
+from scp.negotiation import (
+    CALLED_AE_NOT_RECOGNISED,
+    CALLING_AE_NOT_RECOGNISED,
+    AssociationRequest,
+    Policy,
+    rejection_pdu,
+)
+
+CT = "1.2.840.10008.5.1.4.1.1.2"
+EXPLICIT, IMPLICIT, JPEG_LOSSLESS, JPEG_BASELINE = (
+    "1.2.840.10008.1.2.1", "1.2.840.10008.1.2", "1.2.840.10008.1.2.4.70", "1.2.840.10008.1.2.4.50",
+)  # fmt: skip
+
+
+def request(
+    policy: Policy, contexts: list[tuple[str, list[str]]], calling: str = "CT1", called: str = "STORESCP"
+) -> AssociationRequest:
+    primitive = A_ASSOCIATE()
+    primitive.application_context_name = "1.2.840.10008.3.1.1.1"
+    primitive.calling_ae_title, primitive.called_ae_title = calling, called
+    proposed = []
+    for number, (abstract, syntaxes) in enumerate(contexts):
+        context = build_context(abstract, syntaxes)
+        context.context_id = 2 * number + 1
+        proposed.append(context)
+    primitive.presentation_context_definition_list = proposed
+    maximum = MaximumLengthNotification()
+    maximum.maximum_length_received = 16384
+    primitive.user_information = [maximum]
+    pdu = A_ASSOCIATE_RQ()
+    pdu.from_primitive(primitive)
+    return policy.decode_request(pdu.encode()[6:])
+
+
+def test_uncompressed_then_lossless_then_lossy_whatever_the_proposal_order() -> None:
+    policy = Policy(Settings.from_env({}))
+    accepted = policy.accept(
+        request(
+            policy,
+            [
+                (CT, [JPEG_BASELINE, JPEG_LOSSLESS, IMPLICIT]),
+                (CT, [JPEG_BASELINE, JPEG_LOSSLESS]),
+                (CT, [JPEG_BASELINE]),
+            ],
+        )
+    )
+    assert accepted.contexts == {1: (CT, IMPLICIT), 3: (CT, JPEG_LOSSLESS), 5: (CT, JPEG_BASELINE)}
+
+
+def test_reply_is_an_association_accept_with_our_identity_and_rejected_contexts() -> None:
+    policy = Policy(Settings.from_env({"MAXIMUM_PDU_SIZE": "65536"}))
+    accepted = policy.accept(
+        request(policy, [(CT, [EXPLICIT]), ("1.2.3.999", [EXPLICIT]), (CT, ["1.2.840.10008.1.2.4.94"])])
+    )
+    pdu = A_ASSOCIATE_AC()
+    pdu.decode(accepted.reply)
+    reply = pdu.to_primitive()
+    results = {cx.context_id: cx.result for cx in reply.presentation_context_definition_results_list}
+    assert results == {1: 0, 3: 3, 5: 4}  # accepted, abstract syntax not supported, transfer syntaxes not supported
+    assert reply.maximum_length_received == 65536
+    assert reply.implementation_class_uid == IMPLEMENTATION_CLASS_UID
+
+
+def test_ae_title_policy() -> None:
+    open_policy = Policy(Settings.from_env({}))
+    assert open_policy.rejection(request(open_policy, [(CT, [EXPLICIT])], called="ANYTHING")) is None
+    strict = Policy(Settings.from_env({"REQUIRE_CALLED_AE_TITLE": "true", "REQUIRE_CALLING_AE_TITLE": "CT1,MR1"}))
+    assert strict.rejection(request(strict, [(CT, [EXPLICIT])], called="OTHER")) == CALLED_AE_NOT_RECOGNISED
+    assert strict.rejection(request(strict, [(CT, [EXPLICIT])], calling="XR9")) == CALLING_AE_NOT_RECOGNISED
+    assert strict.rejection(request(strict, [(CT, [EXPLICIT])], calling="MR1")) is None
+
+
+def test_supported_sop_class_list_limits_the_contexts() -> None:
+    policy = Policy(Settings.from_env({"SUPPORTED_SOP_CLASS_UIDS": "1.2.840.10008.5.1.4.1.1.4"}))
+    accepted = policy.accept(request(policy, [(CT, [EXPLICIT]), ("1.2.840.10008.5.1.4.1.1.4", [EXPLICIT]),
+                                              ("1.2.840.10008.1.1", [IMPLICIT])]))  # fmt: skip
+    assert sorted(accepted.contexts) == [3, 5]
+
+
+def test_rejection_pdu_round_trips() -> None:
+    pdu = A_ASSOCIATE_RJ()
+    pdu.decode(rejection_pdu((2, 3, 2)))
+    assert (pdu.result, pdu.source, pdu.reason_diagnostic) == (2, 3, 2)
