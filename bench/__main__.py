@@ -220,7 +220,7 @@ def machine() -> dict[str, str]:
         "Kernel": platform.release(),
         "Python": platform.python_version(),
         "Filesystem": disk[-1] if disk else "",
-        "DCMTK": next((line for line in versions["dcmtk"].splitlines() if "DCMTK" in line), "?").strip(),
+        "DCMTK": next((line for line in versions["dcmtk"].splitlines() if "dcmtk" in line.lower()), "?").strip(),
         "Orthanc": versions["orthanc"].splitlines()[0] if versions["orthanc"] else "?",
     }
 
