@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from functools import cache
+
+from pydicom.uid import UID_dictionary  # type: ignore[attr-defined]
 from pynetdicom import sop_class
 from pynetdicom.presentation import PresentationContext, build_context
 from pynetdicom.service_class import StorageServiceClass
@@ -52,15 +55,30 @@ IMPORTABLE_TRANSFER_SYNTAXES: tuple[str, ...] = (
 )
 
 
+# Named "... Storage ..." in the standard's UID registry without being a storage SOP class.
+_NOT_STORAGE = ("Commitment", "Print", "Hardcopy", "Media Storage Directory")
+
+
+@cache
 def storage_sop_classes() -> tuple[str, ...]:
-    """Every storage SOP class the DICOM standard defines, as pynetdicom knows them."""
-    return tuple(
-        sorted(
-            str(value)
-            for value in vars(sop_class).values()
-            if isinstance(value, sop_class.SOPClass) and getattr(value, "service_class", None) is StorageServiceClass
-        )
-    )
+    """Every storage SOP class the DICOM standard defines, retired ones included (old modalities still send
+    Ultrasound and Nuclear Medicine objects under their retired classes)."""
+    current = {
+        str(value)
+        for value in vars(sop_class).values()
+        if isinstance(value, sop_class.SOPClass) and getattr(value, "service_class", None) is StorageServiceClass
+    }
+    retired = {
+        str(uid)
+        for uid, (name, kind, *_) in UID_dictionary.items()
+        if kind == "SOP Class" and "Storage" in name and not any(word in name for word in _NOT_STORAGE)
+    }
+    return tuple(sorted(current | retired))
+
+
+def is_standard_uid(uid: str) -> bool:
+    """Whether the DICOM standard registers ``uid``; a valid UID it does not know is private (or newer)."""
+    return uid in UID_dictionary
 
 
 def supported_contexts(sop_classes: tuple[str, ...]) -> list[PresentationContext]:

@@ -19,7 +19,8 @@ from pynetdicom.presentation import PresentationContext
 
 from scp import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from scp.config import Settings
-from scp.contexts import IMPORTABLE_TRANSFER_SYNTAXES, VERIFICATION_SOP_CLASS, storage_sop_classes
+from scp.contexts import IMPORTABLE_TRANSFER_SYNTAXES, VERIFICATION_SOP_CLASS, is_standard_uid, storage_sop_classes
+from scp.uids import is_valid_uid
 from scp.upper_layer import AbortReason, ProtocolError
 
 APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"
@@ -69,6 +70,9 @@ class Policy:
         storage = settings.supported_sop_class_uids or storage_sop_classes()
         self._syntaxes: dict[str, tuple[str, ...]] = {uid: IMPORTABLE_TRANSFER_SYNTAXES for uid in storage}
         self._syntaxes[VERIFICATION_SOP_CLASS] = VERIFICATION_SYNTAXES
+        # Without an explicit list, private SOP classes (and ones newer than our registry) are stored too:
+        # modalities send them (vendor raw data, protocols), and HealthImaging imports any SOP class.
+        self._accept_private = not settings.supported_sop_class_uids
 
     def decode_request(self, body: bytes) -> AssociationRequest:
         pdu = A_ASSOCIATE_RQ()
@@ -110,6 +114,8 @@ class Policy:
             context.context_id = proposed.context_id
             abstract = str(proposed.abstract_syntax)
             ours = self._syntaxes.get(abstract)
+            if ours is None and self._accept_private and is_valid_uid(abstract) and not is_standard_uid(abstract):
+                ours = IMPORTABLE_TRANSFER_SYNTAXES
             offered = {str(ts) for ts in proposed.transfer_syntax}
             chosen = next((ts for ts in ours or () if ts in offered), None)
             if ours is None:

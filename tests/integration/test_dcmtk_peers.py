@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.corpus import PYDICOM_CORPUS, CorpusFile, comparable, read
+from tests.support.corpus import PYDICOM_CORPUS, CorpusFile, comparable, make_instance, read
 from tests.support.daemon import Daemon
 
 pytestmark = pytest.mark.integration
@@ -104,3 +104,17 @@ def test_supported_sop_class_list_limits_storage(daemon_factory) -> None:  # typ
     assert storescu(daemon, ct.path).returncode != 0
     assert storescu(daemon, mr.path).returncode == 0
     assert [p.name for p in daemon.stored_files()] == [f"{read(mr.path).SOPInstanceUID}.dcm"]
+
+
+def test_private_sop_class_is_stored(daemon: Daemon, tmp_path: Path) -> None:
+    # DCMTK's storescu refuses to send a SOP class it does not know, so pynetdicom plays a vendor's modality here.
+    siemens_csa_non_image = "1.3.12.2.1107.5.9.1"
+    sent = read(make_instance(tmp_path, pixel_bytes=4096, sop_class_uid=siemens_csa_non_image))
+    association = daemon.associate(contexts=[(siemens_csa_non_image, ["1.2.840.10008.1.2.1"])])
+    try:
+        assert association.is_established
+        assert association.send_c_store(sent).Status == 0x0000
+    finally:
+        association.release()
+    (stored,) = daemon.stored_files()
+    assert read(stored).SOPClassUID == siemens_csa_non_image

@@ -60,7 +60,9 @@ def test_uncompressed_then_lossless_then_lossy_whatever_the_proposal_order() -> 
 def test_reply_is_an_association_accept_with_our_identity_and_rejected_contexts() -> None:
     policy = Policy(Settings.from_env({"MAXIMUM_PDU_SIZE": "65536"}))
     accepted = policy.accept(
-        request(policy, [(CT, [EXPLICIT]), ("1.2.3.999", [EXPLICIT]), (CT, ["1.2.840.10008.1.2.4.94"])])
+        request(
+            policy, [(CT, [EXPLICIT]), ("1.2.840.10008.5.1.4.1.2.1.1", [EXPLICIT]), (CT, ["1.2.840.10008.1.2.4.94"])]
+        )
     )
     pdu = A_ASSOCIATE_AC()
     pdu.decode(accepted.reply)
@@ -91,3 +93,14 @@ def test_rejection_pdu_round_trips() -> None:
     pdu = A_ASSOCIATE_RJ()
     pdu.decode(rejection_pdu((2, 3, 2)))
     assert (pdu.result, pdu.source, pdu.reason_diagnostic) == (2, 3, 2)
+
+
+def test_private_sop_classes_are_stored_but_standard_non_storage_classes_are_not() -> None:
+    policy = Policy(Settings.from_env({}))
+    siemens_csa_non_image = "1.3.12.2.1107.5.9.1"
+    retired_ultrasound = "1.2.840.10008.5.1.4.1.1.6"
+    patient_root_find = "1.2.840.10008.5.1.4.1.2.1.1"
+    proposals = [(siemens_csa_non_image, [EXPLICIT]), (retired_ultrasound, [EXPLICIT]), (patient_root_find, [EXPLICIT])]
+    assert sorted(policy.accept(request(policy, proposals)).contexts) == [1, 3]
+    listed = Policy(Settings.from_env({"SUPPORTED_SOP_CLASS_UIDS": CT}))
+    assert listed.accept(request(listed, proposals)).contexts == {}
