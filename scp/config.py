@@ -61,7 +61,8 @@ class Settings:
     maximum_associations: int = _setting("300", "concurrent associations; more are rejected (local limit)")
     maximum_pdu_size: int = _setting("0", f"largest PDU received, bytes; 0 means {DEFAULT_MAXIMUM_PDU_SIZE}")
     supported_sop_class_uids: tuple[str, ...] = _setting(
-        "", "comma-separated SOP Class UIDs accepted for storage; empty accepts every storage SOP class"
+        "",
+        "comma-separated SOP Class UIDs accepted for storage; empty accepts every storage SOP class, private ones too",
     )
     log_level: str = _setting("INFO", "DEBUG, INFO, WARNING, ERROR or CRITICAL")
     storage_dir: Path = _setting(  # noqa: RUF009 - a field with metadata and no default, like the others
