@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import select
 import socket
 import time
@@ -102,8 +101,12 @@ def test_peer_pipelining_requests_without_reading_keeps_memory_bounded(start_wat
         peer.sock.settimeout(0.2)
         flooding_until = time.monotonic() + 4
         while time.monotonic() < flooding_until:
-            with contextlib.suppress(TimeoutError):
+            try:
                 peer.sock.sendall(request)
+            except TimeoutError:
+                continue
+            except (ConnectionResetError, BrokenPipeError):
+                break  # dropped because its answers stayed unread for NETWORK_TIMEOUT: also a bounded outcome
         during = sample(watched.pid)
         assert during.rss_mib < watched.baseline.rss_mib + 24, (watched.baseline, during)
     # Closing with answers unread resets the connection; the association ends at once.
