@@ -78,20 +78,29 @@ class _Message:
 
 
 class Registry:
-    """The live associations: their count enforces MAXIMUM_ASSOCIATIONS; drain aborts what outlives the grace."""
+    """Live connections (drain aborts what outlives the grace) and, among them, the associations admitted so far,
+    whose number MAXIMUM_ASSOCIATIONS bounds. Connections that never send a request do not take a slot."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._live: set[Association] = set()
+        self._admitted: set[Association] = set()
 
-    def add(self, association: Association) -> int:
+    def add(self, association: Association) -> None:
         with self._lock:
             self._live.add(association)
-            return len(self._live)
+
+    def admit(self, association: Association, limit: int) -> bool:
+        with self._lock:
+            if len(self._admitted) >= limit:
+                return False
+            self._admitted.add(association)
+            return True
 
     def remove(self, association: Association) -> None:
         with self._lock:
             self._live.discard(association)
+            self._admitted.discard(association)
 
     def snapshot(self) -> list[Association]:
         with self._lock:
@@ -133,9 +142,9 @@ class Association:
 
     def run(self) -> None:
         """Serve the connection to its end; never raises."""
-        count = self._registry.add(self)
+        self._registry.add(self)
         try:
-            self._serve(count)
+            self._serve()
         except PeerClosed as closed:
             if self._requested:
                 self._log_end(logging.WARNING, "association aborted", reason=f"connection lost: {closed}")
@@ -165,7 +174,7 @@ class Association:
 
     # -- negotiation -------------------------------------------------------------------------------------------
 
-    def _serve(self, live_count: int) -> None:
+    def _serve(self) -> None:
         # PS3.8 9.1.2: the ARTIM timer bounds the wait for the association request.
         timeout = self._settings.acse_timeout
         pdu_type, body = self._reader.read(timeout, timeout, _MAX_REQUEST_PDU)
@@ -175,7 +184,7 @@ class Association:
         request = self._policy.decode_request(bytes(body))
         self._calling, self._called = request.calling_ae_title, request.called_ae_title
         code = self._policy.rejection(request)
-        if code is None and live_count > self._settings.maximum_associations:
+        if code is None and not self._registry.admit(self, self._settings.maximum_associations):
             code = LOCAL_LIMIT_EXCEEDED
         if code is not None:
             self._send(rejection_pdu(code))
@@ -353,7 +362,8 @@ class Association:
                     "sop_instance_uid": printable(command.affected_sop_instance_uid),
                 },
             )
-        self._discard_message()
+        if message.receive_file is not None:
+            remove_quietly(message.receive_file)  # uploaded, refused, or already renamed into the store
         self._respond(message, status, comment)
 
     def _respond(self, message: _Message, status: int, comment: str | None = None) -> None:

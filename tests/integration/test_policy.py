@@ -83,3 +83,17 @@ def test_idle_association_is_aborted_after_the_network_timeout(daemon_factory) -
     wait_for(lambda: association.is_aborted or not association.is_alive(), 10, "the idle association to be dropped")
     wait_for(lambda: daemon.log_messages("association aborted"), 5, "the abort to be logged")
     assert daemon.echo_ok()
+
+
+def test_silent_connections_do_not_take_association_slots(daemon_factory) -> None:  # type: ignore[no-untyped-def]
+    daemon = daemon_factory(MAXIMUM_ASSOCIATIONS="2", ACSE_TIMEOUT="20")
+    silent = [socket.create_connection(("127.0.0.1", daemon.port), timeout=10) for _ in range(5)]
+    try:
+        held = [daemon.associate(), daemon.associate()]
+        assert all(a.is_established for a in held)
+        assert reject_code(daemon) == (2, 3, 2)
+        for association in held:
+            association.release()
+    finally:
+        for connection in silent:
+            connection.close()
