@@ -43,9 +43,10 @@ class LocalStore:
 
 
 def _fsync_file(path: Path) -> None:
+    # fdatasync: the data and the size that reads depend on, without the timestamps fsync would add.
     descriptor = os.open(path, os.O_RDONLY)
     try:
-        os.fsync(descriptor)
+        os.fdatasync(descriptor)
     finally:
         os.close(descriptor)
 
