@@ -203,6 +203,13 @@ def profile(source: Path, files: list[corpus.CorpusFile], concurrency: int) -> P
     return stacks if stacks.exists() else None
 
 
+def _label(source: Path) -> str:
+    """The measured tree: its commit when it is a git checkout (with a mark when it has local changes)."""
+    commit = subprocess.run(["git", "-C", str(source), "describe", "--always", "--dirty"],
+                            capture_output=True, text=True, check=False).stdout.strip()  # fmt: skip
+    return f"commit {commit}" if commit else str(source)
+
+
 def machine() -> dict[str, str]:
     cpu = next(
         (line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
@@ -263,7 +270,7 @@ def main() -> None:
     report.write(
         RESULTS, results, large, receivers, machine(), stacks, [read_path.compare()],
         {"files": count, "repeats": repeats, "levels": levels, "minutes": (time.monotonic() - started) / 60,
-         "source": str(source), "held": held},
+         "source": _label(source), "held": held},
     )  # fmt: skip
     print(f"report: {RESULTS / 'REPORT.md'}")
 

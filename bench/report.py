@@ -107,7 +107,8 @@ def write(
         "data equals what was sent (SHA-256) and nothing is missing. Figures are medians of "
         f"{settings['repeats']} runs. Corpus: {settings['files']} CT-like slices (512x512, 16-bit, Explicit VR "
         f"Little Endian, 100 slices per series, two series per study), "
-        f"{results[0].megabytes if results else 0:.0f} MB. Total bench time {settings['minutes']:.1f} min.",
+        f"{results[0].megabytes if results else 0:.0f} MB. Total bench time {settings['minutes']:.1f} min. "
+        f"Daemon measured: {settings['source']}, local store.",
         "",
         "Only this daemon makes every object durable (fsync of the file and its directory) before answering; "
         "the others answer once the bytes are in the page cache, so the comparison favours them.",
