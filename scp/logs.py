@@ -33,6 +33,8 @@ def configure(level: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    # Library warnings (pydicom's about odd values, for one) become JSON lines too, never raw text on stderr.
+    logging.captureWarnings(True)
     # pynetdicom logs every PDU at INFO/DEBUG, and logs a traceback for every peer that hangs up early; our own
     # lines say what happened in one line each, so its logger only passes real warnings unless debugging.
     logging.getLogger("pynetdicom").setLevel(level if level == "DEBUG" else "WARNING")

@@ -7,7 +7,17 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests.support.daemon import STARTED
 from tests.support.moto import MotoServer, moto_server
+
+
+@pytest.fixture(autouse=True)
+def _no_daemon_outlives_its_test() -> Iterator[None]:
+    before = len(STARTED)
+    yield
+    for daemon in STARTED[before:]:
+        daemon.stop()
+    del STARTED[before:]
 
 
 @pytest.fixture(scope="session")

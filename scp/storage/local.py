@@ -18,13 +18,12 @@ class LocalStore:
         self.root = root.resolve()
 
     def path_for(self, instance: ReceivedInstance) -> Path:
-        path = (
-            self.root / instance.study_instance_uid / instance.series_instance_uid / f"{instance.sop_instance_uid}.dcm"
-        ).resolve()
-        # The UIDs were validated as digits and dots; this check keeps that promise even if validation changes.
-        if not path.is_relative_to(self.root) or path.parent.parent.parent != self.root:
+        names = (instance.study_instance_uid, instance.series_instance_uid, f"{instance.sop_instance_uid}.dcm")
+        # The UIDs were validated as digits and dots; this check keeps the path inside the store even if that
+        # validation ever changes (checked by name: resolving the path on every store costs system calls).
+        if any(not name or name in (".", "..") or "/" in name or "\x00" in name for name in names):
             raise StoreFailure(Status.CANNOT_UNDERSTAND, "UIDs do not form a path inside the store")
-        return path
+        return self.root.joinpath(*names)
 
     def store(self, staged: Path, instance: ReceivedInstance) -> StoredInstance:
         final = self.path_for(instance)

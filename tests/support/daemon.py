@@ -18,6 +18,9 @@ from tests.support.waits import free_port, wait_for
 
 VERIFICATION = "1.2.840.10008.1.1"
 
+# Every daemon a test starts, so that none outlives its test even when the test fails before stopping it.
+STARTED: list[Daemon] = []
+
 
 @dataclass
 class Daemon:
@@ -112,6 +115,7 @@ def start_daemon(
     with open(log_path, "wb") as log:
         process = subprocess.Popen([sys.executable, "-m", "scp"], stdout=log, stderr=subprocess.STDOUT, env=env)
     daemon = Daemon(process, port, storage_dir, log_path, env, env.get("AE_TITLE", "STORESCP"))
+    STARTED.append(daemon)
     if ready:
         try:
             wait_for(lambda: process.poll() is None and daemon.answers_dicom(), 30, "the daemon to answer C-ECHO")
