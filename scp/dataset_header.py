@@ -22,6 +22,7 @@ SOP_CLASS_UID = 0x00080016
 SOP_INSTANCE_UID = 0x00080018
 STUDY_INSTANCE_UID = 0x0020000D
 SERIES_INSTANCE_UID = 0x0020000E
+PIXEL_DATA = 0x7FE00010
 _WANTED = (SOP_CLASS_UID, SOP_INSTANCE_UID, STUDY_INSTANCE_UID, SERIES_INSTANCE_UID)
 
 _ITEM = 0xFFFEE000
@@ -144,17 +145,19 @@ class _Walker:
 
     def identity(self) -> DatasetIdentity:
         found: dict[int, str] = {}
-        previous = -1
-        while True:
+        elements = 0
+        # Elements out of ascending order break PS3.5 7.1 but occur in real archives; they are read on, so such
+        # objects are kept. A wrong encoding still shows up as an unknown VR or a length past the end.
+        while len(found) < len(_WANTED):
             try:
                 tag, vr, length = self._header(self._implicit)
             except StoreFailure:
-                if previous >= 0 and self._source.exhausted():
-                    break  # a data set that ends before (0020,000E) simply lacks the later elements
+                if elements and self._source.exhausted():
+                    break  # the data set simply lacks some of the identifying elements
                 raise
-            if tag <= previous:
-                raise _malformed("elements out of order: the encoding does not match the transfer syntax")
-            previous = tag
+            elements += 1
+            if tag >= PIXEL_DATA:
+                break  # nothing identifying follows the pixel data
             if tag in _WANTED:
                 found[tag] = self._uid_value(length)
             elif length == _UNDEFINED:
@@ -162,8 +165,6 @@ class _Walker:
                 self._skip_sequence(self._implicit or vr == b"UN", depth=1)
             else:
                 self._source.skip(length)
-            if tag >= SERIES_INSTANCE_UID:
-                break
         return DatasetIdentity(*(found.get(tag) for tag in _WANTED))
 
     def _uid_value(self, length: int) -> str:

@@ -127,11 +127,10 @@ def test_overlong_uid_value_is_refused() -> None:
     assert "longer than any valid UID" in refuses(raw, EXPLICIT_LE).reason
 
 
-def test_out_of_order_elements_are_refused() -> None:
-    raw = (
-        struct.pack("<HH2sH", 0x0008, 0x0018, b"UI", 2)
-        + b"1\x00"
-        + struct.pack("<HH2sH", 0x0008, 0x0016, b"UI", 2)
-        + b"1\x00"
-    )
-    refuses(raw, EXPLICIT_LE)
+def test_elements_out_of_order_are_read_on() -> None:
+    # Real archives hold such objects; they are kept rather than refused.
+    def ui(element: int, value: bytes) -> bytes:
+        return struct.pack("<HH2sH", 0x0008 if element < 0x100 else 0x0020, element & 0xFF, b"UI", len(value)) + value
+
+    raw = ui(0x18, b"1.2\x00") + ui(0x16, b"1.5\x00") + ui(0x10E, b"3.4\x00") + ui(0x10D, b"3.3\x00")
+    assert identity_of(raw, EXPLICIT_LE) == ("1.5", "1.2", "3.3", "3.4")
