@@ -5,6 +5,9 @@ pynetdicom decodes the A-ASSOCIATE-RQ and encodes our A-ASSOCIATE-AC/RJ; the dec
 
 from __future__ import annotations
 
+import struct
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,13 +48,26 @@ _ABSTRACT_SYNTAX_NOT_SUPPORTED = 3
 _TRANSFER_SYNTAXES_NOT_SUPPORTED = 4
 
 
+_FIXED_FIELDS = 68  # PS3.8 9.3.2: protocol version, reserved, called AE, calling AE, reserved
+_NEGOTIATIONS_REMEMBERED = 64
+
+
+@dataclass(frozen=True)
+class _Negotiated:
+    """What one set of variable items (contexts, user information) negotiates to, whoever sends it."""
+
+    application_context: str
+    contexts: dict[int, tuple[str, str]]
+    reply_items: bytes  # the A-ASSOCIATE-AC's variable items
+
+
 @dataclass(frozen=True)
 class AssociationRequest:
     calling_ae_title: str
     called_ae_title: str
-    peer_max_pdu: int  # 0: no limit
-    primitive: A_ASSOCIATE
     protocol_version: int
+    header: bytes  # the fixed fields, echoed in the reply
+    negotiated: _Negotiated
 
 
 @dataclass(frozen=True)
@@ -63,7 +79,12 @@ class Accepted:
 
 
 class Policy:
-    """What this SCP accepts: AE titles and, per SOP class, the transfer syntaxes it stores."""
+    """What this SCP accepts: AE titles and, per SOP class, the transfer syntaxes it stores.
+
+    A modality sends the same association request every time; decoding and answering its 100-odd presentation
+    contexts through pynetdicom takes tens of milliseconds, so the outcome is remembered by the request's
+    variable items (the AE titles live in the fixed fields and are checked on every request).
+    """
 
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
@@ -73,29 +94,26 @@ class Policy:
         # Without an explicit list, private SOP classes (and ones newer than our registry) are stored too:
         # modalities send them (vendor raw data, protocols), and HealthImaging imports any SOP class.
         self._accept_private = not settings.supported_sop_class_uids
+        self._remembered: OrderedDict[bytes, _Negotiated] = OrderedDict()
+        self._lock = threading.Lock()
 
     def decode_request(self, body: bytes) -> AssociationRequest:
-        pdu = A_ASSOCIATE_RQ()
-        try:
-            pdu.decode(b"\x01\x00" + len(body).to_bytes(4, "big") + body)
-            primitive = pdu.to_primitive()
-        except Exception as error:  # noqa: BLE001 - any decoding failure is the peer's malformed PDU
-            raise ProtocolError(
-                AbortReason.INVALID_PDU_PARAMETER_VALUE, f"undecodable A-ASSOCIATE-RQ: {error}"
-            ) from None
+        if len(body) < _FIXED_FIELDS:
+            raise ProtocolError(AbortReason.INVALID_PDU_PARAMETER_VALUE, "A-ASSOCIATE-RQ shorter than its fixed fields")
+        header, items = body[:_FIXED_FIELDS], body[_FIXED_FIELDS:]
         return AssociationRequest(
-            calling_ae_title=str(primitive.calling_ae_title).strip(),
-            called_ae_title=str(primitive.called_ae_title).strip(),
-            peer_max_pdu=int(primitive.maximum_length_received or 0),
-            primitive=primitive,
-            protocol_version=int(pdu.protocol_version),
+            called_ae_title=_ae_title(header[4:20]),
+            calling_ae_title=_ae_title(header[20:36]),
+            protocol_version=int.from_bytes(header[:2], "big"),
+            header=header,
+            negotiated=self._negotiation(body, items),
         )
 
     def rejection(self, request: AssociationRequest) -> tuple[int, int, int] | None:
         """The A-ASSOCIATE-RJ (result, source, diagnostic) this request gets, or None to go on."""
         if request.protocol_version & 0x0001 == 0:
             return PROTOCOL_VERSION_NOT_SUPPORTED
-        if str(request.primitive.application_context_name) != APPLICATION_CONTEXT:
+        if request.negotiated.application_context != APPLICATION_CONTEXT:
             return APPLICATION_CONTEXT_NOT_SUPPORTED
         allowed = self._settings.require_calling_ae_title
         if allowed and request.calling_ae_title not in allowed:
@@ -105,11 +123,55 @@ class Policy:
         return None
 
     def accept(self, request: AssociationRequest) -> Accepted:
+        # PS3.8 9.3.3: the A-ASSOCIATE-AC echoes the request's fixed fields (its AE titles among them).
+        body = request.header + request.negotiated.reply_items
+        return Accepted(request.negotiated.contexts, struct.pack(">BBL", 0x02, 0, len(body)) + body)
+
+    def _negotiation(self, body: bytes, items: bytes) -> _Negotiated:
+        with self._lock:
+            known = self._remembered.get(items)
+            if known is not None:
+                self._remembered.move_to_end(items)
+                return known
+        negotiated = self._negotiate(body)
+        with self._lock:
+            self._remembered[items] = negotiated
+            if len(self._remembered) > _NEGOTIATIONS_REMEMBERED:
+                self._remembered.popitem(last=False)
+        return negotiated
+
+    def _negotiate(self, body: bytes) -> _Negotiated:
+        pdu = A_ASSOCIATE_RQ()
+        try:
+            pdu.decode(b"\x01\x00" + len(body).to_bytes(4, "big") + body)
+            primitive = pdu.to_primitive()
+        except Exception as error:  # noqa: BLE001 - any decoding failure is the peer's malformed PDU
+            raise ProtocolError(
+                AbortReason.INVALID_PDU_PARAMETER_VALUE, f"undecodable A-ASSOCIATE-RQ: {error}"
+            ) from None
+        contexts, results = self._choose(primitive)
+        reply = A_ASSOCIATE()
+        reply.application_context_name = APPLICATION_CONTEXT
+        reply.calling_ae_title = primitive.calling_ae_title
+        reply.called_ae_title = primitive.called_ae_title
+        reply.result = 0x00
+        reply.result_source = 0x01
+        reply.presentation_context_definition_results_list = results
+        reply.user_information = self._user_information()
+        encoded = A_ASSOCIATE_AC()
+        encoded.from_primitive(reply)
+        return _Negotiated(
+            application_context=str(primitive.application_context_name),
+            contexts=contexts,
+            reply_items=bytes(encoded.encode())[6 + _FIXED_FIELDS :],
+        )
+
+    def _choose(self, primitive: A_ASSOCIATE) -> tuple[dict[int, tuple[str, str]], list[PresentationContext]]:
         """Negotiate every proposed context: of the transfer syntaxes proposed, the first in our order of
         preference wins (see ``IMPORTABLE_TRANSFER_SYNTAXES``)."""
         results: list[PresentationContext] = []
         accepted: dict[int, tuple[str, str]] = {}
-        for proposed in request.primitive.presentation_context_definition_list:
+        for proposed in primitive.presentation_context_definition_list:
             context = PresentationContext()
             context.context_id = proposed.context_id
             abstract = str(proposed.abstract_syntax)
@@ -128,17 +190,7 @@ class Policy:
             # PS3.8 9.3.3.2: a rejected context still carries one (ignored) transfer syntax sub-item.
             context.transfer_syntax = [chosen or IMPORTABLE_TRANSFER_SYNTAXES[0]]
             results.append(context)
-        reply = A_ASSOCIATE()
-        reply.application_context_name = APPLICATION_CONTEXT
-        reply.calling_ae_title = request.primitive.calling_ae_title
-        reply.called_ae_title = request.primitive.called_ae_title
-        reply.result = 0x00
-        reply.result_source = 0x01
-        reply.presentation_context_definition_results_list = results
-        reply.user_information = self._user_information()
-        pdu = A_ASSOCIATE_AC()
-        pdu.from_primitive(reply)
-        return Accepted(contexts=accepted, reply=pdu.encode())
+        return accepted, results
 
     def _user_information(self) -> list[Any]:
         maximum = MaximumLengthNotification()
@@ -148,6 +200,10 @@ class Policy:
         version = ImplementationVersionNameNotification()
         version.implementation_version_name = IMPLEMENTATION_VERSION_NAME
         return [maximum, implementation, version]
+
+
+def _ae_title(raw: bytes) -> str:
+    return raw.decode("ascii", errors="replace").strip(" \x00")
 
 
 def rejection_pdu(code: tuple[int, int, int]) -> bytes:

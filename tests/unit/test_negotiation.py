@@ -104,3 +104,14 @@ def test_private_sop_classes_are_stored_but_standard_non_storage_classes_are_not
     assert sorted(policy.accept(request(policy, proposals)).contexts) == [1, 3]
     listed = Policy(Settings.from_env({"SUPPORTED_SOP_CLASS_UIDS": CT}))
     assert listed.accept(request(listed, proposals)).contexts == {}
+
+
+def test_a_repeated_request_is_answered_from_memory_with_its_own_ae_titles() -> None:
+    policy = Policy(Settings.from_env({}))
+    first = request(policy, [(CT, [EXPLICIT])], calling="CT1")
+    again = request(policy, [(CT, [EXPLICIT])], calling="CT2", called="OTHER")
+    assert again.negotiated is first.negotiated  # decoded once
+    pdu = A_ASSOCIATE_AC()
+    pdu.decode(policy.accept(again).reply)
+    reply = pdu.to_primitive()
+    assert (reply.calling_ae_title, reply.called_ae_title) == ("CT2", "OTHER")
