@@ -40,13 +40,28 @@ _RETRYABLE_CODES = frozenset(
 )  # fmt: skip
 
 
+# botocore waits this long for "100 Continue" before it sends a large body anyway.
+_EXPECT_CONTINUE_SECONDS = 1.0
+
+
+def _attempt_timeouts(settings: Settings) -> tuple[float, float]:
+    """(connect, read) timeouts of one request, sized so that retries fit in the store's deadline."""
+    budget = settings.dimse_timeout * _DEADLINE_SHARE
+    return min(5.0, budget / 6), max(1.0, budget / 3)
+
+
 def s3_client(settings: Settings) -> Any:
-    """An S3 client from the standard credential and region chain; AWS_ENDPOINT_URL is honoured by boto3."""
+    """An S3 client from the standard credential and region chain; AWS_ENDPOINT_URL is honoured by boto3.
+
+    botocore does not retry on its own: its retries would run outside the store's deadline, so the one retry
+    policy is ``S3Store._upload``'s, which knows how long the modality still waits.
+    """
+    connect, read = _attempt_timeouts(settings)
     config = Config(
         max_pool_connections=settings.max_pool_connections,
-        connect_timeout=5,
-        read_timeout=max(5, settings.dimse_timeout * _DEADLINE_SHARE / 2),
-        retries={"mode": "standard", "max_attempts": 2},
+        connect_timeout=connect,
+        read_timeout=read,
+        retries={"mode": "standard", "total_max_attempts": 1},
         request_checksum_calculation="when_supported",
     )
     return boto3.session.Session().client("s3", config=config)
@@ -59,6 +74,8 @@ class S3Store:
         self._metrics = metrics
         self._bucket = settings.dicom_bucket
         self._deadline_seconds = settings.dimse_timeout * _DEADLINE_SHARE
+        # The longest one small PUT can take before botocore gives up on it.
+        self._attempt_seconds = sum(_attempt_timeouts(settings)) + _EXPECT_CONTINUE_SECONDS
         self._multipart_threshold = _MULTIPART_THRESHOLD
         transfer_config = TransferConfig(
             multipart_threshold=_MULTIPART_THRESHOLD,
@@ -118,7 +135,8 @@ class S3Store:
                 self._upload_once(staged, key, deadline)
                 return
             except (ClientError, BotoCoreError) as error:
-                if not _retryable(error) or time.monotonic() + backoff >= deadline:
+                # Retry only if a whole further attempt still ends before the deadline.
+                if not _retryable(error) or time.monotonic() + backoff + self._attempt_seconds > deadline:
                     raise StoreFailure(Status.OUT_OF_RESOURCES, f"S3 upload failed: {_describe(error)}") from error
                 LOG.warning("S3 upload retry", extra={"key": key, "attempt": attempt, "error": _describe(error)})
                 self._metrics.s3_upload_retried()
