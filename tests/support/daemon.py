@@ -58,8 +58,11 @@ class Daemon:
                 ae.add_requested_context(context)
         return ae.associate("127.0.0.1", self.port, ae_title=called or self.ae_title)
 
-    def echo_ok(self) -> bool:
+    def echo_ok(self, rejection_counts: bool = False) -> bool:
+        """A C-ECHO succeeds; with ``rejection_counts``, an A-ASSOCIATE-RJ is an answer too."""
         association = self.associate()
+        if association.is_rejected:
+            return rejection_counts
         if not association.is_established:
             return False
         try:
@@ -70,16 +73,7 @@ class Daemon:
 
     def answers_dicom(self) -> bool:
         """Up: it accepts and echoes, or it rejects (an AE title policy may refuse the test's own title)."""
-        association = self.associate()
-        if association.is_rejected:
-            return True
-        if not association.is_established:
-            return False
-        try:
-            status = association.send_c_echo()
-            return bool(status) and status.Status == 0
-        finally:
-            association.release()
+        return self.echo_ok(rejection_counts=True)
 
     def signal(self, number: int) -> None:
         self.process.send_signal(number)
