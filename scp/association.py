@@ -155,7 +155,7 @@ class Association:
             self._log_end(logging.WARNING, "association aborted", reason=f"timeout: {silent}")
         except ProtocolError as error:
             self._abort(error.reason)
-            self._log_end(logging.WARNING, "association aborted", reason=f"protocol error: {error.detail}")
+            self._log_end(logging.WARNING, "association aborted", reason=f"protocol error: {printable(error.detail)}")
         except Exception as error:
             self._abort(AbortReason.NOT_SPECIFIED)
             LOG.exception("association failed", extra={**self._who(), "error": type(error).__name__})
