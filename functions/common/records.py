@@ -123,9 +123,7 @@ def register_batch(table: Table, manifest: Manifest, execution_arn: str, now: da
         if error.response.get("Error", {}).get("Code") != "ConditionalCheckFailedException":
             raise
         existing = table.get_item(Key=batch_key(manifest.batch_id), ConsistentRead=True).get("Item", {})
-        raise DuplicateBatch(
-            manifest.batch_id, str(existing.get("executionArn", "another execution"))
-        ) from error
+        raise DuplicateBatch(manifest.batch_id, str(existing.get("executionArn", "another execution"))) from error
     return attempt
 
 
@@ -279,16 +277,20 @@ def record_instance_outcome(
         sets.append("expiresAt = :expires")
         values[":expires"] = expires
     expression = "SET " + ", ".join(sets) + (" REMOVE " + ", ".join(removes) if removes else "")
+    return update_if_condition_holds(
+        table,
+        Key=instance_key(outcome.study_instance_uid, outcome.series_instance_uid, outcome.sop_instance_uid),
+        UpdateExpression=expression,
+        ConditionExpression="attribute_not_exists(pk) OR batchId = :batch",
+        ExpressionAttributeNames=names,
+        ExpressionAttributeValues=values,
+    )
+
+
+def update_if_condition_holds(table: Table, **request: Any) -> bool:
+    """Run a conditional UpdateItem; False, not an error, when its condition does not hold."""
     try:
-        table.update_item(
-            Key=instance_key(
-                outcome.study_instance_uid, outcome.series_instance_uid, outcome.sop_instance_uid
-            ),
-            UpdateExpression=expression,
-            ConditionExpression="attribute_not_exists(pk) OR batchId = :batch",
-            ExpressionAttributeNames=names,
-            ExpressionAttributeValues=values,
-        )
+        table.update_item(**request)
     except ClientError as error:
         if error.response.get("Error", {}).get("Code") == "ConditionalCheckFailedException":
             return False
@@ -397,21 +399,14 @@ def _fail_if_importing(
     if expires is not None:
         sets += ", expiresAt = :expires"
         values[":expires"] = expires
-    try:
-        table.update_item(
-            Key=instance_key(
-                outcome.study_instance_uid, outcome.series_instance_uid, outcome.sop_instance_uid
-            ),
-            UpdateExpression="SET " + sets,
-            ConditionExpression="batchId = :batch AND #status = :importing",
-            ExpressionAttributeNames={"#status": "status"},
-            ExpressionAttributeValues=values,
-        )
-    except ClientError as error:
-        if error.response.get("Error", {}).get("Code") == "ConditionalCheckFailedException":
-            return False
-        raise
-    return True
+    return update_if_condition_holds(
+        table,
+        Key=instance_key(outcome.study_instance_uid, outcome.series_instance_uid, outcome.sop_instance_uid),
+        UpdateExpression="SET " + sets,
+        ConditionExpression="batchId = :batch AND #status = :importing",
+        ExpressionAttributeNames={"#status": "status"},
+        ExpressionAttributeValues=values,
+    )
 
 
 def count_by_status(outcomes: Iterable[InstanceOutcome]) -> dict[str, int]:

@@ -27,6 +27,7 @@ from common.records import (
     fail_unfinished_instances,
     shorten,
     status_partition,
+    update_if_condition_holds,
     utc_now,
 )
 
@@ -103,19 +104,14 @@ def mark_batch_failed(
     if expires is not None:
         sets += ", expiresAt = :expires"
         values[":expires"] = expires
-    try:
-        table.update_item(
-            Key=batch_key(batch_id),
-            UpdateExpression="SET " + sets,
-            ConditionExpression="attribute_not_exists(pk) OR executionArn = :execution",
-            ExpressionAttributeNames={"#status": "status"},
-            ExpressionAttributeValues=values,
-        )
-    except ClientError as error:
-        if error.response.get("Error", {}).get("Code") == "ConditionalCheckFailedException":
-            return False
-        raise
-    return True
+    return update_if_condition_holds(
+        table,
+        Key=batch_key(batch_id),
+        UpdateExpression="SET " + sets,
+        ConditionExpression="attribute_not_exists(pk) OR executionArn = :execution",
+        ExpressionAttributeNames={"#status": "status"},
+        ExpressionAttributeValues=values,
+    )
 
 
 def record_failure(
@@ -137,9 +133,7 @@ def record_failure(
         manifest = read_manifest(s3, settings.dicom_bucket, batch_id)
     except (ClientError, ManifestError) as error:
         # The failure may be the manifest itself; the batch item carries the reason, there are no instances.
-        logger.warning(
-            "manifest unreadable, no instance records to fail", batch_id=batch_id, error=str(error)
-        )
+        logger.warning("manifest unreadable, no instance records to fail", batch_id=batch_id, error=str(error))
     else:
         failed = fail_unfinished_instances(table, manifest, reason, retention, now)
     logger.error("batch failed", batch_id=batch_id, reason=reason, instances_failed=failed)
