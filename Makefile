@@ -51,8 +51,11 @@ run: $(RUNTIME) ## Start the SCP on port 11112, AE STORESCP, storing to ./storag
 # ---------------------------------------------------------------------------------------------------------------
 # Tests
 
+# The unit, function and state-machine tests run a second time with the clock 400 days ahead: no test may depend
+# on the day it runs.
 .PHONY: test
 test: $(INSTALLED) dcmtk ## Run every test (unit, integration with DCMTK and moto_server, robustness)
+	$(BIN)/python -m pytest -q -p tests.support.clock_ahead tests/unit tests/functions tests/statemachine
 	$(BIN)/pytest -q
 
 # ---------------------------------------------------------------------------------------------------------------

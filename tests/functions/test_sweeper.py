@@ -12,12 +12,21 @@ import pytest
 from tests.functions.conftest import Aws
 from tests.functions.workflow import FakeContext, daemon_batch, load_app
 
-# moto stamps LastModified with the real clock, so the batch ids are made relative to it.
-NOW = datetime.now(UTC)
-
 
 def batch_id_at(moment: datetime, suffix: str) -> str:
     return f"{moment.strftime('%Y%m%dT%H%M%SZ')}-{suffix}"
+
+
+@pytest.fixture
+def now(aws: Aws) -> datetime:
+    """moto_server's clock: it stamps LastModified, which the sweeper compares with the batch ids and ``now``.
+
+    Read from S3 rather than from this process, so that the tests hold whatever day and clock they run on.
+    """
+    aws.s3.put_object(Bucket=aws.dicom_bucket, Key="clock-probe", Body=b"")
+    stamped = aws.s3.head_object(Bucket=aws.dicom_bucket, Key="clock-probe")["LastModified"]
+    aws.s3.delete_object(Bucket=aws.dicom_bucket, Key="clock-probe")
+    return stamped.astimezone(UTC)
 
 
 @pytest.fixture
@@ -31,17 +40,17 @@ def manifest(aws: Aws, batch_id: str) -> dict[str, Any]:
 
 
 def test_an_abandoned_batch_is_closed_with_a_manifest_rebuilt_from_its_keys(
-    aws: Aws, app: ModuleType
+    aws: Aws, app: ModuleType, now: datetime
 ) -> None:
     batch = daemon_batch(
         aws.s3,
         aws.dicom_bucket,
-        batch_id_at(NOW - timedelta(hours=1), "00000000000000a1"),
+        batch_id_at(now - timedelta(hours=1), "00000000000000a1"),
         3,
         write_manifest=False,
     )
     # The daemon died a while ago: its newest object is older than the sweeper's minimum age.
-    later = NOW + timedelta(minutes=20)
+    later = now + timedelta(minutes=20)
 
     closed = app.sweep(aws.s3, aws.dicom_bucket, later, 900, 24)
 
@@ -59,44 +68,34 @@ def test_an_abandoned_batch_is_closed_with_a_manifest_rebuilt_from_its_keys(
     assert app.sweep(aws.s3, aws.dicom_bucket, later, 900, 24) == []
 
 
-def test_batches_with_recent_objects_are_left_open(aws: Aws, app: ModuleType) -> None:
-    daemon_batch(
-        aws.s3, aws.dicom_bucket, batch_id_at(NOW - timedelta(hours=1), "00000000000000b2"), 2, False
-    )
+def test_batches_with_recent_objects_are_left_open(aws: Aws, app: ModuleType, now: datetime) -> None:
+    daemon_batch(aws.s3, aws.dicom_bucket, batch_id_at(now - timedelta(hours=1), "00000000000000b2"), 2, False)
     # The batch id is an hour old but its objects were just written: a daemon may still be filling it.
-    assert app.sweep(aws.s3, aws.dicom_bucket, NOW + timedelta(minutes=1), 900, 24) == []
+    assert app.sweep(aws.s3, aws.dicom_bucket, now + timedelta(minutes=1), 900, 24) == []
 
 
-def test_young_closed_and_out_of_window_batches_are_not_touched(aws: Aws, app: ModuleType) -> None:
-    closed = daemon_batch(
-        aws.s3, aws.dicom_bucket, batch_id_at(NOW - timedelta(hours=2), "00000000000000c3"), 2
-    )
-    daemon_batch(aws.s3, aws.dicom_bucket, batch_id_at(NOW - timedelta(days=3), "00000000000000d4"), 2, False)
-    daemon_batch(
-        aws.s3, aws.dicom_bucket, batch_id_at(NOW + timedelta(minutes=19), "00000000000000e5"), 2, False
-    )
+def test_young_closed_and_out_of_window_batches_are_not_touched(aws: Aws, app: ModuleType, now: datetime) -> None:
+    closed = daemon_batch(aws.s3, aws.dicom_bucket, batch_id_at(now - timedelta(hours=2), "00000000000000c3"), 2)
+    daemon_batch(aws.s3, aws.dicom_bucket, batch_id_at(now - timedelta(days=3), "00000000000000d4"), 2, False)
+    daemon_batch(aws.s3, aws.dicom_bucket, batch_id_at(now + timedelta(minutes=19), "00000000000000e5"), 2, False)
     before = manifest(aws, closed.batch_id)
 
-    assert app.sweep(aws.s3, aws.dicom_bucket, NOW + timedelta(minutes=20), 900, 24) == []
+    assert app.sweep(aws.s3, aws.dicom_bucket, now + timedelta(minutes=20), 900, 24) == []
     assert manifest(aws, closed.batch_id) == before
 
 
-def test_a_manifest_already_written_by_the_daemon_is_never_replaced(aws: Aws, app: ModuleType) -> None:
+def test_a_manifest_already_written_by_the_daemon_is_never_replaced(aws: Aws, app: ModuleType, now: datetime) -> None:
     # The race: the sweeper rebuilt a manifest, the daemon wrote its own first. The conditional put loses.
-    batch = daemon_batch(
-        aws.s3, aws.dicom_bucket, batch_id_at(NOW - timedelta(hours=1), "00000000000000f6"), 2, False
-    )
-    rebuilt = app.manifest_from_listing(aws.s3, aws.dicom_bucket, batch.batch_id, NOW)
+    batch = daemon_batch(aws.s3, aws.dicom_bucket, batch_id_at(now - timedelta(hours=1), "00000000000000f6"), 2, False)
+    rebuilt = app.manifest_from_listing(aws.s3, aws.dicom_bucket, batch.batch_id, now)
     assert rebuilt is not None
-    aws.s3.put_object(
-        Bucket=aws.dicom_bucket, Key=batch.manifest_key, Body=json.dumps(batch.manifest).encode()
-    )
+    aws.s3.put_object(Bucket=aws.dicom_bucket, Key=batch.manifest_key, Body=json.dumps(batch.manifest).encode())
 
     assert app.write_manifest_once(aws.s3, rebuilt[0]) is False
     assert manifest(aws, batch.batch_id)["closedBy"] == "window"
 
 
-def test_the_handler_sweeps_with_its_settings(aws: Aws, app: ModuleType) -> None:
+def test_the_handler_sweeps_with_its_settings(aws: Aws, app: ModuleType, now: datetime) -> None:
     # Nothing is old enough yet under the real clock, so the scheduled run closes nothing and says so.
-    daemon_batch(aws.s3, aws.dicom_bucket, batch_id_at(NOW, "0000000000000107"), 1, False)
+    daemon_batch(aws.s3, aws.dicom_bucket, batch_id_at(now, "0000000000000107"), 1, False)
     assert app.handler({"source": "aws.scheduler"}, FakeContext()) == {"closed": []}
