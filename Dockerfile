@@ -29,8 +29,10 @@ RUN /opt/venv/bin/pip install --no-deps . \
 
 # --- Runtime stage -------------------------------------------------------------------------------------------------
 FROM python:3.12-slim-bookworm
+# The version is pyproject.toml's (tests/templates/test_release.py keeps them equal).
 LABEL org.opencontainers.image.title="DICOM Store SCP for AWS HealthImaging" \
-      org.opencontainers.image.description="Receives DICOM C-STORE and stores to Amazon S3 for AWS HealthImaging import"
+      org.opencontainers.image.description="Receives DICOM C-STORE and stores to Amazon S3 for AWS HealthImaging import" \
+      org.opencontainers.image.version="2.0.0"
 
 # A fixed UID/GID, so a task definition or Kubernetes securityContext can name it.
 RUN groupadd --system --gid 10001 dicomuser \

@@ -11,6 +11,9 @@ BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 RUNTIME := $(VENV)/.runtime
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+# The release's version lives in pyproject.toml alone; the image tag, the artifact prefix and the template's
+# defaults follow it (tests/templates/test_release.py checks the template and the Dockerfile label).
+VERSION := $(shell sed -n 's/^version = "\(.*\)"$$/\1/p' pyproject.toml)
 
 .PHONY: help
 help: ## List the targets
@@ -99,8 +102,10 @@ lint-statemachine: $(INSTALLED) ## Check statemachines/import.asl.json with stat
 # virtual environment.
 CHECKOV_VENV := .venv-checkov
 TASKCAT_VENV := .venv-taskcat
+AWSCLI_VENV := .venv-awscli
 CHECKOV_VERSION := 3.3.30
 TASKCAT_VERSION := 0.9.58
+AWSCLI_VERSION := 1.46.3
 
 $(CHECKOV_VENV)/.installed:
 	$(PYTHON) -m venv $(CHECKOV_VENV)
@@ -114,12 +119,24 @@ $(TASKCAT_VENV)/.installed:
 	$(TASKCAT_VENV)/bin/pip install --quiet 'taskcat==$(TASKCAT_VERSION)'
 	touch $@
 
+# The AWS CLI v1 pins botocore and docutils versions of its own.
+$(AWSCLI_VENV)/.installed:
+	$(PYTHON) -m venv $(AWSCLI_VENV)
+	$(AWSCLI_VENV)/bin/pip install --quiet --upgrade pip
+	$(AWSCLI_VENV)/bin/pip install --quiet 'awscli==$(AWSCLI_VERSION)'
+	touch $@
+
 # cfn-lint reads .cfnlintrc.yaml (the HealthImaging Regions); warnings fail too. checkov skips are declared in the
-# template next to each resource with the reason; --skip-download keeps it offline.
+# template next to each resource with the reason; --skip-download keeps it offline. checkov does not expand
+# Fn::ForEach, so it also scans the template as the AWS::LanguageExtensions transform expands it.
+EXPANDED_TEMPLATE := build/lint/dicom-store-scp.expanded.template.json
+
 .PHONY: lint
 lint: $(INSTALLED) $(CHECKOV_VENV)/.installed $(TASKCAT_VENV)/.installed lint-statemachine ## cfn-lint, checkov, hadolint, taskcat lint, statelint, ruff, mypy
 	$(BIN)/cfn-lint
 	$(CHECKOV_VENV)/bin/checkov --quiet --compact --skip-download --framework cloudformation -d templates
+	mkdir -p $(dir $(EXPANDED_TEMPLATE)) && $(BIN)/python -m tests.templates.cfn > $(EXPANDED_TEMPLATE)
+	$(CHECKOV_VENV)/bin/checkov --quiet --compact --skip-download --framework cloudformation -f $(EXPANDED_TEMPLATE)
 	$(CHECKOV_VENV)/bin/checkov --quiet --compact --skip-download --framework dockerfile -f Dockerfile
 	$(BIN)/hadolint Dockerfile
 	$(TASKCAT_VENV)/bin/taskcat lint
@@ -135,21 +152,22 @@ package: package-functions ## Build the Lambda zips and stage the ASL and templa
 	mkdir -p build/templates
 	cp templates/*.template.yaml build/templates/
 
-# One bucket per Region (Lambda reads code only from its own Region): <ARTIFACT_BUCKET>-<region>.
-ARTIFACT_BUCKET ?=
-ARTIFACT_PREFIX ?= dicom-store-scp/
+# One bucket per Region (Lambda reads code only from its own Region): <ARTIFACT_BUCKET>-<region>, the Regional
+# copies the template's default ArtifactBucketName reads; each release under its own versioned prefix.
+ARTIFACT_BUCKET ?= man-machine-interface-dicom-store-scp
+ARTIFACT_PREFIX ?= dicom-store-scp/v$(VERSION)/
 PUBLISH_REGIONS ?= us-east-1 us-west-2 eu-west-1 eu-west-2 ap-southeast-2
+AWS ?= $(AWSCLI_VENV)/bin/aws
 
 .PHONY: publish
-publish: package ## Upload build/ to s3://$ARTIFACT_BUCKET-<region>/$ARTIFACT_PREFIX (needs the AWS CLI and credentials)
-	@test -n "$(ARTIFACT_BUCKET)" || { echo "set ARTIFACT_BUCKET (base name; -<region> is appended)"; exit 2; }
-	@command -v aws >/dev/null || { echo "the AWS CLI is needed for publish"; exit 2; }
+publish: package $(AWSCLI_VENV)/.installed ## Upload build/ to s3://$ARTIFACT_BUCKET-<region>/$ARTIFACT_PREFIX in every Region (needs credentials)
 	for region in $(PUBLISH_REGIONS); do \
-		aws s3 sync --region $$region --delete --exclude '.taskcat.yml' --exclude 'taskcat_outputs/*' \
-			build/ s3://$(ARTIFACT_BUCKET)-$$region/$(ARTIFACT_PREFIX) || exit 1; \
+		$(AWS) s3 sync --region $$region --delete --only-show-errors --exclude 'lint/*' --exclude '.taskcat.yml' \
+			--exclude 'taskcat_outputs/*' build/ s3://$(ARTIFACT_BUCKET)-$$region/$(ARTIFACT_PREFIX) || exit 1; \
 	done
 
-IMAGE ?= dicom-store-scp:local
+# The Marketplace repository's tag of this release is v<version>, the template's ContainerImage default.
+IMAGE ?= dicom-store-scp:v$(VERSION)
 
 .PHONY: image
 image: ## Build the container image (IMAGE=dicom-store-scp:local; needs a Docker engine)
@@ -191,5 +209,5 @@ bench: $(INSTALLED) dcmtk ## Ingest benchmark against DCMTK storescp, Orthanc, p
 .PHONY: clean
 clean: ## Remove everything generated
 	rm -rf $(VENV) build dist docs/_build .pytest_cache .mypy_cache .ruff_cache *.egg-info
-	rm -rf $(CHECKOV_VENV) $(TASKCAT_VENV) taskcat_outputs .taskcat
+	rm -rf $(CHECKOV_VENV) $(TASKCAT_VENV) $(AWSCLI_VENV) taskcat_outputs .taskcat
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -1,7 +1,9 @@
-"""Load balancer conditions (TLS, optional networks), security groups, IAM scoping, buckets, outputs."""
+"""Load balancer ports (plain, TLS, optional networks), client addresses, security groups, IAM scoping, KMS,
+buckets, outputs."""
 
 from __future__ import annotations
 
+import fnmatch
 from typing import Any
 
 from tests.templates import cfn
@@ -24,19 +26,63 @@ def _ingress_rules(resources: dict[str, dict[str, Any]], group: str) -> list[dic
     return rules
 
 
-def test_without_certificate_the_listener_is_plain_tcp(template: dict[str, Any]) -> None:
-    listener = _created(template)["DicomListener"]["Properties"]
-    assert listener["Protocol"] == "TCP"
+def _listeners(resources: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {
+        name: resource["Properties"]
+        for name, resource in resources.items()
+        if resource["Type"] == "AWS::ElasticLoadBalancingV2::Listener"
+    }
+
+
+def test_by_default_one_plain_tcp_listener(template: dict[str, Any]) -> None:
+    (listener,) = _listeners(_created(template)).values()
+    assert listener["Protocol"] == "TCP" and listener["Port"] == "11112"
     assert "SslPolicy" not in listener and "Certificates" not in listener
     assert listener["ListenerAttributes"] == [{"Key": "tcp.idle_timeout.seconds", "Value": "350"}]
 
 
-def test_with_certificate_the_listener_is_tls_13_12_only(template: dict[str, Any]) -> None:
-    listener = _created(template, TLSCertificateARN=CERTIFICATE)["DicomListener"]["Properties"]
+def test_with_certificate_tls_gets_its_own_port_beside_the_plain_one(template: dict[str, Any]) -> None:
+    listeners = _listeners(_created(template, TLSCertificateARN=CERTIFICATE))
+    by_protocol = {listener["Protocol"]: listener for listener in listeners.values()}
+    assert set(by_protocol) == {"TCP", "TLS"}
+    tls = by_protocol["TLS"]
+    assert tls["Port"] == "2762"  # IANA's DICOM-TLS port
+    assert tls["SslPolicy"] == "ELBSecurityPolicy-TLS13-1-2-2021-06"
+    assert tls["Certificates"] == [{"CertificateArn": CERTIFICATE}]
+    assert by_protocol["TCP"]["Port"] == "11112"
+    # Both end at the same receivers: TLS ends at the load balancer.
+    assert {str(listener["DefaultActions"]) for listener in listeners.values()} == {
+        str([{"Type": "forward", "TargetGroupArn": {"Ref": "ReceiverTargetGroup"}}])
+    }
+    outputs = cfn.Resolver(template, cfn.parameter_values(template, TLSCertificateARN=CERTIFICATE)).outputs()
+    assert outputs["DICOMPort"] == "11112" and outputs["DICOMTLSPort"] == "2762"
+
+
+def test_tls_alone_when_plain_dicom_is_off(template: dict[str, Any]) -> None:
+    parameters = cfn.parameter_values(template, TLSCertificateARN=CERTIFICATE, PlainDICOM="false")
+    resolver = cfn.Resolver(template, parameters)
+    assert resolver.failed_rules() == []
+    (listener,) = _listeners(resolver.resources()).values()
     assert listener["Protocol"] == "TLS"
-    assert listener["SslPolicy"] == "ELBSecurityPolicy-TLS13-1-2-2021-06"
-    assert listener["Certificates"] == [{"CertificateArn": CERTIFICATE}]
-    assert "ListenerAttributes" not in listener  # the TLS idle timeout is fixed
+    rules = _ingress_rules(resolver.resources(), "LoadBalancerSecurityGroup")
+    assert {rule["FromPort"] for rule in rules} == {"2762"}
+    assert "DICOMPort" not in resolver.outputs() and "DICOMTLSPort" in resolver.outputs()
+    # Neither port: refused before anything is created.
+    without = cfn.Resolver(template, cfn.parameter_values(template, PlainDICOM="false"))
+    assert any(failure.startswith("AtLeastOneDICOMPort") for failure in without.failed_rules())
+    same_port = cfn.Resolver(template, cfn.parameter_values(template, TLSCertificateARN=CERTIFICATE, TLSPort=11112))
+    assert any(failure.startswith("TLSPortBesideThePlainPort") for failure in same_port.failed_rules())
+
+
+def test_the_receivers_learn_the_modality_address_from_proxy_protocol_v2(template: dict[str, Any]) -> None:
+    group = _created(template)["ReceiverTargetGroup"]["Properties"]
+    attributes = {item["Key"]: item["Value"] for item in group["TargetGroupAttributes"]}
+    assert attributes["proxy_protocol_v2.enabled"] == "true"
+    assert attributes["preserve_client_ip.enabled"] == "false"
+    (container,) = template["Resources"]["ReceiverTaskDefinition"]["Properties"]["ContainerDefinitions"]
+    assert {"Name": "PROXY_PROTOCOL", "Value": "true"} in container["Environment"]
+    skip = template["Resources"]["NetworkLoadBalancer"]["Metadata"]["checkov"]["skip"][0]
+    assert skip["id"] == "CKV_AWS_91" and "PROXY protocol v2" in skip["comment"]
 
 
 def test_empty_optional_networks_create_no_rule(template: dict[str, Any]) -> None:
@@ -46,13 +92,17 @@ def test_empty_optional_networks_create_no_rule(template: dict[str, Any]) -> Non
     assert all(rule["CidrIp"] for rule in rules)
 
 
-def test_given_optional_networks_each_get_a_rule_on_the_dicom_port(template: dict[str, Any]) -> None:
-    resources = _created(template, PeerCIDR2="198.51.100.0/24", PeerCIDR3="192.0.2.0/24", SCPPort=4242)
+def test_given_optional_networks_each_get_a_rule_on_each_port(template: dict[str, Any]) -> None:
+    resources = _created(
+        template, PeerCIDR2="198.51.100.0/24", PeerCIDR3="192.0.2.0/24", SCPPort=4242, TLSCertificateARN=CERTIFICATE
+    )
     rules = _ingress_rules(resources, "LoadBalancerSecurityGroup")
-    assert sorted(rule["CidrIp"] for rule in rules) == [
-        "10.0.0.0/16", "192.0.2.0/24", "198.51.100.0/24", "203.0.113.0/24"
-    ]
-    assert all(rule["FromPort"] == rule["ToPort"] == "4242" and rule["IpProtocol"] == "tcp" for rule in rules)
+    networks = ["10.0.0.0/16", "192.0.2.0/24", "198.51.100.0/24", "203.0.113.0/24"]
+    for port in ("4242", "2762"):
+        on_port = [rule for rule in rules if rule["FromPort"] == rule["ToPort"] == port]
+        assert sorted(rule["CidrIp"] for rule in on_port) == networks, port
+    assert all(rule["IpProtocol"] == "tcp" and rule["Description"] for rule in rules)
+    assert len(rules) == 8
 
 
 def test_receivers_admit_only_the_load_balancer(template: dict[str, Any]) -> None:
@@ -64,8 +114,28 @@ def test_receivers_admit_only_the_load_balancer(template: dict[str, Any]) -> Non
     assert all("CidrIp" not in rule for rule in rules)
     groups = resources["ReceiverService"]["Properties"]["NetworkConfiguration"]["AwsvpcConfiguration"]
     assert groups["SecurityGroups"] == [{"Fn::GetAtt": ["ReceiverSecurityGroup", "GroupId"]}]
-    extra = _created(template, SecurityGroupID="sg-0123456789abcdef0")["ReceiverService"]["Properties"]
-    assert "sg-0123456789abcdef0" in extra["NetworkConfiguration"]["AwsvpcConfiguration"]["SecurityGroups"]
+
+
+def test_security_group_id_is_the_ecs_services_group(template: dict[str, Any]) -> None:
+    """The seeds call SecurityGroupID the security group of the ECS service: given, it is that group."""
+    resources = _created(template, SecurityGroupID="sg-0123456789abcdef0")
+    assert "ReceiverSecurityGroup" not in resources
+    network = resources["ReceiverService"]["Properties"]["NetworkConfiguration"]["AwsvpcConfiguration"]
+    assert network["SecurityGroups"] == ["sg-0123456789abcdef0"]
+    admitted = resources["ReceiversFromLoadBalancer"]["Properties"]
+    assert admitted["GroupId"] == "sg-0123456789abcdef0"
+    assert admitted["SourceSecurityGroupId"] == {"Fn::GetAtt": ["LoadBalancerSecurityGroup", "GroupId"]}
+    egress = resources["LoadBalancerToReceivers"]["Properties"]
+    assert egress["DestinationSecurityGroupId"] == "sg-0123456789abcdef0"
+
+
+def test_load_balancer_is_protected_from_deletion_by_default(template: dict[str, Any]) -> None:
+    def attributes(**parameters: Any) -> dict[str, str]:
+        balancer = _created(template, **parameters)["NetworkLoadBalancer"]["Properties"]
+        return {item["Key"]: item["Value"] for item in balancer["LoadBalancerAttributes"]}
+
+    assert attributes()["deletion_protection.enabled"] == "true"
+    assert attributes(LoadBalancerDeletionProtection="false")["deletion_protection.enabled"] == "false"
 
 
 def test_load_balancer_is_public_with_its_own_security_group(template: dict[str, Any]) -> None:
@@ -75,9 +145,10 @@ def test_load_balancer_is_public_with_its_own_security_group(template: dict[str,
     assert balancer["SecurityGroups"] == [{"Fn::GetAtt": ["LoadBalancerSecurityGroup", "GroupId"]}]
 
 
-def _role_statements(template: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+def _role_statements(template: dict[str, Any], **parameters: Any) -> list[tuple[str, dict[str, Any]]]:
+    """Every IAM statement the stack creates with these parameters, by the role or policy that holds it."""
     statements = []
-    for name, resource in template["Resources"].items():
+    for name, resource in _created(template, **parameters).items():
         documents = []
         if resource["Type"] == "AWS::IAM::Role":
             documents = [policy["PolicyDocument"] for policy in resource["Properties"].get("Policies", [])]
@@ -104,7 +175,7 @@ def test_no_wildcard_action_on_a_data_service(template: dict[str, Any]) -> None:
 
 def test_pass_role_only_to_healthimaging(template: dict[str, Any]) -> None:
     passing = [(role, s) for role, s in _role_statements(template) if "iam:PassRole" in _actions(s)]
-    assert [role for role, _ in passing] == ["StartImportRole"]
+    assert [role for role, _ in passing] == ["StartImportPermissions"]
     for _role, statement in passing:
         assert statement["Resource"] == {"Fn::GetAtt": ["ImportDataAccessRole", "Arn"]}
         assert statement["Condition"] == {"StringEquals": {"iam:PassedToService": "medical-imaging.amazonaws.com"}}
@@ -123,14 +194,76 @@ def test_receivers_put_only_under_their_prefixes(template: dict[str, Any]) -> No
 
 
 def test_healthimaging_data_access_role(template: dict[str, Any]) -> None:
-    role = template["Resources"]["ImportDataAccessRole"]["Properties"]
+    role = _created(template)["ImportDataAccessRole"]["Properties"]
     (trust,) = role["AssumeRolePolicyDocument"]["Statement"]
     assert trust["Principal"] == {"Service": "medical-imaging.amazonaws.com"}
-    statements = [s for name, s in _role_statements(template) if name == "ImportDataAccessRole"]
+    # Only import jobs of this stack's data store may assume it (the data store's aws:SourceArn).
+    assert trust["Condition"]["ArnEquals"] == {"aws:SourceArn": {"Fn::GetAtt": ["Datastore", "DatastoreArn"]}}
+    existing = _created(template, ExistingDatastoreId="0123456789abcdef0123456789abcdef")["ImportDataAccessRole"]
+    (trust,) = existing["Properties"]["AssumeRolePolicyDocument"]["Statement"]
+    assert trust["Condition"]["ArnEquals"] == {
+        "aws:SourceArn": {
+            "Fn::Sub": "arn:aws:medical-imaging:us-east-1:${AWS::AccountId}:datastore/0123456789abcdef0123456789abcdef"
+        }
+    }
+    statements = [s for document in role["Policies"] for s in document["PolicyDocument"]["Statement"]]
     by_action = {action: s["Resource"] for s in statements for action in _actions(s)}
     assert by_action["s3:GetObject"] == {"Fn::Sub": "${DicomBucket.Arn}/batches/*"}
     assert by_action["s3:PutObject"] == {"Fn::Sub": "${ResultsBucket.Arn}/jobs/*"}
     assert by_action["kms:Decrypt"] == {"Fn::GetAtt": ["EncryptionKey", "Arn"]}
+
+
+KMS_FOR_HEALTHIMAGING = {"kms:DescribeKey", "kms:CreateGrant", "kms:Decrypt", "kms:GenerateDataKey"}
+
+
+def _healthimaging_key_statements(resources: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per role or policy, the statement that lets it use the data store's key through HealthImaging."""
+    found = {}
+    for name, resource in resources.items():
+        if resource["Type"] == "AWS::IAM::Role":
+            documents = [policy["PolicyDocument"] for policy in resource["Properties"].get("Policies", [])]
+        elif resource["Type"] == "AWS::IAM::Policy":
+            documents = [resource["Properties"]["PolicyDocument"]]
+        else:
+            continue
+        for statement in (s for document in documents for s in document["Statement"]):
+            via = statement.get("Condition", {}).get("StringEquals", {}).get("kms:ViaService")
+            if via == "medical-imaging.us-east-1.amazonaws.com":
+                found[name] = statement
+    return found
+
+
+def test_the_data_store_key_is_usable_through_healthimaging_only(template: dict[str, Any]) -> None:
+    """HealthImaging's data encryption guide: DescribeKey and CreateGrant besides Decrypt and GenerateDataKey."""
+    created = _healthimaging_key_statements(_created(template))
+    assert set(created) == {"ImportDataAccessRole", "StartImportPermissions", "CheckImportPermissions"}
+    for statement in created.values():
+        assert set(_actions(statement)) == KMS_FOR_HEALTHIMAGING
+        assert statement["Resource"] == {"Fn::GetAtt": ["EncryptionKey", "Arn"]}
+    key = "arn:aws:kms:us-east-1:123456789012:key/0f1e2d3c-4b5a-6978-8897-a6b5c4d3e2f1"
+    existing_id = "0123456789abcdef0123456789abcdef"
+    given = _healthimaging_key_statements(
+        _created(template, ExistingDatastoreId=existing_id, ExistingDatastoreKmsKeyArn=key)
+    )
+    assert set(given) == set(created) and all(s["Resource"] == key for s in given.values())
+    # An existing data store with an AWS owned key needs no key permission at all.
+    assert _healthimaging_key_statements(_created(template, ExistingDatastoreId=existing_id)) == {}
+
+
+def test_an_existing_data_store_is_used_instead_of_a_new_one(template: dict[str, Any]) -> None:
+    existing_id = "0123456789abcdef0123456789abcdef"
+    resolver = cfn.Resolver(template, cfn.parameter_values(template, ExistingDatastoreId=existing_id))
+    resources = resolver.resources()
+    assert "Datastore" not in resources
+    assert resolver.outputs()["DatastoreId"] == existing_id
+    environment = resources["StartImportFunction"]["Properties"]["Environment"]["Variables"]
+    assert environment["DATASTORE_ID"] == existing_id
+    (start,) = [s for s in resources["StartImportPermissions"]["Properties"]["PolicyDocument"]["Statement"]
+                if s["Sid"] == "StartImportJobs"]  # fmt: skip
+    assert start["Resource"] == {
+        "Fn::Sub": f"arn:aws:medical-imaging:us-east-1:${{AWS::AccountId}}:datastore/{existing_id}"
+    }
+    assert "Datastore" in _created(template)
 
 
 def test_buckets_are_private_encrypted_versioned_tls_only(template: dict[str, Any]) -> None:
@@ -167,6 +300,26 @@ def test_received_copies_expire_only_when_asked(template: dict[str, Any]) -> Non
     assert rule["Prefix"] == "batches/" and rule["ExpirationInDays"] == "30"
 
 
+def test_the_key_serves_only_this_stacks_log_groups(template: dict[str, Any]) -> None:
+    statements = template["Resources"]["EncryptionKey"]["Properties"]["KeyPolicy"]["Statement"]
+    (logs,) = [s for s in statements if s["Principal"].get("Service") == {"Fn::Sub": "logs.${AWS::Region}.amazonaws.com"}]
+    patterns = logs["Condition"]["ArnLike"]["kms:EncryptionContext:aws:logs:arn"]
+    texts = [pattern["Fn::Sub"] if isinstance(pattern["Fn::Sub"], str) else pattern["Fn::Sub"][0] for pattern in patterns]
+    assert all(not text.endswith("log-group:*") for text in texts)
+    groups = {
+        name: resource["Properties"].get("LogGroupName")
+        for name, resource in template["Resources"].items()
+        if resource["Type"] == "AWS::Logs::LogGroup"
+    }
+    # Every log group's name matches one of the patterns (the receivers' is named by CloudFormation).
+    for name, group in groups.items():
+        text = "${AWS::StackName}-" + name + "-x" if group is None else (
+            group["Fn::Sub"] if isinstance(group["Fn::Sub"], str) else group["Fn::Sub"][0]
+        )
+        arn = "arn:${AWS::Partition}:logs:${AWS::Region}:${AWS::AccountId}:log-group:" + text
+        assert any(fnmatch.fnmatchcase(arn, pattern) for pattern in texts), name
+
+
 def test_key_table_and_datastore_are_encrypted_and_kept(template: dict[str, Any]) -> None:
     resources = template["Resources"]
     assert resources["EncryptionKey"]["Properties"]["EnableKeyRotation"] is True
@@ -196,8 +349,11 @@ def test_outputs_a_modality_needs(template: dict[str, Any]) -> None:
     outputs = template["Outputs"]
     assert outputs["NetworkLoadBalancerDNS"]["Value"] == {"Fn::GetAtt": ["NetworkLoadBalancer", "DNSName"]}
     assert outputs["DICOMPort"]["Value"] == {"Ref": "SCPPort"}
+    assert outputs["DICOMTLSPort"]["Value"] == {"Ref": "TLSPort"}
     assert outputs["DICOMAETitle"]["Value"] == {"Ref": "SCPAETitle"}
-    assert outputs["DatastoreId"]["Value"] == {"Fn::GetAtt": ["Datastore", "DatastoreId"]}
+    assert outputs["DatastoreId"]["Value"] == {
+        "Fn::If": ["CreateDatastore", {"Fn::GetAtt": ["Datastore", "DatastoreId"]}, {"Ref": "ExistingDatastoreId"}]
+    }
     assert outputs["ImportTableName"]["Value"] == {"Ref": "ImportTable"}
     assert outputs["ReceiverLogGroupName"]["Value"] == {"Ref": "PacsServerTaskDefPacsContainerLogGroup"}
     assert {"DicomBucketName", "ResultsBucketName"} <= set(outputs)

@@ -19,7 +19,6 @@ SEED_DEFAULTS = {
     "TaskMemoryLimit": 2048,
     "TaskDesiredCount": 1,
     "AutoscaleMaxCapacity": 3,
-    "ContainerImage": "709825985650.dkr.ecr.us-east-1.amazonaws.com/man-machine-interface/dicom-store-scp:v1.2.0",
 }
 SEED_REQUIRED = ["VpcID", "PublicSubnetIDs", "PrivateSubnetIDs", "VpcCIDR", "PeerCIDR1"]
 SEED_OPTIONAL_EMPTY = ["PeerCIDR2", "PeerCIDR3", "TLSCertificateARN", "SecurityGroupID"]

@@ -44,10 +44,21 @@ def _environment(template: dict[str, Any], **parameters: Any) -> dict[str, str]:
     return environment
 
 
-def test_every_daemon_setting_is_set_by_the_task_definition(template: dict[str, Any]) -> None:
+def test_the_task_definition_sets_only_settings_the_daemon_knows(template: dict[str, Any]) -> None:
     names = {item["Name"] for item in _container(template)["Environment"]}
     settings = {name for name, _default, _meaning in Settings.documentation()}
-    assert settings <= names, f"not wired: {sorted(settings - names)}"
+    # AWS_REGION is boto3's; PROXY_PROTOCOL is the daemon's PROXY protocol v2 switch (docs/security.rst).
+    assert names - settings <= {"AWS_REGION", "PROXY_PROTOCOL"}, sorted(names - settings)
+    assert set(PARAMETER_FOR) <= names
+
+
+def test_no_daemon_default_is_repeated_as_a_literal(template: dict[str, Any]) -> None:
+    """A fixed value in the task definition is one the stack needs to differ from the daemon's default."""
+    defaults = {name: default for name, default, _meaning in Settings.documentation()}
+    for item in _container(template)["Environment"]:
+        value = item["Value"]
+        if isinstance(value, str) and item["Name"] in defaults:
+            assert value != defaults[item["Name"]], f"{item['Name']}={value} is the daemon's default"
 
 
 def test_daemon_settings_come_from_their_parameters(template: dict[str, Any]) -> None:
@@ -88,11 +99,11 @@ def test_the_daemon_accepts_the_optional_lists(template: dict[str, Any]) -> None
 
 
 def test_timeouts_fit_the_load_balancer_and_fargate(template: dict[str, Any]) -> None:
-    environment = _environment(template)
+    settings = Settings.from_env(_environment(template))
     container = _container(template)
-    assert float(environment["NETWORK_TIMEOUT"]) < NLB_TCP_IDLE_TIMEOUT_SECONDS
+    assert settings.network_timeout < NLB_TCP_IDLE_TIMEOUT_SECONDS
     assert container["StopTimeout"] == FARGATE_MAX_STOP_TIMEOUT_SECONDS
-    assert float(environment["SHUTDOWN_GRACE_SECONDS"]) < container["StopTimeout"]
+    assert settings.shutdown_grace_seconds < container["StopTimeout"]
     attributes = {
         item["Key"]: item["Value"]
         for item in template["Resources"]["ReceiverTargetGroup"]["Properties"]["TargetGroupAttributes"]

@@ -27,11 +27,18 @@ def _function_directories() -> list[Path]:
     return sorted(path.parent for path in FUNCTIONS.glob("*/app.py"))
 
 
+ARTIFACT_BUCKET = {
+    "Fn::If": [
+        "UsePublishedArtifacts", {"Fn::Sub": "${ArtifactBucketName}-${AWS::Region}"}, {"Ref": "ArtifactBucketName"}
+    ]
+}
+
+
 def _package_name(properties: dict[str, Any]) -> str:
-    key = properties["Code"]["S3Key"]["Fn::Sub"]
-    match = re.fullmatch(r"\$\{ArtifactKeyPrefix\}functions/([a-z_]+)\.zip", key)
-    assert match, key
-    return match.group(1)
+    key, names = properties["Code"]["S3Key"]["Fn::Sub"]
+    assert key == "${ArtifactKeyPrefix}functions/${Package}.zip", key
+    assert re.fullmatch(r"[a-z_]+", names["Package"]), names
+    return str(names["Package"])
 
 
 def test_placeholders_and_substitutions_match_both_ways(template: dict[str, Any]) -> None:
@@ -92,13 +99,13 @@ def test_functions_share_the_runtime_the_packages_are_built_for(template: dict[s
         assert properties["Runtime"] == "python3.12", name
         assert properties["Handler"] == "app.handler", name
         assert properties["Architectures"] == ["x86_64"], name
-        assert properties["Code"]["S3Bucket"] == {"Ref": "ArtifactBucketName"}, name
+        assert properties["Code"]["S3Bucket"] == ARTIFACT_BUCKET, name
 
 
 def test_state_machine_loads_the_asl_file_logs_without_data_and_traces(template: dict[str, Any]) -> None:
     machine = template["Resources"]["ImportStateMachine"]["Properties"]
     assert machine["DefinitionS3Location"] == {
-        "Bucket": {"Ref": "ArtifactBucketName"},
+        "Bucket": ARTIFACT_BUCKET,
         "Key": {"Fn::Sub": "${ArtifactKeyPrefix}statemachines/import.asl.json"},
     }
     assert machine["StateMachineType"] == "STANDARD"
