@@ -302,9 +302,10 @@ def test_received_copies_expire_only_when_asked(template: dict[str, Any]) -> Non
 
 def test_the_key_serves_only_this_stacks_log_groups(template: dict[str, Any]) -> None:
     statements = template["Resources"]["EncryptionKey"]["Properties"]["KeyPolicy"]["Statement"]
-    (logs,) = [s for s in statements if s["Principal"].get("Service") == {"Fn::Sub": "logs.${AWS::Region}.amazonaws.com"}]
-    patterns = logs["Condition"]["ArnLike"]["kms:EncryptionContext:aws:logs:arn"]
-    texts = [pattern["Fn::Sub"] if isinstance(pattern["Fn::Sub"], str) else pattern["Fn::Sub"][0] for pattern in patterns]
+    logs_service = {"Fn::Sub": "logs.${AWS::Region}.amazonaws.com"}
+    (logs,) = [s for s in statements if s["Principal"].get("Service") == logs_service]
+    patterns = [pattern["Fn::Sub"] for pattern in logs["Condition"]["ArnLike"]["kms:EncryptionContext:aws:logs:arn"]]
+    texts = [pattern if isinstance(pattern, str) else pattern[0] for pattern in patterns]
     assert all(not text.endswith("log-group:*") for text in texts)
     groups = {
         name: resource["Properties"].get("LogGroupName")

@@ -64,7 +64,8 @@ def test_maximum_associations_fit_the_task_memory(template: dict[str, Any]) -> N
         for associations in parameters["MaximumAssociations"]["AllowedValues"]:
             refused = bool(_association_failures(template, str(memory), str(associations)))
             assert refused is (int(associations) > fits), (memory, associations)
-    assert str(parameters["MaximumAssociations"]["Default"]) in map(str, parameters["MaximumAssociations"]["AllowedValues"])
+    choices = map(str, parameters["MaximumAssociations"]["AllowedValues"])
+    assert str(parameters["MaximumAssociations"]["Default"]) in choices
 
 
 def test_an_existing_data_store_key_needs_the_data_store(template: dict[str, Any]) -> None:
