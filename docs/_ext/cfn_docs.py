@@ -165,7 +165,7 @@ class DaemonSettings(SphinxDirective):
         rows = []
         for name, default, meaning in Settings.documentation():
             value = environment.get(name)
-            in_product = "(not set)" if value is None else _source(value, template["Parameters"])
+            in_product = "(its default)" if value is None else _source(value, template["Parameters"])
             rows.append([_literal(name), _literal(default) if default else "(empty)", in_product, meaning])
         return [_table(["Variable", "Default", "Set by the stack to", "Meaning"], rows, [24, 14, 22, 40])]
 

@@ -12,6 +12,7 @@ through the service that encrypts (S3 objects, the table, the function's environ
 from __future__ import annotations
 
 import ast
+import json
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -377,3 +378,10 @@ def test_the_reading_of_the_code_finds_what_it_claims() -> None:
     tree = ast.parse("def f(s3, table):\n    with table.batch_writer() as w:\n        w.put_item(Item={})\n"
                      "    s3.get_paginator('list_objects_v2')\n    {}.copy()\n")  # fmt: skip
     assert _calls_in(tree) == {("dynamodb", "BatchWriteItem"), ("s3", "ListObjectsV2")}
+
+
+def test_the_documented_standalone_task_policy_is_what_the_daemon_calls() -> None:
+    """docs/ecs-console.rst gives this policy for running the container without the stack."""
+    document = json.loads((ROOT / "docs" / "receiver-task-policy.json").read_text())
+    granted = {action for statement in document["Statement"] for action in _actions(statement)}
+    assert granted == needed_actions(receiver_calls())
