@@ -49,3 +49,10 @@ def test_publish_uploads_where_the_template_reads_in_every_region(template: dict
 
 def test_the_image_is_tagged_with_the_version() -> None:
     assert f"-t dicom-store-scp:v{VERSION} ." in _make_dry_run("image")
+
+
+def test_the_version_history_starts_with_this_release() -> None:
+    text = (ROOT / "CHANGELOG.rst").read_text()
+    versions = re.findall(r"^(\d+\.\d+\.\d+)\n-+$", text, flags=re.MULTILINE)
+    assert versions[0] == VERSION
+    assert ".. include:: ../CHANGELOG.rst" in (ROOT / "docs" / "changelog.rst").read_text()

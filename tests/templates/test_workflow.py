@@ -9,6 +9,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+from tests.templates import cfn
 from tests.templates.cfn import ROOT
 
 ASL = ROOT / "statemachines" / "import.asl.json"
@@ -133,3 +134,60 @@ def test_sweeper_runs_on_a_schedule(template: dict[str, Any]) -> None:
     assert schedule["Targets"][0]["Arn"] == {"Fn::GetAtt": ["SweeperFunction", "Arn"]}
     permission = template["Resources"]["SweeperInvokePermission"]["Properties"]
     assert permission["SourceArn"] == {"Fn::GetAtt": ["SweeperSchedule", "Arn"]}
+
+
+def test_the_workflow_functions_are_defined_once(template: dict[str, Any]) -> None:
+    """One Fn::ForEach block defines every function: adding one touches its collection and its Mappings entry."""
+    source = cfn.load_source()
+    assert source["Transform"] == "AWS::LanguageExtensions"
+    assert not [name for name, resource in source["Resources"].items()
+                if isinstance(resource, dict) and resource.get("Type") == "AWS::Lambda::Function"]  # fmt: skip
+    (loop,) = [value for name, value in source["Resources"].items() if name.startswith("Fn::ForEach::")]
+    identifier, collection, fragment = loop
+    assert {f"${{{identifier}}}Function", f"${{{identifier}}}Role", f"${{{identifier}}}LogGroup"} <= set(fragment)
+    packages = sorted(source["Mappings"]["Functions"][name]["Package"] for name in collection)
+    assert packages == [path.name for path in _function_directories()]
+    assert set(collection) == set(source["Mappings"]["Functions"])
+    # Expanded, each function writes to the log group made for it, which the key policy admits.
+    for name in collection:
+        function = template["Resources"][f"{name}Function"]["Properties"]
+        group = template["Resources"][f"{name}LogGroup"]["Properties"]["LogGroupName"]
+        assert group["Fn::Sub"][0] == "/aws/lambda/" + function["FunctionName"]["Fn::Sub"][0]
+
+
+def test_the_sweeper_follows_the_batch_window_and_can_start_imports(template: dict[str, Any]) -> None:
+    variables = template["Resources"]["SweeperFunction"]["Properties"]["Environment"]["Variables"]
+    assert variables["BATCH_WINDOW_SECONDS"] == {"Ref": "BatchWindowSeconds"}
+    assert variables["TABLE_NAME"] == {"Ref": "ImportTable"}
+    # STATE_MACHINE_ARN names the state machine by the name it is given, without waiting on it.
+    arn_text, arn_names = variables["STATE_MACHINE_ARN"]["Fn::Sub"]
+    name_text, name_names = template["Resources"]["ImportStateMachine"]["Properties"]["StateMachineName"]["Fn::Sub"]
+    assert arn_text.endswith(":stateMachine:" + name_text) and arn_names == name_names
+    statements = template["Resources"]["SweeperPermissions"]["Properties"]["PolicyDocument"]["Statement"]
+    by_sid = {statement["Sid"]: statement for statement in statements}
+    assert by_sid["StartImportExecutions"]["Action"] == "states:StartExecution"
+    assert by_sid["StartImportExecutions"]["Resource"] == {"Ref": "ImportStateMachine"}
+    assert set(by_sid["FindBatchItems"]["Action"]) == {"dynamodb:GetItem", "dynamodb:Query"}
+
+
+def test_a_lost_manifest_event_is_kept_and_alarmed(template: dict[str, Any]) -> None:
+    resources = template["Resources"]
+    (target,) = resources["ManifestCreatedRule"]["Properties"]["Targets"]
+    assert target["DeadLetterConfig"] == {"Arn": {"Fn::GetAtt": ["ManifestEventsDeadLetterQueue", "Arn"]}}
+    queue = resources["ManifestEventsDeadLetterQueue"]["Properties"]
+    assert queue["KmsMasterKeyId"] == {"Ref": "EncryptionKey"}
+    (grant,) = resources["ManifestEventsDeadLetterQueuePolicy"]["Properties"]["PolicyDocument"]["Statement"]
+    assert grant["Principal"] == {"Service": "events.amazonaws.com"} and grant["Action"] == "sqs:SendMessage"
+    assert grant["Condition"] == {"ArnEquals": {"aws:SourceArn": {"Fn::GetAtt": ["ManifestCreatedRule", "Arn"]}}}
+    alarm = resources["ManifestEventsDeadLetteredAlarm"]["Properties"]
+    assert alarm["Namespace"] == "AWS/SQS" and alarm["MetricName"] == "ApproximateNumberOfMessagesVisible"
+    assert alarm["Dimensions"] == [
+        {"Name": "QueueName", "Value": {"Fn::GetAtt": ["ManifestEventsDeadLetterQueue", "QueueName"]}}
+    ]
+    assert alarm["Threshold"] == 0 and alarm["ComparisonOperator"] == "GreaterThanThreshold"
+    # CloudWatch must reach the encrypted alarm topic, and EventBridge the encrypted queue, through the key.
+    statements = resources["EncryptionKey"]["Properties"]["KeyPolicy"]["Statement"]
+    (events,) = [s for s in statements if s["Principal"] == {"Service": "events.amazonaws.com"}]
+    arn_text, arn_names = events["Condition"]["ArnLike"]["aws:SourceArn"]["Fn::Sub"]
+    name_text, name_names = resources["ManifestCreatedRule"]["Properties"]["Name"]["Fn::Sub"]
+    assert arn_text.endswith(":rule/" + name_text) and arn_names == name_names
