@@ -170,7 +170,7 @@ publish: package $(AWSCLI_VENV)/.installed ## Upload build/ to s3://$ARTIFACT_BU
 IMAGE ?= dicom-store-scp:v$(VERSION)
 
 .PHONY: image
-image: ## Build the container image (IMAGE=dicom-store-scp:local; needs a Docker engine)
+image: ## Build the container image (IMAGE=dicom-store-scp:v<version>; needs a Docker engine)
 	docker build --pull -t $(IMAGE) .
 
 # taskcat runs from build/, so it uploads exactly the packaged artifacts (see .taskcat.yml).
