@@ -9,6 +9,9 @@ from typing import Any
 
 import cfnlint
 import pytest
+import yaml
+
+from tests.templates.cfn import ROOT
 
 SEED_DEFAULTS = {
     "SCPAETitle": "STORESCP",
@@ -138,3 +141,14 @@ def test_fargate_size_rules_cover_every_cpu_and_allow_the_default(template: dict
     memories = {str(memory) for memory in parameters["TaskMemoryLimit"]["AllowedValues"]}
     assert set().union(*rules.values()) == memories
     assert str(parameters["TaskMemoryLimit"]["Default"]) in rules[str(parameters["TaskCPU"]["Default"])]
+
+
+def test_taskcat_sets_only_parameters_the_template_has(template: dict[str, Any]) -> None:
+    config = yaml.safe_load((ROOT / ".taskcat.yml").read_text())
+    given = set(config["project"]["parameters"])
+    for test in config["tests"].values():
+        given |= set(test.get("parameters", {}))
+    assert given <= set(template["Parameters"]), sorted(given - set(template["Parameters"]))
+    assert set(config["project"]["regions"]) == HEALTHIMAGING_REGIONS
+    # taskcat deletes its stacks, which deletion protection would refuse.
+    assert config["project"]["parameters"]["LoadBalancerDeletionProtection"] == "false"
