@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 from scp import __version__, logs, server
 from scp.config import Settings, SettingsError
-from scp.ingest import Ingest
+from scp.handlers import StoreHandler
 from scp.metrics import Metrics
 from scp.spool import Spool
 from scp.storage import Store
@@ -71,7 +71,7 @@ def serve(settings: Settings) -> int:
     try:
         leftovers = spool.prepare()
         store = build_store(settings, metrics)
-        listener = server.start(settings, spool, Ingest(store), metrics)
+        listener = server.start(settings, StoreHandler(store, spool, metrics), metrics)
     except OSError as error:
         LOG.error("cannot start", extra={"error": str(error)})
         return 1

@@ -2,7 +2,8 @@
 
 Each association runs on its own thread with blocking reads, so an idle association costs no CPU. Received data
 set fragments go straight from the PDU buffer to the receive file (behind the Part-10 header written from the
-command), so an object is never held in memory and never copied on its way to the store.
+command), so an object is never held in memory and never copied on its way to the store. What a command means
+and what it is answered is the handlers' job (scp/handlers.py); this module only reassembles and sends.
 """
 
 from __future__ import annotations
@@ -12,21 +13,17 @@ import logging
 import socket
 import struct
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from scp import dimse
 from scp.config import Settings
-from scp.ingest import Ingest, StoreRequest
+from scp.handlers import PendingStore, StoreHandler, handle_echo
+from scp.logs import printable
 from scp.metrics import Metrics
 from scp.negotiation import LOCAL_LIMIT_EXCEEDED, REJECT_REASONS, Policy, rejection_pdu
-from scp.part10 import part10_header
-from scp.spool import Spool, remove_quietly
-from scp.status import Status, StoreFailure
-from scp.uids import is_valid_uid
+from scp.receive_file import ReceiveFile
 from scp.upper_layer import (
     AbortReason,
     PduReader,
@@ -49,18 +46,6 @@ _MAX_COMMAND_SET = 64 * 1024
 _COMMAND_FRAGMENT = 0x01
 _LAST_FRAGMENT = 0x02
 _PROVIDER = 2
-_LOGGED_VALUE_MAX = 70  # enough for any real UID or AE title; crafted input stays out of the log
-
-
-def printable(value: object) -> str:
-    """A received value made safe for a log line: printable ASCII, bounded length."""
-    text = "".join(char if 0x20 <= ord(char) < 0x7F else "?" for char in str(value))
-    return text if len(text) <= _LOGGED_VALUE_MAX else text[:_LOGGED_VALUE_MAX] + "..."
-
-
-def source_ae_title(calling: str) -> str:
-    """The calling AE title as it may appear in a file meta (AE VR: 16 printable characters, no backslash)."""
-    return printable(calling).replace("\\", "?")[:16]
 
 
 @dataclass
@@ -70,11 +55,8 @@ class _Message:
     context_id: int
     command_bytes: bytearray
     command: dimse.Command | None = None
-    receive_file: Path | None = None
-    handle: Any = None  # the open receive file, unbuffered
-    write_error: OSError | None = None
-    failure: StoreFailure | None = None  # decided from the command; the data set is read and discarded
-    started: float = 0.0
+    store: PendingStore | None = None
+    receive_file: ReceiveFile | None = None  # the store's, held here for the per-fragment write
 
 
 class Registry:
@@ -114,8 +96,7 @@ class Association:
         address: tuple[str, int],
         settings: Settings,
         policy: Policy,
-        ingest: Ingest,
-        spool: Spool,
+        handler: StoreHandler,
         registry: Registry,
         metrics: Metrics,
         on_end: Callable[[], None] = lambda: None,
@@ -124,8 +105,7 @@ class Association:
         self._peer = f"{address[0]}:{address[1]}"
         self._settings = settings
         self._policy = policy
-        self._ingest = ingest
-        self._spool = spool
+        self._handler = handler
         self._registry = registry
         self._metrics = metrics
         self._on_end = on_end
@@ -240,7 +220,7 @@ class Association:
         if message is None:
             if not header & _COMMAND_FRAGMENT:
                 raise ProtocolError(AbortReason.UNEXPECTED_PDU_PARAMETER, "data set fragment before its command")
-            message = self._message = _Message(context_id, bytearray(), started=time.monotonic())
+            message = self._message = _Message(context_id, bytearray())
         elif context_id != message.context_id:
             raise ProtocolError(AbortReason.UNEXPECTED_PDU_PARAMETER, "fragments of one message on two contexts")
         if header & _COMMAND_FRAGMENT:
@@ -256,11 +236,8 @@ class Association:
             raise ProtocolError(
                 AbortReason.UNEXPECTED_PDU_PARAMETER, "data set fragment without a command expecting it"
             )
-        if message.handle is not None and message.write_error is None:
-            try:
-                message.handle.write(data)
-            except OSError as error:
-                message.write_error = error  # answered with 0xA700 once the data set has arrived
+        if message.receive_file is not None:
+            message.receive_file.write(data)
         if header & _LAST_FRAGMENT:
             self._store(message)
 
@@ -271,99 +248,18 @@ class Association:
             raise ProtocolError(AbortReason.INVALID_PDU_PARAMETER_VALUE, str(error)) from None
         message.command = command
         if command.command_field == dimse.C_ECHO_RQ and not command.has_data_set:
-            self._respond(message, Status.SUCCESS)
+            self._respond(message, handle_echo())
             return
         if command.command_field != dimse.C_STORE_RQ or not command.has_data_set:
             raise ProtocolError(
                 AbortReason.UNEXPECTED_PDU_PARAMETER, f"unsupported command 0x{command.command_field:04X}"
             )
-        message.failure = self._check_command(message.context_id, command)
-        if message.failure is None:
-            message.receive_file = self._spool.new_path(".rx")
-            transfer_syntax = self._contexts[message.context_id][1]
-            try:
-                message.handle = open(message.receive_file, "wb", buffering=0)  # noqa: SIM115 - closed in _store
-                message.handle.write(
-                    part10_header(
-                        command.affected_sop_class_uid,
-                        command.affected_sop_instance_uid,
-                        transfer_syntax,
-                        source_ae_title(self._calling),
-                    )
-                )
-            except OSError as error:
-                message.write_error = error
-
-    def _check_command(self, context_id: int, command: dimse.Command) -> StoreFailure | None:
-        for name, uid in (
-            ("Affected SOP Class UID", command.affected_sop_class_uid),
-            ("Affected SOP Instance UID", command.affected_sop_instance_uid),
-        ):
-            if not is_valid_uid(uid):
-                return StoreFailure(Status.CANNOT_UNDERSTAND, f"command {name} is not a valid UID")
-        if command.affected_sop_class_uid != self._contexts[context_id][0]:
-            return StoreFailure(Status.SOP_CLASS_NOT_SUPPORTED, "SOP Class UID differs from the presentation context")
-        return None
+        message.store = self._handler.begin(command, self._contexts[message.context_id], self._calling)
+        message.receive_file = message.store.receive_file
 
     def _store(self, message: _Message) -> None:
-        command = message.command
-        assert command is not None
-        status, comment = Status.SUCCESS, None
-        if message.handle is not None:
-            message.handle.close()
-            message.handle = None
-        failure = message.failure
-        if failure is None and message.write_error is not None:
-            failure = StoreFailure(
-                Status.OUT_OF_RESOURCES, f"receive spool write failed: {message.write_error.strerror}"
-            )
-        if failure is None:
-            assert message.receive_file is not None
-            request = StoreRequest(
-                sop_class_uid=command.affected_sop_class_uid,
-                sop_instance_uid=command.affected_sop_instance_uid,
-                transfer_syntax=self._contexts[message.context_id][1],
-                calling_ae_title=source_ae_title(self._calling),
-                received_file=message.receive_file,
-            )
-            try:
-                instance, stored = self._ingest.receive(request)
-            except StoreFailure as refused:
-                failure = refused
-            except Exception as error:
-                LOG.exception("store failed unexpectedly", extra={**self._who(), "error": type(error).__name__})
-                failure = StoreFailure(Status.OUT_OF_RESOURCES, "internal error, retry later")
-            else:
-                milliseconds = round((time.monotonic() - message.started) * 1000, 1)
-                self._metrics.object_stored(instance.size, milliseconds)
-                LOG.info(
-                    "replaced" if stored.replaced else "stored",
-                    extra={
-                        **self._who(),
-                        "sop_class_uid": instance.sop_class_uid,
-                        "sop_instance_uid": instance.sop_instance_uid,
-                        "study_instance_uid": instance.study_instance_uid,
-                        "series_instance_uid": instance.series_instance_uid,
-                        "transfer_syntax": instance.transfer_syntax,
-                        "bytes": instance.size,
-                        "milliseconds": milliseconds,
-                        "location": stored.location,
-                    },
-                )
-        if failure is not None:
-            status, comment = failure.status, failure.reason
-            self._metrics.store_failed(failure.status)
-            LOG.warning(
-                "store failed",
-                extra={
-                    **self._who(),
-                    "status": f"0x{failure.status:04X}",
-                    "reason": failure.reason,
-                    "sop_instance_uid": printable(command.affected_sop_instance_uid),
-                },
-            )
-        if message.receive_file is not None:
-            remove_quietly(message.receive_file)  # uploaded, refused, or already renamed into the store
+        assert message.store is not None
+        status, comment = self._handler.end(message.store, self._who())
         self._respond(message, status, comment)
 
     def _respond(self, message: _Message, status: int, comment: str | None = None) -> None:
@@ -375,16 +271,12 @@ class Association:
     # -- plumbing ----------------------------------------------------------------------------------------------
 
     def _discard_message(self) -> None:
-        message = self._message
-        if message is None:
+        message, self._message = self._message, None
+        if message is None or message.store is None:
             return
-        if message.receive_file is not None and message.receive_file.exists():
-            LOG.warning("incomplete objects discarded", extra={**self._who(), "objects": 1})
-        if message.handle is not None:
-            message.handle.close()
-            message.handle = None
         if message.receive_file is not None:
-            remove_quietly(message.receive_file)
+            LOG.warning("incomplete objects discarded", extra={**self._who(), "objects": 1})
+        message.store.discard()
 
     def _send(self, data: bytes) -> None:
         with self._send_lock:

@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from scp.instances import ReceivedInstance
 from scp.metrics import Metrics
-from scp.storage import ReceivedInstance
 
 LOG = logging.getLogger(__name__)
 

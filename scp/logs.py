@@ -10,6 +10,13 @@ from typing import Any
 
 # Attributes every LogRecord has; anything else was passed through `extra=` and belongs in the JSON.
 _RESERVED = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
+_LOGGED_VALUE_MAX = 70  # enough for any real UID or AE title; crafted input stays out of the log
+
+
+def printable(value: object) -> str:
+    """A received value made safe for a log line: printable ASCII, bounded length."""
+    text = "".join(char if 0x20 <= ord(char) < 0x7F else "?" for char in str(value))
+    return text if len(text) <= _LOGGED_VALUE_MAX else text[:_LOGGED_VALUE_MAX] + "..."
 
 
 class JsonFormatter(logging.Formatter):

@@ -41,11 +41,3 @@ def part10_header(sop_class_uid: str, sop_instance_uid: str, transfer_syntax: st
     )
     group_length = _element(0x0002, 0x0000, b"UL", struct.pack("<L", len(elements)))
     return _PREAMBLE + group_length + elements
-
-
-def dataset_offset(header: bytes) -> int:
-    """Where the data set starts in a Part-10 file beginning with ``header`` (at least 144 bytes)."""
-    if header[128:132] != b"DICM" or header[132:136] != b"\x02\x00\x00\x00" or header[136:138] != b"UL":
-        raise ValueError("not a Part-10 file with a File Meta Information Group Length")
-    (group_length,) = struct.unpack("<L", header[140:144])
-    return 144 + int(group_length)

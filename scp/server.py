@@ -9,10 +9,9 @@ import time
 
 from scp.association import Association, Registry
 from scp.config import Settings
-from scp.ingest import Ingest
+from scp.handlers import StoreHandler
 from scp.metrics import Metrics
 from scp.negotiation import Policy
-from scp.spool import Spool
 
 LOG = logging.getLogger(__name__)
 
@@ -25,12 +24,11 @@ _ACCEPT_POLL_SECONDS = 1.0
 
 
 class Listener:
-    def __init__(self, settings: Settings, ingest: Ingest, spool: Spool, metrics: Metrics) -> None:
+    def __init__(self, settings: Settings, handler: StoreHandler, metrics: Metrics) -> None:
         self._settings = settings
         self._metrics = metrics
         self._policy = Policy(settings)
-        self._ingest = ingest
-        self._spool = spool
+        self._handler = handler
         self.registry = Registry()
         self._connections = 0
         self._connections_lock = threading.Lock()
@@ -77,7 +75,7 @@ class Listener:
             # ACK can hold every C-STORE response for ~40 ms.
             connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             association = Association(
-                connection, address, self._settings, self._policy, self._ingest, self._spool, self.registry,
+                connection, address, self._settings, self._policy, self._handler, self.registry,
                 self._metrics, on_end=self._connection_ended,
             )  # fmt: skip
             threading.Thread(target=association.run, name=f"association-{address[0]}:{address[1]}", daemon=True).start()
@@ -87,9 +85,9 @@ class Listener:
             self._connections -= 1
 
 
-def start(settings: Settings, spool: Spool, ingest: Ingest, metrics: Metrics) -> Listener:
+def start(settings: Settings, handler: StoreHandler, metrics: Metrics) -> Listener:
     """Listen on the configured address and serve associations on background threads."""
-    listener = Listener(settings, ingest, spool, metrics)
+    listener = Listener(settings, handler, metrics)
     listener.start()
     return listener
 

@@ -5,8 +5,6 @@ Files here are never visible under a final name; a crash leaves them behind, and
 
 from __future__ import annotations
 
-import contextlib
-import os
 import shutil
 import uuid
 from pathlib import Path
@@ -29,8 +27,3 @@ class Spool:
 
     def new_path(self, suffix: str) -> Path:
         return self.directory / f"{uuid.uuid4().hex}{suffix}"
-
-
-def remove_quietly(path: Path) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)

@@ -2,30 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 from typing import Protocol
 
-
-@dataclass(frozen=True)
-class ReceivedInstance:
-    """One received object, its identifying UIDs already validated."""
-
-    sop_class_uid: str
-    sop_instance_uid: str
-    study_instance_uid: str
-    series_instance_uid: str
-    transfer_syntax: str
-    calling_ae_title: str
-    size: int
-    received_at: datetime
-
-
-@dataclass(frozen=True)
-class StoredInstance:
-    location: str
-    replaced: bool
+from scp.instances import ReceivedInstance, StoredInstance
 
 
 class Store(Protocol):

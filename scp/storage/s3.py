@@ -15,9 +15,9 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from scp.batches import Batch, Batches, BatchLimits, manifest_body
 from scp.config import Settings
+from scp.instances import ReceivedInstance, StoredInstance
 from scp.metrics import Metrics
 from scp.status import Status, StoreFailure
-from scp.storage import ReceivedInstance, StoredInstance
 
 LOG = logging.getLogger(__name__)
 

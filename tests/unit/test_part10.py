@@ -1,11 +1,12 @@
 from __future__ import annotations
 
 import io
+import struct
 
 import pydicom
 
 from scp import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
-from scp.part10 import dataset_offset, part10_header
+from scp.part10 import part10_header
 
 
 def test_header_is_a_valid_file_meta_that_pydicom_reads() -> None:
@@ -17,4 +18,5 @@ def test_header_is_a_valid_file_meta_that_pydicom_reads() -> None:
     assert meta.ImplementationClassUID == IMPLEMENTATION_CLASS_UID
     assert meta.ImplementationVersionName == IMPLEMENTATION_VERSION_NAME
     assert meta.SourceApplicationEntityTitle == "CT1"
-    assert dataset_offset(header) == len(header)
+    # The group length covers exactly what follows it: the data set starts where the header ends.
+    assert struct.unpack("<L", header[140:144])[0] == len(header) - 144

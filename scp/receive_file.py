@@ -1,0 +1,107 @@
+"""The spool file of one object being received: writes every byte or says why not, and knows what it holds.
+
+It is the only code that writes, sizes or removes the file; the store takes it over by its path once complete.
+A full disk answers a write with a short count before it raises ENOSPC, so every count is checked: a file that
+lost a byte is never handed on, and it is removed at once so the space comes back to the other associations.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+from pathlib import Path
+
+from scp.dataset_header import DatasetIdentity, read_identity
+from scp.status import Status, StoreFailure
+
+# Created like open(path, "xb+"): a fresh file the store may rename into place, readable as the umask allows.
+_FLAGS = os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+_MODE = 0o666
+# The identity reader steps over small element headers; a buffer turns them into few system calls.
+_READ_BUFFER = 64 * 1024
+
+
+class ReceiveFile:
+    """A Part-10 header, then the data set fragments exactly as they arrive."""
+
+    def __init__(self, path: Path, header: bytes) -> None:
+        self.path = path
+        self.header_length = len(header)
+        self.bytes_received = 0  # data set bytes, whether or not they could be written
+        self._error: OSError | None = None
+        self._descriptor = os.open(path, _FLAGS, _MODE)  # -1 once closed
+        self._write(header)
+
+    def write(self, data: memoryview) -> None:
+        """Append one data set fragment; after a failed write the rest is counted, not written."""
+        self.bytes_received += len(data)
+        if self._error is not None:
+            return
+        try:
+            # One system call per fragment, as an unbuffered file would make; the loop only runs on a short count.
+            written = os.write(self._descriptor, data)
+        except OSError as error:
+            self._fail(error)
+            return
+        if written != len(data):
+            self._write(data[written:])
+
+    def complete(self, transfer_syntax: str) -> DatasetIdentity:
+        """Check that every received byte is in the file, read the data set's identity, close the file.
+
+        Raises ``StoreFailure`` (0xA700 when a write failed: the sender may retry once there is room).
+        """
+        if self._error is not None:
+            raise StoreFailure(Status.OUT_OF_RESOURCES, f"receive spool write failed: {self._error.strerror}")
+        descriptor = self._descriptor
+        try:
+            size = os.fstat(descriptor).st_size
+            if size != self.header_length + self.bytes_received:
+                raise StoreFailure(
+                    Status.OUT_OF_RESOURCES,
+                    f"receive spool holds {size - self.header_length} of {self.bytes_received} bytes",
+                )
+            return self._identity(descriptor, transfer_syntax)
+        except OSError as error:
+            raise StoreFailure(Status.OUT_OF_RESOURCES, f"receive spool failed: {error.strerror}") from error
+        finally:
+            self._close()
+
+    def discard(self) -> None:
+        """Close and remove the file, if it is still here (a store that renamed it has taken it over)."""
+        self._close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+
+    @property
+    def failed(self) -> bool:
+        return self._error is not None
+
+    def _write(self, data: bytes | memoryview) -> None:
+        descriptor = self._descriptor
+        view = memoryview(data)
+        try:
+            while view:
+                written = os.write(descriptor, view)
+                if written <= 0:  # a regular file never does this; refuse rather than spin
+                    raise OSError(0, "write made no progress")
+                view = view[written:]
+        except OSError as error:
+            self._fail(error)
+
+    def _fail(self, error: OSError) -> None:
+        self._error = error
+        self.discard()  # free the space now: the rest of this object is only counted
+
+    def _identity(self, descriptor: int, transfer_syntax: str) -> DatasetIdentity:
+        # Read through our own descriptor: no second open, and the data set starts where our header ends.
+        os.lseek(descriptor, self.header_length, os.SEEK_SET)
+        raw = io.FileIO(descriptor, "rb", closefd=False)
+        with io.BufferedReader(raw, _READ_BUFFER) as reader:
+            return read_identity(reader, self.bytes_received, transfer_syntax)
+
+    def _close(self) -> None:
+        descriptor, self._descriptor = self._descriptor, -1
+        if descriptor >= 0:
+            os.close(descriptor)
