@@ -1,8 +1,8 @@
 """Read the identifying UIDs from a received data set without decoding it or holding it in memory.
 
-The walker steps over top-level elements (seeking past values and nested sequences) until it passes
-(0020,000E), so its cost does not depend on the size of the pixel data, and a crafted data set can make it
-read at most a bounded amount.
+The walker steps over top-level elements (seeking past values and nested sequences) until it has read the four
+identifying UIDs, so its cost does not depend on the size of the pixel data; a crafted data set can make it read
+at most a bounded amount and step over at most a bounded number of elements.
 """
 
 from __future__ import annotations
@@ -43,6 +43,11 @@ _MAX_DEPTH = 16
 _MAX_INFLATED_HEADER = 16 * 1024 * 1024
 # A UID is at most 64 characters; a longer value is read only far enough to reject it.
 _MAX_UID_VALUE = 128
+# Element headers (nested ones and sequence items included) the walker reads before it must have found the
+# identifying UIDs. Real objects carry a few hundred before (0020,000E); each costs microseconds of CPU, so this
+# keeps a crafted data set of millions of tiny elements to a fraction of a second.
+MAX_ELEMENTS = 100_000
+_FILE_META_GROUP = 0x0002
 
 
 @dataclass(frozen=True)
@@ -121,8 +126,12 @@ class _Walker:
         self._source = source
         self._implicit = transfer_syntax == IMPLICIT_VR_LITTLE_ENDIAN
         self._endian = ">" if transfer_syntax == EXPLICIT_VR_BIG_ENDIAN else "<"
+        self._elements_left = MAX_ELEMENTS
 
     def _tag(self, implicit: bool) -> int:
+        self._elements_left -= 1
+        if self._elements_left < 0:
+            raise StoreFailure(Status.CANNOT_UNDERSTAND, f"data set has over {MAX_ELEMENTS} elements before its UIDs")
         endian = "<" if implicit else self._endian
         group, element = struct.unpack(endian + "HH", self._source.read(4))
         return int(group << 16 | element)
@@ -158,6 +167,14 @@ class _Walker:
             elements += 1
             if tag >= PIXEL_DATA:
                 break  # nothing identifying follows the pixel data
+            if tag >> 16 == _FILE_META_GROUP:
+                # PS3.10 7.1: group 0002 belongs to the file meta, which we write from the command. Readers that
+                # take every leading group 0002 element as file meta would read these as ours (a transfer
+                # syntax, a SOP instance), so the stored file would say something other than what was sent.
+                raise StoreFailure(
+                    Status.CANNOT_UNDERSTAND,
+                    f"data set holds file meta element (0002,{tag & 0xFFFF:04X})",
+                )
             if tag in _WANTED:
                 found[tag] = self._uid_value(length)
             elif length == _UNDEFINED:

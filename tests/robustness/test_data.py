@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import struct
+import time
 import warnings
 import zlib
 from pathlib import Path
@@ -187,3 +189,43 @@ def assert_log_is_clean(watched: Watched) -> None:
     for line in text.splitlines():
         json.loads(line)
     assert not any(ord(char) < 0x20 and char != "\n" for char in text)
+
+
+def process_cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+def test_a_million_small_elements_are_refused_with_a_clear_status_in_bounded_time(
+    watched: Watched, tmp_path: Path
+) -> None:
+    dataset = ct(tmp_path)
+    tiny = b"".join(
+        struct.pack("<HH2sH", 0x0009 + 2 * (index // 0xF000), 0x1000 + index % 0xF000, b"LO", 0)
+        for index in range(1_000_000)
+    )
+    sop = explicit(0x0008, 0x0016, b"UI", wire.uid(str(dataset.SOPClassUID))) + explicit(
+        0x0008, 0x0018, b"UI", wire.uid(str(dataset.SOPInstanceUID))
+    )
+    study_series = explicit(0x0020, 0x000D, b"UI", wire.uid(str(dataset.StudyInstanceUID))) + explicit(
+        0x0020, 0x000E, b"UI", wire.uid(str(dataset.SeriesInstanceUID))
+    )
+    cpu_before, started = process_cpu_seconds(watched.pid), time.monotonic()
+    status = store(watched, dataset.SOPInstanceUID, sop + tiny + study_series)
+    elapsed, cpu = time.monotonic() - started, process_cpu_seconds(watched.pid) - cpu_before
+    assert_refused_without_trace(watched, status, CANNOT_UNDERSTAND)
+    (failure,) = watched.log_messages("store failed")
+    assert "elements before its UIDs" in failure["reason"], failure
+    # Receiving 8 MB and walking the capped number of elements; a full walk of a million costs several times this.
+    assert cpu < 1.5 and elapsed < 10, (cpu, elapsed)
+
+
+def test_file_meta_elements_inside_the_data_set_are_refused(watched: Watched, tmp_path: Path) -> None:
+    dataset = ct(tmp_path)
+    # Group 0002 sorts first: readers that take leading group 0002 elements as file meta would believe these.
+    forged = explicit(0x0002, 0x0010, b"UI", wire.uid("1.2.840.10008.1.2.4.50"))
+    status = store(watched, dataset.SOPInstanceUID, forged + encode(dataset))
+    assert_refused_without_trace(watched, status, CANNOT_UNDERSTAND)
+    (failure,) = watched.log_messages("store failed")
+    assert "file meta element (0002,0010)" in failure["reason"]
+    assert not [p for p in watched.daemon.stored_files() if p.stem == dataset.SOPInstanceUID]

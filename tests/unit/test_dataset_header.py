@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import struct
+import time
 import zlib
 
 import pytest
@@ -12,7 +13,7 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
 from pydicom.sequence import Sequence
 
-from scp.dataset_header import read_identity
+from scp.dataset_header import MAX_ELEMENTS, read_identity
 from scp.status import Status, StoreFailure
 
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
@@ -134,3 +135,53 @@ def test_elements_out_of_order_are_read_on() -> None:
 
     raw = ui(0x18, b"1.2\x00") + ui(0x16, b"1.5\x00") + ui(0x10E, b"3.4\x00") + ui(0x10D, b"3.3\x00")
     assert identity_of(raw, EXPLICIT_LE) == ("1.5", "1.2", "3.3", "3.4")
+
+
+def tiny_elements(count: int) -> bytes:
+    """``count`` empty private elements in tag order, between the SOP and the study elements."""
+    return b"".join(
+        struct.pack("<HH2sH", 0x0009 + 2 * (index // 0xF000), 0x1000 + index % 0xF000, b"LO", 0)
+        for index in range(count)
+    )
+
+
+def ui(group: int, element: int, value: bytes) -> bytes:
+    return struct.pack("<HH2sH", group, element, b"UI", len(value)) + value
+
+
+SOP = ui(0x0008, 0x0016, b"1.2.840.10008.5.1.4.1.1.2\x00") + ui(0x0008, 0x0018, b"1.2.3.4.5\x00")
+STUDY_SERIES = ui(0x0020, 0x000D, b"1.2.3\x00") + ui(0x0020, 0x000E, b"1.2.3.4\x00")
+
+
+def test_elements_up_to_the_cap_are_read() -> None:
+    raw = SOP + tiny_elements(MAX_ELEMENTS - 10) + STUDY_SERIES
+    assert identity_of(raw, EXPLICIT_LE) == EXPECTED
+
+
+def test_a_million_tiny_elements_are_refused_at_the_cap_in_bounded_time() -> None:
+    raw = SOP + tiny_elements(1_000_000) + STUDY_SERIES
+    started = time.process_time()
+    failure = refuses(raw, EXPLICIT_LE)
+    assert f"over {MAX_ELEMENTS} elements" in failure.reason
+    # The cap, not the data set, bounds the work: well under the seconds a full walk of a million costs.
+    assert time.process_time() - started < 1.0
+
+
+def test_items_of_a_sequence_count_toward_the_cap() -> None:
+    item = struct.pack("<HHL", 0xFFFE, 0xE000, 0)
+    sequence = struct.pack("<HH2sHL", 0x0008, 0x1140, b"SQ", 0, 0xFFFFFFFF) + item * (MAX_ELEMENTS + 1)
+    raw = SOP + sequence + struct.pack("<HHL", 0xFFFE, 0xE0DD, 0) + STUDY_SERIES
+    assert "elements" in refuses(raw, EXPLICIT_LE).reason
+
+
+def test_the_walk_stops_once_the_identifying_uids_are_read() -> None:
+    # What follows the series element is never looked at, however much of it there is and whatever it is.
+    raw = SOP + STUDY_SERIES + b"\xff" * 100_000
+    assert identity_of(raw, EXPLICIT_LE) == EXPECTED
+
+
+@pytest.mark.parametrize("syntax", [EXPLICIT_LE, IMPLICIT_LE])
+def test_file_meta_elements_inside_the_data_set_are_refused(syntax: str) -> None:
+    ds = dataset()
+    ds.add_new(0x00020010, "UI", "1.2.840.10008.1.2.4.50")  # a transfer syntax that would misname the pixel data
+    assert "(0002,0010)" in refuses(encode(ds, syntax), syntax).reason
