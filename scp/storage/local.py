@@ -1,4 +1,8 @@
-"""Local disk store: fsync, atomic rename into <Study>/<Series>/<SOP>.dcm, fsync of the directory."""
+"""Local disk store: fsync, atomic rename into <Study>/<Series>/<SOP>.dcm, fsync of the directory.
+
+Every directory on the path of an acknowledged object is durable in its parent before the object is acknowledged,
+whichever association created it.
+"""
 
 from __future__ import annotations
 
@@ -7,15 +11,22 @@ import logging
 import os
 from pathlib import Path
 
+from scp.instances import ReceivedInstance, StoredInstance
 from scp.status import Status, StoreFailure
-from scp.storage import ReceivedInstance, StoredInstance
 
 LOG = logging.getLogger(__name__)
+
+# Directories known durable in their parents: a store below one of them needs no fsync of that parent. Forgetting
+# them all past this many costs one fsync per parent again, never durability.
+_DURABLE_DIRECTORIES_MAX = 65536
 
 
 class LocalStore:
     def __init__(self, root: Path) -> None:
         self.root = root.resolve()
+        # Shared by every association's thread; set operations are atomic under the interpreter lock, and a
+        # directory is added only after its own fsync, so a race costs at most a second fsync.
+        self._durable: set[Path] = set()
 
     def path_for(self, instance: ReceivedInstance) -> Path:
         names = (instance.study_instance_uid, instance.series_instance_uid, f"{instance.sop_instance_uid}.dcm")
@@ -29,9 +40,16 @@ class LocalStore:
         final = self.path_for(instance)
         try:
             _fsync_file(staged)
-            _make_directories(final.parent, self.root)
+            self._make_durable(final.parent)
             replaced = final.exists()
-            os.replace(staged, final)
+            try:
+                os.replace(staged, final)
+            except FileNotFoundError:
+                # A directory was removed behind our back (an operator clearing old studies): forget what was
+                # known durable and make the path again.
+                self._durable.clear()
+                self._make_durable(final.parent)
+                os.replace(staged, final)
             _fsync_directory(final.parent)
         except OSError as error:
             raise StoreFailure(Status.OUT_OF_RESOURCES, _describe(error)) from error
@@ -39,6 +57,28 @@ class LocalStore:
 
     def close(self) -> None:
         """Every object is durable when its store returns; nothing is pending."""
+
+    def _make_durable(self, directory: Path) -> None:
+        """Create ``directory`` as needed and make its entry, and every entry above it up to the root's own, durable.
+
+        An association that finds a directory another one has just created cannot know whether that one has
+        fsync'd its parent yet, so existence proves nothing: only a directory this process has seen made durable
+        is skipped.
+        """
+        if directory in self._durable:
+            return
+        if directory != self.root:
+            self._make_durable(directory.parent)
+            try:
+                directory.mkdir()
+            except FileExistsError:
+                if not directory.is_dir():
+                    raise
+                # Another association created it a moment ago, or an earlier run did: fsync its parent anyway.
+        _fsync_directory(directory.parent)
+        if len(self._durable) >= _DURABLE_DIRECTORIES_MAX:
+            self._durable.clear()
+        self._durable.add(directory)
 
 
 def _fsync_file(path: Path) -> None:
@@ -56,21 +96,6 @@ def _fsync_directory(path: Path) -> None:
         os.fsync(descriptor)
     finally:
         os.close(descriptor)
-
-
-def _make_directories(directory: Path, root: Path) -> None:
-    """Create ``directory`` and make each new entry durable in its parent, so a rename below it survives a crash."""
-    missing = []
-    current = directory
-    while current != root and not current.is_dir():
-        missing.append(current)
-        current = current.parent
-    for created in reversed(missing):
-        try:
-            created.mkdir()
-        except FileExistsError:
-            continue  # another association created it a moment ago
-        _fsync_directory(created.parent)
 
 
 def _describe(error: OSError) -> str:
