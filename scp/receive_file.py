@@ -74,10 +74,6 @@ class ReceiveFile:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)
 
-    @property
-    def failed(self) -> bool:
-        return self._error is not None
-
     def _write(self, data: bytes | memoryview) -> None:
         descriptor = self._descriptor
         view = memoryview(data)
