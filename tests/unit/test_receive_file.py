@@ -1,0 +1,103 @@
+"""The receive file: every byte received is in the file, or the object is refused with 0xA700 and the file gone."""
+
+from __future__ import annotations
+
+import json
+import struct
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+from scp.part10 import part10_header
+from scp.receive_file import ReceiveFile
+from scp.status import Status
+
+EXPLICIT_LE = "1.2.840.10008.1.2.1"
+CT = "1.2.840.10008.5.1.4.1.1.2"
+
+
+def ui(group: int, element: int, value: bytes) -> bytes:
+    return struct.pack("<HH2sH", group, element, b"UI", len(value)) + value
+
+
+DATA_SET = (
+    ui(0x0008, 0x0016, CT.encode() + b"\x00")
+    + ui(0x0008, 0x0018, b"1.2.3.4.5\x00")
+    + ui(0x0020, 0x000D, b"1.2.3\x00")
+    + ui(0x0020, 0x000E, b"1.2.3.4\x00")
+    + struct.pack("<HH2sHL", 0x7FE0, 0x0010, b"OW", 0, 30_000)
+    + bytes(range(256)) * 117
+    + b"\x00" * 48
+)
+HEADER = part10_header(CT, "1.2.3.4.5", EXPLICIT_LE, "CT1")
+
+
+def fragments(size: int) -> Iterator[memoryview]:
+    view = memoryview(DATA_SET)
+    for start in range(0, len(DATA_SET), size):
+        yield view[start : start + size]
+
+
+def test_every_byte_is_written_behind_the_header_and_the_identity_read_back(tmp_path: Path) -> None:
+    received = ReceiveFile(tmp_path / "object.rx", HEADER)
+    for fragment in fragments(7_001):
+        received.write(fragment)
+    identity = received.complete(EXPLICIT_LE)
+    assert (identity.sop_instance_uid, identity.series_instance_uid) == ("1.2.3.4.5", "1.2.3.4")
+    assert received.header_length == len(HEADER) and received.bytes_received == len(DATA_SET)
+    assert received.path.read_bytes() == HEADER + DATA_SET
+    received.discard()
+    assert not received.path.exists()
+
+
+# Run in one child process: RLIMIT_FSIZE binds every file the process writes, the test runner's own included. The
+# kernel answers a write crossing it with a short count, then EFBIG, just as a full disk does with ENOSPC.
+_UNDER_FILE_SIZE_LIMITS = """
+import json, resource, signal, sys
+from pathlib import Path
+from scp.receive_file import ReceiveFile
+from scp.status import StoreFailure
+header, data_set = Path(sys.argv[1]).read_bytes(), Path(sys.argv[2]).read_bytes()
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the limit is an error, not the end of the process
+outcomes = []
+for limit, directory in zip(sys.argv[3::2], sys.argv[4::2]):
+    resource.setrlimit(resource.RLIMIT_FSIZE, (int(limit), resource.RLIM_INFINITY))
+    received = ReceiveFile(Path(directory) / "object.rx", header)
+    present = []
+    for start in range(0, len(data_set), 7_001):
+        received.write(memoryview(data_set)[start : start + 7_001])
+        present.append(received.path.exists())
+    try:
+        received.complete("1.2.840.10008.1.2.1")
+        outcome = {"status": 0, "reason": ""}
+    except StoreFailure as refused:
+        outcome = {"status": int(refused.status), "reason": refused.reason}
+    received.discard()
+    left = [p.name for p in Path(directory).iterdir()]
+    outcomes.append({**outcome, "present": present, "received": received.bytes_received, "left": left})
+print(json.dumps(outcomes))
+"""
+
+
+def test_a_short_write_refuses_the_object_and_frees_the_room_mid_fragment_or_in_the_header(tmp_path: Path) -> None:
+    (tmp_path / "header.bin").write_bytes(HEADER)
+    (tmp_path / "data.bin").write_bytes(DATA_SET)
+    limits = {"mid-fragment": len(HEADER) + 10_000, "header": 100}  # the first inside the second fragment
+    arguments = []
+    for name, limit in limits.items():
+        (tmp_path / name).mkdir()
+        arguments += [str(limit), str(tmp_path / name)]
+    result = subprocess.run(
+        [sys.executable, "-c", _UNDER_FILE_SIZE_LIMITS, str(tmp_path / "header.bin"), str(tmp_path / "data.bin"),
+         *arguments],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    mid_fragment, header = json.loads(result.stdout)
+    assert mid_fragment["present"][0] and not mid_fragment["present"][-1], "removed as soon as a write fails"
+    assert not any(header["present"])
+    for outcome in (mid_fragment, header):
+        assert outcome["received"] == len(DATA_SET)
+        assert outcome["status"] == Status.OUT_OF_RESOURCES and "write failed" in outcome["reason"]
+        assert outcome["left"] == []
