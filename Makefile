@@ -39,9 +39,9 @@ $(RUNTIME): pyproject.toml
 venv: $(INSTALLED) ## Create the virtual environment with the daemon and the test tools
 
 .PHONY: dcmtk
-dcmtk: ## Install DCMTK (storescu, echoscu, storescp) when missing
-	@command -v storescu >/dev/null || { $(SUDO) apt-get update -qq && \
-		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq dcmtk; }
+dcmtk: ## Install DCMTK (storescu, echoscu, storescp) and strace (the durability tests trace fsync) when missing
+	@{ command -v storescu && command -v strace; } >/dev/null || { $(SUDO) apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq dcmtk strace; }
 
 # ---------------------------------------------------------------------------------------------------------------
 # The daemon

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -120,4 +122,45 @@ def test_storage_failure_answers_out_of_resources_and_the_daemon_serves_on(tmp_p
         assert storescu_process(daemon, instance).wait(timeout=60) == 0
         assert len(daemon.stored_files()) == 1
     finally:
+        daemon.stop()
+
+
+_FSYNC = re.compile(r"fsync\(\d+<([^>]*)>\) = 0")
+
+
+def test_directories_another_association_just_created_are_durable_before_success(tmp_path: Path) -> None:
+    """The daemon is traced while it stores into a study and series directory that exist but, as far as it knows,
+    are not yet durable (another association may have made them a moment ago): it fsyncs the parent of each before
+    it answers, not only the series directory that receives the file."""
+    assert shutil.which("strace"), "strace is not installed; `make test` installs it"
+    daemon = start_daemon(tmp_path)
+    trace = tmp_path / "fsync.trace"
+    tracer = subprocess.Popen(
+        ["strace", "-f", "-qq", "-y", "-e", "trace=fsync", "-o", str(trace), "-p", str(daemon.process.pid)],
+        stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+
+        def warm_up_traced() -> bool:
+            """One store in a study of its own: once its fsyncs show in the trace, the tracer is attached."""
+            warm_up = make_instance(tmp_path, pixel_bytes=1024)
+            assert storescu_process(daemon, warm_up).wait(timeout=60) == 0
+            return str(read(warm_up).SeriesInstanceUID) in trace.read_text()
+
+        wait_for(warm_up_traced, 30, "strace to attach to the daemon")
+        traced_before = len(trace.read_text())
+        instance = make_instance(tmp_path, pixel_bytes=4096)
+        dataset = read(instance)
+        root = daemon.storage_dir.resolve()
+        study = root / dataset.StudyInstanceUID
+        series = study / dataset.SeriesInstanceUID
+        series.mkdir(parents=True)  # as another association does, an instant before it fsyncs their parents
+        assert storescu_process(daemon, instance).wait(timeout=60) == 0
+        synced = [Path(path) for path in _FSYNC.findall(trace.read_text()[traced_before:])]
+        # The study's entry in the root, the series' entry in the study, the file's entry in the series.
+        assert [path for path in synced if path in (root, study, series)] == [root, study, series], synced
+        assert (series / f"{dataset.SOPInstanceUID}.dcm").exists()
+    finally:
+        tracer.terminate()
+        tracer.wait(timeout=30)
         daemon.stop()
