@@ -47,7 +47,8 @@ class PendingStore:
     failure: StoreFailure | None = None
 
     def discard(self) -> None:
-        """The association ended before the data set did: nothing of it stays."""
+        """Nothing of this object stays in the spool: refused, uploaded, renamed into the store already, or cut
+        short by the end of its association."""
         if self.receive_file is not None:
             self.receive_file.discard()
 
