@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -25,6 +26,10 @@ _PDU_SIZE_MAX = 4_194_304
 # HealthImaging import jobs take at most 5,000 files and 10 GB (its service quotas); batches stay below both.
 _IMPORT_JOB_MAX_FILES = 5_000
 _IMPORT_JOB_MAX_BYTES = 10_000_000_000
+
+# PS3.8 9.1.2's ARTIM timer: 30 s, unless the network timeout is shorter, which it then follows.
+_ACSE_TIMEOUT_CEILING = 30.0
+_ACSE_TIMEOUT_DEFAULT = f"min({_ACSE_TIMEOUT_CEILING:g}, NETWORK_TIMEOUT)"
 
 _TRUE = {"true", "yes", "1", "on"}
 _FALSE = {"false", "no", "0", "off"}
@@ -49,14 +54,20 @@ class Settings:
     dicom_bucket: str | None = _setting("", "S3 bucket for received objects; unset stores on local disk")
     scp_port: int = _setting("11112", "TCP port the SCP listens on")
     bind_address: str = _setting("0.0.0.0", "address the SCP listens on")  # noqa: S104 - a network service
+    proxy_protocol: bool = _setting(
+        "false", "every connection starts with a PROXY protocol v2 header (from the NLB); peers are logged from it"
+    )
     ae_title: str = _setting("STORESCP", "the SCP's AE title (1-16 characters)")
     require_called_ae_title: bool = _setting("false", "reject associations whose called AE title is not AE_TITLE")
     require_calling_ae_title: tuple[str, ...] = _setting(
         "", "comma-separated calling AE titles allowed to connect; empty allows any"
     )
     max_pool_connections: int = _setting("50", "size of the S3 client's connection pool")
+    aws_region: str | None = _setting("", "AWS Region of the S3 client; empty follows the standard AWS chain")
     dimse_timeout: float = _setting("60", "seconds to wait for a DIMSE message")
-    acse_timeout: float = _setting("30", "seconds to wait for the association request after connecting")
+    acse_timeout: float = _setting(
+        _ACSE_TIMEOUT_DEFAULT, "seconds to wait for the association request (and PROXY header) after connecting"
+    )
     network_timeout: float = _setting("90", "seconds of silence before an association is aborted")
     maximum_associations: int = _setting("300", "concurrent associations; more are rejected (local limit)")
     maximum_pdu_size: int = _setting("0", f"largest PDU received, bytes; 0 means {DEFAULT_MAXIMUM_PDU_SIZE}")
@@ -84,13 +95,19 @@ class Settings:
         values: dict[str, Any] = {}
         for spec in fields(cls):
             name = spec.name.upper()
-            raw = env.get(name, spec.metadata["default"]).strip()
+            raw = env.get(name, "").strip()
+            if not raw and spec.name in _DERIVED_DEFAULTS:
+                continue  # follows another setting, filled in below
+            if name not in env:
+                raw = spec.metadata["default"]
             try:
                 values[spec.name] = _PARSERS[spec.name](raw)
             except ValueError as error:
                 problems.append(f"{name}: {error}, got {raw!r}")
         if not problems:
-            problems.extend(_cross_checks(values))
+            for key, derive in _DERIVED_DEFAULTS.items():
+                values.setdefault(key, derive(values))
+            problems.extend(_cross_checks(values, env))
         if problems:
             raise SettingsError(problems)
         return cls(**values)
@@ -101,10 +118,24 @@ class Settings:
         return [(spec.name.upper(), spec.metadata["default"], spec.metadata["help"]) for spec in fields(cls)]
 
 
-def _cross_checks(values: dict[str, Any]) -> list[str]:
+# Settings whose default follows other settings: unset (or empty), they are computed from the parsed values.
+_DERIVED_DEFAULTS: dict[str, Callable[[dict[str, Any]], Any]] = {
+    "acse_timeout": lambda values: min(_ACSE_TIMEOUT_CEILING, values["network_timeout"]),
+}
+
+
+def _cross_checks(values: dict[str, Any], env: Mapping[str, str]) -> list[str]:
     problems = []
     if values["acse_timeout"] > values["network_timeout"]:
-        problems.append("ACSE_TIMEOUT: must not exceed NETWORK_TIMEOUT")
+        # Only a set ACSE_TIMEOUT can get here (its default follows NETWORK_TIMEOUT); say whether the other
+        # side is a default, so an admin knows which variable to set.
+        network = f"{values['network_timeout']:g}"
+        if "NETWORK_TIMEOUT" not in env:
+            network += ", its default"
+        problems.append(
+            f"ACSE_TIMEOUT: {values['acse_timeout']:g} exceeds NETWORK_TIMEOUT ({network}); set NETWORK_TIMEOUT to "
+            f"at least {values['acse_timeout']:g}, or ACSE_TIMEOUT to at most {values['network_timeout']:g}"
+        )
     return problems
 
 
@@ -195,6 +226,18 @@ def _bucket(raw: str) -> str | None:
     return raw
 
 
+# Region names: us-east-1, eu-west-2, us-gov-west-1, cn-north-1, ...
+_REGION = re.compile(r"[a-z]{2}(-[a-z]+)+-[0-9]+")
+
+
+def _region(raw: str) -> str | None:
+    if not raw:
+        return None
+    if not _REGION.fullmatch(raw):
+        raise ValueError("expected an AWS Region name such as eu-west-2")
+    return raw
+
+
 def _address(raw: str) -> str:
     try:
         ipaddress.ip_address(raw)
@@ -213,10 +256,12 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "dicom_bucket": _bucket,
     "scp_port": _integer(1, 65535),
     "bind_address": _address,
+    "proxy_protocol": _boolean,
     "ae_title": parse_ae_title,
     "require_called_ae_title": _boolean,
     "require_calling_ae_title": _ae_title_list,
     "max_pool_connections": _integer(1, 1000),
+    "aws_region": _region,
     "dimse_timeout": _seconds(1, 3600),
     "acse_timeout": _seconds(1, 3600),
     "network_timeout": _seconds(1, 3600),

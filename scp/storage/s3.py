@@ -51,7 +51,8 @@ def _attempt_timeouts(settings: Settings) -> tuple[float, float]:
 
 
 def s3_client(settings: Settings) -> Any:
-    """An S3 client from the standard credential and region chain; AWS_ENDPOINT_URL is honoured by boto3.
+    """An S3 client in AWS_REGION, else the standard region chain; credentials from the standard chain, and
+    AWS_ENDPOINT_URL is honoured by boto3 (botocore itself reads AWS_DEFAULT_REGION only, never AWS_REGION).
 
     botocore does not retry on its own: its retries would run outside the store's deadline, so the one retry
     policy is ``S3Store._upload``'s, which knows how long the modality still waits.
@@ -64,7 +65,7 @@ def s3_client(settings: Settings) -> Any:
         retries={"mode": "standard", "total_max_attempts": 1},
         request_checksum_calculation="when_supported",
     )
-    return boto3.session.Session().client("s3", config=config)
+    return boto3.session.Session(region_name=settings.aws_region).client("s3", config=config)
 
 
 class S3Store:

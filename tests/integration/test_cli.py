@@ -61,3 +61,15 @@ def test_port_in_use_is_one_clear_error(daemon: Daemon, tmp_path: Path) -> None:
     result = run(SCP_PORT=str(daemon.port), BIND_ADDRESS="127.0.0.1", STORAGE_DIR=str(tmp_path / "other"))
     assert result.returncode == 1
     assert '"message": "cannot start"' in result.stdout
+
+
+def test_network_timeout_alone_starts(daemon_factory) -> None:  # type: ignore[no-untyped-def]
+    # ACSE_TIMEOUT's default follows a NETWORK_TIMEOUT below 30 s instead of contradicting it.
+    daemon = daemon_factory(NETWORK_TIMEOUT="10")
+    assert daemon.echo_ok()
+
+
+def test_a_conflict_with_a_default_names_the_variable_to_set(tmp_path: Path) -> None:
+    result = run(ACSE_TIMEOUT="120", STORAGE_DIR=str(tmp_path))
+    assert result.returncode == 2
+    assert "NETWORK_TIMEOUT (90, its default); set NETWORK_TIMEOUT to at least 120" in result.stderr

@@ -96,4 +96,39 @@ def test_batches_stay_inside_healthimaging_job_quotas() -> None:
 def test_documentation_lists_every_field_with_its_default() -> None:
     documented = {name: default for name, default, _ in Settings.documentation()}
     assert "SCP_PORT" in documented and documented["SCP_PORT"] == "11112"
+    # A default that follows another setting is documented as the rule, not as a value.
+    assert documented.pop("ACSE_TIMEOUT") == "min(30, NETWORK_TIMEOUT)"
     assert Settings.from_env(documented) == Settings.from_env({})
+
+
+def test_acse_timeout_follows_a_shorter_network_timeout() -> None:
+    assert Settings.from_env({}).acse_timeout == 30
+    assert Settings.from_env({"NETWORK_TIMEOUT": "10"}).acse_timeout == 10
+    assert Settings.from_env({"NETWORK_TIMEOUT": "10", "ACSE_TIMEOUT": ""}).acse_timeout == 10
+    assert Settings.from_env({"NETWORK_TIMEOUT": "45"}).acse_timeout == 30
+    assert Settings.from_env({"NETWORK_TIMEOUT": "10", "ACSE_TIMEOUT": "5"}).acse_timeout == 5
+
+
+def test_an_error_about_a_default_says_so_and_what_to_set() -> None:
+    with pytest.raises(SettingsError) as raised:
+        Settings.from_env({"ACSE_TIMEOUT": "120"})
+    assert raised.value.problems == [
+        "ACSE_TIMEOUT: 120 exceeds NETWORK_TIMEOUT (90, its default); set NETWORK_TIMEOUT to at least 120, "
+        "or ACSE_TIMEOUT to at most 90"
+    ]
+    with pytest.raises(SettingsError) as raised:
+        Settings.from_env({"ACSE_TIMEOUT": "20", "NETWORK_TIMEOUT": "10"})
+    assert raised.value.problems == [
+        "ACSE_TIMEOUT: 20 exceeds NETWORK_TIMEOUT (10); set NETWORK_TIMEOUT to at least 20, or ACSE_TIMEOUT to at most 10"
+    ]
+
+
+def test_aws_region_and_proxy_protocol() -> None:
+    assert Settings.from_env({}).aws_region is None
+    assert Settings.from_env({"AWS_REGION": "eu-west-2"}).aws_region == "eu-west-2"
+    assert Settings.from_env({"AWS_REGION": "us-gov-west-1"}).aws_region == "us-gov-west-1"
+    assert Settings.from_env({}).proxy_protocol is False
+    assert Settings.from_env({"PROXY_PROTOCOL": "true"}).proxy_protocol is True
+    with pytest.raises(SettingsError) as raised:
+        Settings.from_env({"AWS_REGION": "Europe", "PROXY_PROTOCOL": "v2"})
+    assert [problem.split(":")[0] for problem in raised.value.problems] == ["PROXY_PROTOCOL", "AWS_REGION"]
