@@ -58,6 +58,12 @@ def build_store(settings: Settings, metrics: Metrics) -> Store:
 
 
 _STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+EXIT_FAILURE = 1
+
+
+def _stop_this_process() -> None:
+    """Wake the main thread's sigwait as SIGTERM would (a signal to the process, not to the calling thread)."""
+    os.kill(os.getpid(), signal.SIGTERM)
 
 
 def serve(settings: Settings) -> int:
@@ -71,10 +77,10 @@ def serve(settings: Settings) -> int:
     try:
         leftovers = spool.prepare()
         store = build_store(settings, metrics)
-        listener = server.start(settings, StoreHandler(store, spool, metrics), metrics)
+        listener = server.start(settings, StoreHandler(store, spool, metrics), metrics, _stop_this_process)
     except OSError as error:
         LOG.error("cannot start", extra={"error": str(error)})
-        return 1
+        return EXIT_FAILURE
     metrics.start()
     LOG.info(
         "listening",
@@ -93,7 +99,8 @@ def serve(settings: Settings) -> int:
     store.close()
     metrics.stop()  # after the store: closing the last batch is counted too
     LOG.info("stopped", extra={"associations_aborted": aborted})
-    return 0
+    # A listener that died leaves a process that looks alive to a TCP check: exit non-zero to be replaced.
+    return EXIT_FAILURE if listener.failure is not None else 0
 
 
 def healthcheck(settings: Settings) -> int:

@@ -13,6 +13,7 @@ import logging
 import socket
 import struct
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -22,7 +23,9 @@ from scp.config import Settings
 from scp.handlers import PendingStore, StoreHandler, handle_echo
 from scp.logs import printable
 from scp.metrics import Metrics
-from scp.negotiation import LOCAL_LIMIT_EXCEEDED, REJECT_REASONS, Policy, rejection_pdu
+from scp.negotiation import LOCAL_LIMIT_EXCEEDED, REJECT_REASONS, Policy, Rejected, rejection_pdu
+from scp.proxy_protocol import FIXED_LENGTH, ProxyHeaderError, payload_length
+from scp.proxy_protocol import parse as parse_proxy_header
 from scp.receive_file import ReceiveFile
 from scp.upper_layer import (
     AbortReason,
@@ -46,6 +49,9 @@ _MAX_COMMAND_SET = 64 * 1024
 _COMMAND_FRAGMENT = 0x01
 _LAST_FRAGMENT = 0x02
 _PROVIDER = 2
+# An A-ABORT to a peer whose receive window is full never goes out; the abort waits this long at most, for the
+# send lock (another thread may be blocked sending) and for the send itself.
+_ABORT_SEND_SECONDS = 1.0
 
 
 @dataclass
@@ -130,6 +136,8 @@ class Association:
                 self._log_end(logging.WARNING, "association aborted", reason=f"connection lost: {closed}")
             else:  # port probes and load balancer health checks connect and leave without a word
                 self._log_end(logging.DEBUG, "connection closed before an association request")
+        except ProxyHeaderError as refused:
+            self._log_end(logging.WARNING, "connection refused: no valid PROXY protocol v2 header", reason=str(refused))
         except PeerSilent as silent:
             self._abort(AbortReason.NOT_SPECIFIED)
             self._log_end(logging.WARNING, "association aborted", reason=f"timeout: {silent}")
@@ -147,7 +155,8 @@ class Association:
             self._on_end()
 
     def abort_from_outside(self) -> None:
-        """Shutdown: abort this association from another thread; its reader wakes on the closed socket."""
+        """Shutdown: abort this association from another thread within about a second, whatever its peer does;
+        its own thread wakes on the shut-down socket, in a read or in a send."""
         self._abort(AbortReason.NOT_SPECIFIED)
         with contextlib.suppress(OSError):  # already closed by its own thread
             self._socket.shutdown(socket.SHUT_RDWR)
@@ -155,30 +164,51 @@ class Association:
     # -- negotiation -------------------------------------------------------------------------------------------
 
     def _serve(self) -> None:
-        # PS3.8 9.1.2: the ARTIM timer bounds the wait for the association request.
-        timeout = self._settings.acse_timeout
-        pdu_type, body = self._reader.read(timeout, timeout, _MAX_REQUEST_PDU)
+        # PS3.8 9.1.2: the ARTIM timer bounds the wait for the association request, PROXY header included.
+        deadline = time.monotonic() + self._settings.acse_timeout
+        if self._settings.proxy_protocol:
+            self._read_proxy_header(deadline)
+        remaining = max(deadline - time.monotonic(), 0.0)
+        pdu_type, body = self._reader.read(remaining, remaining, _MAX_REQUEST_PDU)
         if pdu_type != PduType.ASSOCIATE_RQ:
             raise ProtocolError(AbortReason.UNEXPECTED_PDU, f"expected an A-ASSOCIATE-RQ, got PDU 0x{pdu_type:02X}")
         self._requested = True
+        # The AE title policy reads the fixed fields only: a refused peer costs no decoding and leaves no trace
+        # in the remembered negotiations.
         request = self._policy.decode_request(bytes(body))
         self._calling, self._called = request.calling_ae_title, request.called_ae_title
         code = self._policy.rejection(request)
         if code is None and not self._registry.admit(self, self._settings.maximum_associations):
             code = LOCAL_LIMIT_EXCEEDED
-        if code is not None:
+        accepted = None
+        if code is None:
+            try:
+                accepted = self._policy.accept(request)
+            except Rejected as rejected:
+                code = rejected.code
+        if accepted is None:
+            assert code is not None
             self._send(rejection_pdu(code))
             reason = REJECT_REASONS.get(code, "rejected")
             self._metrics.association_rejected(reason)
             LOG.warning("association rejected", extra={**self._who(), "reason": reason, "code": list(code)})
             return
-        accepted = self._policy.accept(request)
         self._contexts = accepted.contexts
         self._send(accepted.reply)
         if self._calling != HEALTHCHECK_AE_TITLE:
             self._metrics.association_accepted(self)
         LOG.log(self._level(), "association accepted", extra={**self._who(), "accepted_contexts": len(self._contexts)})
         self._data_phase()
+
+    def _read_proxy_header(self, deadline: float) -> None:
+        """PROXY protocol v2 from the load balancer: the modality's address becomes the logged peer."""
+        what = "PROXY protocol header"
+        fixed = self._reader.read_exactly(FIXED_LENGTH, max(deadline - time.monotonic(), 0.0), what)
+        length = payload_length(fixed)
+        payload = self._reader.read_exactly(length, max(deadline - time.monotonic(), 0.0), what) if length else b""
+        source = parse_proxy_header(fixed, payload).source
+        if source is not None:  # None: LOCAL, the load balancer's (or the container's) own health check
+            self._peer = f"{source[0]}:{source[1]}"
 
     # -- data transfer -----------------------------------------------------------------------------------------
 
@@ -279,25 +309,36 @@ class Association:
         message.store.discard()
 
     def _send(self, data: bytes) -> None:
+        # The deadline of the whole send: a socket timeout bounds all of sendall, not each partial write
+        # (Python 3.5+), so a peer that stops reading holds this thread NETWORK_TIMEOUT at most.
+        seconds = self._settings.network_timeout
         with self._send_lock:
             if self._aborted_by_us:
                 raise PeerClosed("association aborted")
-            self._socket.settimeout(self._settings.network_timeout)
+            self._socket.settimeout(seconds)
             try:
                 self._socket.sendall(data)
+            except TimeoutError:
+                raise PeerSilent(f"peer read nothing for {seconds:g} s") from None
             except OSError as error:
                 raise PeerClosed(str(error)) from None
 
     def _abort(self, reason: AbortReason) -> None:
-        with self._send_lock:
+        # A thread blocked sending to a peer that stopped reading holds the lock until its send deadline; the
+        # abort does not wait for that: it gives up on the A-ABORT, and the socket's shutdown ends that send.
+        if not self._send_lock.acquire(timeout=_ABORT_SEND_SECONDS):
+            self._aborted_by_us = True
+            return
+        try:
             if self._aborted_by_us:
                 return
             self._aborted_by_us = True
-            try:
-                self._socket.settimeout(1)
-                self._socket.sendall(abort(_PROVIDER, int(reason)))
-            except OSError:
-                pass  # the peer is gone already; closing is all that is left
+            self._socket.settimeout(_ABORT_SEND_SECONDS)
+            self._socket.sendall(abort(_PROVIDER, int(reason)))
+        except OSError:
+            pass  # the peer is gone already, or not reading; closing is all that is left
+        finally:
+            self._send_lock.release()
 
     def _close(self) -> None:
         with contextlib.suppress(OSError):

@@ -85,6 +85,31 @@ def _text(value: str) -> bytes:
     return raw + b" " if len(raw) % 2 else raw
 
 
+def echo_request(message_id: int) -> bytes:
+    """The encoded C-ECHO-RQ command set (PS3.7 9.3.5.1), as the health check sends it."""
+    body = b"".join(
+        [
+            _element(_AFFECTED_SOP_CLASS_UID, _uid("1.2.840.10008.1.1")),
+            _element(_COMMAND_FIELD, struct.pack("<H", C_ECHO_RQ)),
+            _element(_MESSAGE_ID, struct.pack("<H", message_id)),
+            _element(_COMMAND_DATA_SET_TYPE, struct.pack("<H", NO_DATA_SET)),
+        ]
+    )
+    return _element(0x00000000, struct.pack("<L", len(body))) + body
+
+
+def response_status(raw: bytes) -> int | None:
+    """The Status (0000,0900) of a received response command set, or None if it has none or is malformed."""
+    offset = 0
+    while offset + 8 <= len(raw):
+        tag, length = struct.unpack_from("<LL", raw, offset)
+        tag = (tag & 0xFFFF) << 16 | tag >> 16
+        if tag == _STATUS and length == 2 and offset + 10 <= len(raw):
+            return int(struct.unpack_from("<H", raw, offset + 8)[0])
+        offset += 8 + length
+    return None
+
+
 def response(request: Command, status: int, error_comment: str | None = None) -> bytes:
     """The encoded command set answering ``request`` with ``status``."""
     is_store = request.command_field == C_STORE_RQ

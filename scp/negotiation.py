@@ -1,6 +1,8 @@
 """Association negotiation (PS3.8 7.1, PS3.7 D.3.3): policy checks, presentation contexts, the reply PDU.
 
-pynetdicom decodes the A-ASSOCIATE-RQ and encodes our A-ASSOCIATE-AC/RJ; the decisions are ours.
+The AE title policy reads only the request's fixed fields; only a request it lets through has its variable items
+checked (at most 128 presentation contexts, odd distinct ids) and then decoded by pynetdicom, which also encodes
+our A-ASSOCIATE-AC/RJ; the decisions are ours.
 """
 
 from __future__ import annotations
@@ -50,6 +52,14 @@ _TRANSFER_SYNTAXES_NOT_SUPPORTED = 4
 
 _FIXED_FIELDS = 68  # PS3.8 9.3.2: protocol version, reserved, called AE, calling AE, reserved
 _NEGOTIATIONS_REMEMBERED = 64
+# A modality's request is a few kilobytes; remembering only requests up to this size bounds the memory of the
+# remembered negotiations (64 of them) to a few MiB whatever peers send.
+_REMEMBERED_REQUEST_MAX = 64 * 1024
+# PS3.8 9.3.2.2: presentation context ids are odd integers 1-255, so a request proposes at most 128 contexts;
+# with one application context and one user information item, that is every item a request may hold.
+_PRESENTATION_CONTEXT_ITEM = 0x20
+_MAX_PRESENTATION_CONTEXTS = 128
+_MAX_ITEMS = _MAX_PRESENTATION_CONTEXTS + 2
 
 
 @dataclass(frozen=True)
@@ -63,11 +73,21 @@ class _Negotiated:
 
 @dataclass(frozen=True)
 class AssociationRequest:
+    """An A-ASSOCIATE-RQ with only its fixed fields read; its variable items stay undecoded until accepted."""
+
     calling_ae_title: str
     called_ae_title: str
     protocol_version: int
     header: bytes  # the fixed fields, echoed in the reply
-    negotiated: _Negotiated
+    items: bytes  # the variable items: application context, presentation contexts, user information
+
+
+class Rejected(Exception):
+    """The request is answered with this A-ASSOCIATE-RJ (result, source, diagnostic)."""
+
+    def __init__(self, code: tuple[int, int, int]) -> None:
+        super().__init__(REJECT_REASONS.get(code, "rejected"))
+        self.code = code
 
 
 @dataclass(frozen=True)
@@ -83,7 +103,8 @@ class Policy:
 
     A modality sends the same association request every time; decoding and answering its 100-odd presentation
     contexts through pynetdicom takes tens of milliseconds, so the outcome is remembered by the request's
-    variable items (the AE titles live in the fixed fields and are checked on every request).
+    variable items (the AE titles live in the fixed fields and are checked on every request). Only requests that
+    passed the AE title policy and were accepted are remembered, so refused peers cannot evict anyone.
     """
 
     def __init__(self, settings: Settings) -> None:
@@ -106,15 +127,13 @@ class Policy:
             calling_ae_title=_ae_title(header[20:36]),
             protocol_version=int.from_bytes(header[:2], "big"),
             header=header,
-            negotiated=self._negotiation(body, items),
+            items=items,
         )
 
     def rejection(self, request: AssociationRequest) -> tuple[int, int, int] | None:
-        """The A-ASSOCIATE-RJ (result, source, diagnostic) this request gets, or None to go on."""
+        """The A-ASSOCIATE-RJ (result, source, diagnostic) the fixed fields earn, or None to go on."""
         if request.protocol_version & 0x0001 == 0:
             return PROTOCOL_VERSION_NOT_SUPPORTED
-        if request.negotiated.application_context != APPLICATION_CONTEXT:
-            return APPLICATION_CONTEXT_NOT_SUPPORTED
         allowed = self._settings.require_calling_ae_title
         if allowed and request.calling_ae_title not in allowed:
             return CALLING_AE_NOT_RECOGNISED
@@ -123,21 +142,32 @@ class Policy:
         return None
 
     def accept(self, request: AssociationRequest) -> Accepted:
-        # PS3.8 9.3.3: the A-ASSOCIATE-AC echoes the request's fixed fields (its AE titles among them).
-        body = request.header + request.negotiated.reply_items
-        return Accepted(request.negotiated.contexts, struct.pack(">BBL", 0x02, 0, len(body)) + body)
+        """Negotiate the request's presentation contexts and build the A-ASSOCIATE-AC.
 
-    def _negotiation(self, body: bytes, items: bytes) -> _Negotiated:
+        Call only once :meth:`rejection` let the request through. Raises :class:`ProtocolError` for items that
+        break PS3.8 9.3.2 and :class:`Rejected` for an application context other than DICOM's.
+        """
+        negotiated = self._negotiation(request)
+        # PS3.8 9.3.3: the A-ASSOCIATE-AC echoes the request's fixed fields (its AE titles among them).
+        body = request.header + negotiated.reply_items
+        return Accepted(negotiated.contexts, struct.pack(">BBL", 0x02, 0, len(body)) + body)
+
+    def _negotiation(self, request: AssociationRequest) -> _Negotiated:
+        items = request.items
         with self._lock:
             known = self._remembered.get(items)
             if known is not None:
                 self._remembered.move_to_end(items)
                 return known
-        negotiated = self._negotiate(body)
-        with self._lock:
-            self._remembered[items] = negotiated
-            if len(self._remembered) > _NEGOTIATIONS_REMEMBERED:
-                self._remembered.popitem(last=False)
+        check_items(items)
+        negotiated = self._negotiate(request.header + items)
+        if negotiated.application_context != APPLICATION_CONTEXT:
+            raise Rejected(APPLICATION_CONTEXT_NOT_SUPPORTED)
+        if len(items) <= _REMEMBERED_REQUEST_MAX:
+            with self._lock:
+                self._remembered[items] = negotiated
+                if len(self._remembered) > _NEGOTIATIONS_REMEMBERED:
+                    self._remembered.popitem(last=False)
         return negotiated
 
     def _negotiate(self, body: bytes) -> _Negotiated:
@@ -200,6 +230,43 @@ class Policy:
         version = ImplementationVersionNameNotification()
         version.implementation_version_name = IMPLEMENTATION_VERSION_NAME
         return [maximum, implementation, version]
+
+
+def check_items(items: bytes) -> None:
+    """Walk the request's variable items (a few hundred at most) before anything decodes them: at most 128
+    presentation contexts, each id odd 1-255 and proposed once (PS3.8 9.3.2.2), nothing beyond the request."""
+    offset = count = contexts = 0
+    seen: set[int] = set()
+    while offset < len(items):
+        if offset + 4 > len(items):
+            raise ProtocolError(AbortReason.INVALID_PDU_PARAMETER_VALUE, "A-ASSOCIATE-RQ item header truncated")
+        item_type = items[offset]
+        (length,) = struct.unpack_from(">H", items, offset + 2)
+        if offset + 4 + length > len(items):
+            raise ProtocolError(AbortReason.INVALID_PDU_PARAMETER_VALUE, "A-ASSOCIATE-RQ item runs past its end")
+        count += 1
+        if count > _MAX_ITEMS:
+            raise ProtocolError(AbortReason.INVALID_PDU_PARAMETER_VALUE, f"A-ASSOCIATE-RQ has over {_MAX_ITEMS} items")
+        if item_type == _PRESENTATION_CONTEXT_ITEM:
+            contexts += 1
+            if contexts > _MAX_PRESENTATION_CONTEXTS:
+                raise ProtocolError(
+                    AbortReason.INVALID_PDU_PARAMETER_VALUE,
+                    f"over {_MAX_PRESENTATION_CONTEXTS} presentation contexts proposed",
+                )
+            if length < 4:
+                raise ProtocolError(AbortReason.INVALID_PDU_PARAMETER_VALUE, "presentation context item too short")
+            context_id = items[offset + 4]
+            if context_id % 2 == 0:
+                raise ProtocolError(
+                    AbortReason.INVALID_PDU_PARAMETER_VALUE, f"presentation context id {context_id} is not odd 1-255"
+                )
+            if context_id in seen:
+                raise ProtocolError(
+                    AbortReason.INVALID_PDU_PARAMETER_VALUE, f"presentation context id {context_id} proposed twice"
+                )
+            seen.add(context_id)
+        offset += 4 + length
 
 
 def _ae_title(raw: bytes) -> str:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import errno
+import functools
 import logging
 import socket
 import threading
 import time
+from collections.abc import Callable
 
 from scp.association import Association, Registry
 from scp.config import Settings
@@ -20,18 +23,51 @@ _LISTEN_BACKLOG = 512
 # Connections that never send an association request hold a thread until ACSE_TIMEOUT; past this many beyond
 # MAXIMUM_ASSOCIATIONS a new connection is closed at once instead of costing another thread.
 _SPARE_CONNECTIONS = 64
+# Beyond that, a few connections from the host itself are still served: the container's health check runs there
+# (`dicom-store-scp healthcheck`), and a task that is only busy must not be replaced for being busy. Under a
+# flood, the flood comes through the load balancer, never from the task's own loopback.
+_HEALTH_CHECK_RESERVE = 2
+_LOOPBACK = frozenset({"127.0.0.1", "::1", "::ffff:127.0.0.1"})
+# Connections refused under a flood are counted and reported in one line per interval, not one line each.
+REFUSALS_REPORT_SECONDS = 10.0
 _ACCEPT_POLL_SECONDS = 1.0
+# accept() errors that say the listening socket itself is unusable; any other error is about one connection, or
+# a passing shortage (descriptors, memory), and the listener goes on.
+_LISTENER_BROKEN = frozenset({errno.EBADF, errno.ENOTSOCK, errno.EINVAL, errno.EFAULT})
+# During shutdown, each association still open gets this long to be aborted; the aborts run at once, in parallel.
+_ABORT_SECONDS = 3.0
+_REGULAR, _RESERVED = "regular", "reserved"
+
+
+def _start_thread(target: Callable[[], None], name: str) -> None:
+    threading.Thread(target=target, name=name, daemon=True).start()
 
 
 class Listener:
-    def __init__(self, settings: Settings, handler: StoreHandler, metrics: Metrics) -> None:
+    """Accepts connections while it can; ``on_failure`` is called (from the listener's thread) if it cannot go
+    on, so that the process exits non-zero and the orchestrator replaces it."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        handler: StoreHandler,
+        metrics: Metrics,
+        on_failure: Callable[[], None] = lambda: None,
+        spawn: Callable[[Callable[[], None], str], None] = _start_thread,
+    ) -> None:
         self._settings = settings
         self._metrics = metrics
         self._policy = Policy(settings)
         self._handler = handler
+        self._on_failure = on_failure
+        self._spawn = spawn
         self.registry = Registry()
+        self.failure: BaseException | None = None
         self._connections = 0
+        self._reserved = 0
         self._connections_lock = threading.Lock()
+        self._refused = 0
+        self._refusals_reported = time.monotonic()
         self._stopping = threading.Event()
         family = socket.AF_INET6 if ":" in settings.bind_address else socket.AF_INET
         self._socket = socket.create_server(
@@ -51,8 +87,19 @@ class Listener:
         self._socket.close()
 
     def _accept_loop(self) -> None:
-        limit = self._settings.maximum_associations + _SPARE_CONNECTIONS
+        try:
+            self._accept_until_stopped()
+        except Exception as error:
+            self.failure = error
+            LOG.critical(
+                "listener failed; exiting so that the task is replaced", exc_info=True,
+                extra={"error": f"{type(error).__name__}: {error}"},
+            )  # fmt: skip
+            self._on_failure()
+
+    def _accept_until_stopped(self) -> None:
         while not self._stopping.is_set():
+            self._report_refusals()
             try:
                 connection, address = self._socket.accept()
             except TimeoutError:
@@ -60,34 +107,75 @@ class Listener:
             except OSError as error:
                 if self._stopping.is_set():
                     return
+                if error.errno in _LISTENER_BROKEN:
+                    raise
                 LOG.warning("accept failed", extra={"error": str(error)})
                 time.sleep(0.1)  # e.g. out of file descriptors: do not spin
                 continue
-            with self._connections_lock:
-                admitted = self._connections < limit
-                if admitted:
-                    self._connections += 1
-            if not admitted:
-                LOG.warning("connection closed: too many connections", extra={"peer": f"{address[0]}:{address[1]}"})
-                connection.close()
-                continue
+            self._serve(connection, address)
+
+    def _serve(self, connection: socket.socket, address: tuple[str, int]) -> None:
+        """Give the connection its thread; whatever fails for this one connection, the listener goes on."""
+        slot = self._take_slot(address[0])
+        if slot is None:
+            self._refused += 1
+            connection.close()
+            return
+        peer = f"{address[0]}:{address[1]}"
+        try:
             # Responses are small writes after large reads; without TCP_NODELAY, Nagle plus the peer's delayed
             # ACK can hold every C-STORE response for ~40 ms.
             connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             association = Association(
                 connection, address, self._settings, self._policy, self._handler, self.registry,
-                self._metrics, on_end=self._connection_ended,
+                self._metrics, on_end=functools.partial(self._connection_ended, slot),
             )  # fmt: skip
-            threading.Thread(target=association.run, name=f"association-{address[0]}:{address[1]}", daemon=True).start()
+            self._spawn(association.run, f"association-{peer}")
+        except Exception as error:  # noqa: BLE001 - e.g. no thread to be had: this connection only
+            LOG.error("connection not served", extra={"peer": peer, "error": f"{type(error).__name__}: {error}"})
+            connection.close()
+            self._connection_ended(slot)
 
-    def _connection_ended(self) -> None:
+    def _take_slot(self, source: str) -> str | None:
+        limit = self._settings.maximum_associations + _SPARE_CONNECTIONS
         with self._connections_lock:
-            self._connections -= 1
+            if self._connections < limit:
+                self._connections += 1
+                return _REGULAR
+            if source in _LOOPBACK and self._reserved < _HEALTH_CHECK_RESERVE:
+                self._reserved += 1
+                return _RESERVED
+        return None
+
+    def _connection_ended(self, slot: str) -> None:
+        with self._connections_lock:
+            if slot == _RESERVED:
+                self._reserved -= 1
+            else:
+                self._connections -= 1
+
+    def _report_refusals(self) -> None:
+        now = time.monotonic()
+        if now - self._refusals_reported < REFUSALS_REPORT_SECONDS:
+            return
+        if self._refused:
+            LOG.warning(
+                "connections refused: too many connections",
+                extra={
+                    "connections_refused": self._refused,
+                    "seconds": round(now - self._refusals_reported, 1),
+                    "limit": self._settings.maximum_associations + _SPARE_CONNECTIONS,
+                },
+            )
+            self._refused = 0
+        self._refusals_reported = now
 
 
-def start(settings: Settings, handler: StoreHandler, metrics: Metrics) -> Listener:
+def start(
+    settings: Settings, handler: StoreHandler, metrics: Metrics, on_failure: Callable[[], None]
+) -> Listener:
     """Listen on the configured address and serve associations on background threads."""
-    listener = Listener(settings, handler, metrics)
+    listener = Listener(settings, handler, metrics, on_failure)
     listener.start()
     return listener
 
@@ -103,8 +191,14 @@ def drain(listener: Listener, grace_seconds: float) -> int:
     while listener.registry.snapshot() and time.monotonic() < deadline:
         time.sleep(0.1)
     remaining = listener.registry.snapshot()
-    for association in remaining:
-        association.abort_from_outside()
+    # All at once: one by one, a few hundred aborts to peers that stopped reading would overrun the orchestrator's
+    # stop timeout (ECS: 120 s at most), and the open batch would never be closed.
+    aborts = [threading.Thread(target=association.abort_from_outside, daemon=True) for association in remaining]
+    for thread in aborts:
+        thread.start()
+    end = time.monotonic() + _ABORT_SECONDS
+    for thread in aborts:
+        thread.join(timeout=max(end - time.monotonic(), 0.0))
     # Give the aborted threads a moment to remove their partial files before the process exits.
     end = time.monotonic() + 5
     while listener.registry.snapshot() and time.monotonic() < end:

@@ -2,7 +2,8 @@
 
 Every PDU is read with two limits: its declared length may not exceed what was negotiated (so a peer cannot make
 us allocate gigabytes), and the whole PDU must arrive within one timeout (so a peer trickling a byte at a time is
-dropped instead of holding a thread forever).
+dropped instead of holding a thread forever). The buffer grows with the bytes that arrive, not with the length a
+peer declares, so a thousand connections each declaring a megabyte and sending nothing cost no memory.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import time
 from enum import IntEnum
 
 HEADER_LENGTH = 6
+# The body buffer starts at this size and doubles as bytes arrive, up to the largest PDU an association has sent.
+_FIRST_BODY_BUFFER = 64 * 1024
 
 
 class PduType(IntEnum):
@@ -57,7 +60,7 @@ class ProtocolError(Exception):
 
 
 class PduReader:
-    """Reads PDUs from one connection into a buffer that grows to the largest PDU seen, never past the cap."""
+    """Reads PDUs from one connection into a buffer that grows to the largest PDU received, never past the cap."""
 
     def __init__(self, sock: socket.socket) -> None:
         self._socket = sock
@@ -70,7 +73,7 @@ class PduReader:
         Waits up to ``idle_seconds`` for it to begin; once begun, all of it must arrive within ``pdu_seconds``.
         The body view is valid until the next call.
         """
-        self._fill(memoryview(self._header), time.monotonic() + idle_seconds, f"no PDU within {idle_seconds:g} s")
+        self._fill(memoryview(self._header), time.monotonic() + idle_seconds, f"no PDU within {idle_seconds:.3g} s")
         pdu_type, _, length = struct.unpack(">BBL", self._header)
         deadline = time.monotonic() + pdu_seconds
         if pdu_type not in _KNOWN_TYPES:
@@ -79,11 +82,25 @@ class PduReader:
             raise ProtocolError(
                 AbortReason.INVALID_PDU_PARAMETER_VALUE, f"PDU of {length} bytes exceeds the limit of {max_body}"
             )
-        if len(self._body) < length:
-            self._body = bytearray(length)
-        body = memoryview(self._body)[:length]
-        self._fill(body, deadline, f"PDU of {length} bytes incomplete after {pdu_seconds:g} s")
-        return pdu_type, body
+        late = f"PDU of {length} bytes incomplete after {pdu_seconds:.3g} s"
+        received = 0
+        while received < length:
+            if len(self._body) <= received:
+                # Full: twice what has arrived, at most the declared length. A new buffer rather than a resize,
+                # since the caller may still hold a view of the previous PDU.
+                grown = bytearray(min(length, max(_FIRST_BODY_BUFFER, 2 * received)))
+                grown[:received] = memoryview(self._body)[:received]
+                self._body = grown
+            window = memoryview(self._body)[received : min(length, len(self._body))]
+            self._fill(window, deadline, late)
+            received += len(window)
+        return pdu_type, memoryview(self._body)[:length]
+
+    def read_exactly(self, count: int, seconds: float, what: str) -> bytes:
+        """``count`` bytes that are not a PDU (a PROXY protocol header), all within ``seconds``."""
+        data = bytearray(count)
+        self._fill(memoryview(data), time.monotonic() + seconds, f"{what} incomplete after {seconds:.3g} s")
+        return bytes(data)
 
     def _fill(self, view: memoryview, deadline: float, late: str) -> None:
         received = 0

@@ -32,7 +32,7 @@ class _Recorder(BaseHTTPRequestHandler):
         self.send_header("Content-Length", "0")
         self.end_headers()
 
-    do_HEAD = do_GET = do_PUT = do_POST = _answer  # noqa: N815 - http.server's method names
+    do_HEAD = do_GET = do_PUT = do_POST = _answer
 
     def log_message(self, *_: object) -> None:
         pass
@@ -68,7 +68,7 @@ def test_aws_region_selects_the_signing_region(
         DICOM_BUCKET="region-check",
         AWS_ENDPOINT_URL=url,
         AWS_ACCESS_KEY_ID="testing",
-        AWS_SECRET_ACCESS_KEY="testing",  # noqa: S106 - a dummy for the local endpoint
+        AWS_SECRET_ACCESS_KEY="testing",
         AWS_CONFIG_FILE=str(tmp_path / "no-config"),
         AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "no-credentials"),
         AWS_EC2_METADATA_DISABLED="true",

@@ -119,7 +119,8 @@ def test_an_error_about_a_default_says_so_and_what_to_set() -> None:
     with pytest.raises(SettingsError) as raised:
         Settings.from_env({"ACSE_TIMEOUT": "20", "NETWORK_TIMEOUT": "10"})
     assert raised.value.problems == [
-        "ACSE_TIMEOUT: 20 exceeds NETWORK_TIMEOUT (10); set NETWORK_TIMEOUT to at least 20, or ACSE_TIMEOUT to at most 10"
+        "ACSE_TIMEOUT: 20 exceeds NETWORK_TIMEOUT (10); set NETWORK_TIMEOUT to at least 20, "
+        "or ACSE_TIMEOUT to at most 10"
     ]
 
 
