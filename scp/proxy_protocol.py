@@ -34,7 +34,8 @@ class ProxyHeaderError(ValueError):
 
 @dataclass(frozen=True)
 class ProxyHeader:
-    """``source`` is the client (for PROXY); None for LOCAL, whose connection is the load balancer's own."""
+    """``source`` is the client (for PROXY); None for LOCAL (the connection is the load balancer's own) and for an
+    unspecified address family (the load balancer sent no client information)."""
 
     source: tuple[str, int] | None
     destination: tuple[str, int] | None
@@ -60,7 +61,7 @@ def payload_length(fixed: bytes) -> int:
     length = int.from_bytes(fixed[14:16], "big")
     if length > MAX_PAYLOAD:
         raise ProxyHeaderError(f"header declares {length} bytes of addresses and TLVs, more than {MAX_PAYLOAD}")
-    if command == _PROXY:
+    if command == _PROXY and family != _UNSPEC:
         if family not in _ADDRESS_LENGTHS or transport != _STREAM:
             raise ProxyHeaderError(f"PROXY command for family and transport 0x{fixed[13]:02X}, not TCP over IP")
         if length < _ADDRESS_LENGTHS[family]:
@@ -74,8 +75,10 @@ def parse(fixed: bytes, payload: bytes) -> ProxyHeader:
     if len(payload) != length:
         raise ProxyHeaderError(f"header truncated: {len(payload)} of {length} bytes of addresses and TLVs")
     command, family = fixed[12] & 0x0F, fixed[13] >> 4
-    if command == _LOCAL:
-        # The specification: a receiver ignores a LOCAL header's address block and uses the real endpoints.
+    if command == _LOCAL or family == _UNSPEC:
+        # The specification: a receiver ignores a LOCAL header's address block and uses the real endpoints; for
+        # PROXY with an unspecified family it may do the same, which a load balancer's health check without
+        # client information gets here.
         return ProxyHeader(source=None, destination=None, tlvs=())
     address_length = _ADDRESS_LENGTHS[family]
     addresses = payload[:address_length]

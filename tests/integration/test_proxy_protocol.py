@@ -134,3 +134,15 @@ def test_the_container_health_check_sends_a_local_header(daemon: Daemon) -> None
     assert result.returncode == 0 and result.stdout.startswith("healthy: C-ECHO succeeded"), result.stdout
     # Configured without it, the check is refused like any connection without a header.
     assert healthcheck(daemon.port).returncode == 1
+
+
+def test_a_second_header_from_the_client_is_not_believed(daemon: Daemon) -> None:
+    """The load balancer passes on what the client sends, a header of its own included: only the first header
+    counts, and what follows it must be DICOM."""
+    since = len(daemon.logs())
+    with Peer(daemon.port) as peer:
+        peer.send(proxy_header("203.0.113.7", 40112) + proxy_header("198.51.100.1", 104) + wire.associate_rq())
+        sent, _ = peer.ending(5)
+    assert sent == [wire.A_ABORT]
+    aborted = wait_for(lambda: new_lines(daemon, since, "association aborted"), 5, "the abort log line")
+    assert aborted[0]["peer"] == "203.0.113.7:40112"

@@ -72,3 +72,15 @@ def test_echo_response_has_no_instance() -> None:
 def test_malformed_command_sets_are_refused(raw: bytes) -> None:
     with pytest.raises(dimse.MalformedCommand):
         dimse.parse_command(raw)
+
+
+def test_the_health_check_echo_request_and_the_status_of_a_response() -> None:
+    from scp import dimse
+
+    request = dimse.parse_command(dimse.echo_request(message_id=7))
+    assert (request.command_field, request.message_id, request.has_data_set) == (dimse.C_ECHO_RQ, 7, False)
+    assert request.affected_sop_class_uid == "1.2.840.10008.1.1"
+    assert dimse.response_status(dimse.response(request, 0x0000)) == 0x0000
+    assert dimse.response_status(dimse.response(request, 0xA700, "retry later")) == 0xA700
+    assert dimse.response_status(dimse.echo_request(message_id=1)) is None
+    assert dimse.response_status(b"\x00\x00\x09\x00\x02\x00") is None  # truncated

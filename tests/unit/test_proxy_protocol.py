@@ -62,6 +62,11 @@ def test_local_is_accepted_and_names_no_client() -> None:
     assert parse(local_header()[:16], local_header()[16:]) == ProxyHeader(None, None, ())
 
 
+def test_proxy_without_client_information_keeps_the_connection_address() -> None:
+    # The specification lets a receiver accept PROXY with an unspecified family and use the real endpoints.
+    assert decode(*header(command=0x21, family=0x00, payload=b"")).source is None
+
+
 @pytest.mark.parametrize(
     ("fixed", "words"),
     [
@@ -76,7 +81,6 @@ def test_local_is_accepted_and_names_no_client() -> None:
         (SIGNATURE + b"\x21\x13\x00\x0c", "family"),
         (SIGNATURE + b"\x21\x12\x00\x0c", "not TCP over IP"),  # UDP
         (SIGNATURE + b"\x21\x31\x00\xd8", "not TCP over IP"),  # AF_UNIX
-        (SIGNATURE + b"\x21\x00\x00\x00", "not TCP over IP"),  # PROXY with UNSPEC
         (SIGNATURE + b"\x21\x11\x00\x0b", "cannot hold"),
         (SIGNATURE + b"\x21\x21\x00\x0c", "cannot hold"),  # IPv6 needs 36
         (SIGNATURE + b"\x21\x11" + struct.pack(">H", MAX_PAYLOAD + 1), "more than 512"),
@@ -86,7 +90,7 @@ def test_local_is_accepted_and_names_no_client() -> None:
     ],
     ids=[
         "dicom-first", "v1-text", "bad-signature", "version-1", "version-3", "command-2", "command-15",
-        "family-4", "transport-3", "udp", "unix", "proxy-unspec", "short-ipv4", "short-ipv6", "oversize",
+        "family-4", "transport-3", "udp", "unix", "short-ipv4", "short-ipv6", "oversize",
         "oversize-max", "truncated-fixed", "empty",
     ],
 )  # fmt: skip
