@@ -319,7 +319,7 @@ class Association:
             try:
                 self._socket.sendall(data)
             except TimeoutError:
-                raise PeerSilent(f"peer read nothing for {seconds:g} s") from None
+                raise PeerSilent(f"peer did not take our answer within {seconds:g} s") from None
             except OSError as error:
                 raise PeerClosed(str(error)) from None
 
