@@ -165,11 +165,11 @@ class Association:
 
     def _serve(self) -> None:
         # PS3.8 9.1.2: the ARTIM timer bounds the wait for the association request, PROXY header included.
-        deadline = time.monotonic() + self._settings.acse_timeout
+        seconds = self._settings.acse_timeout
+        deadline = time.monotonic() + seconds
         if self._settings.proxy_protocol:
-            self._read_proxy_header(deadline)
-        remaining = max(deadline - time.monotonic(), 0.0)
-        pdu_type, body = self._reader.read(remaining, remaining, _MAX_REQUEST_PDU)
+            self._read_proxy_header(deadline, f"PROXY protocol header incomplete after {seconds:g} s")
+        pdu_type, body = self._reader.read_by(deadline, seconds, _MAX_REQUEST_PDU)
         if pdu_type != PduType.ASSOCIATE_RQ:
             raise ProtocolError(AbortReason.UNEXPECTED_PDU, f"expected an A-ASSOCIATE-RQ, got PDU 0x{pdu_type:02X}")
         self._requested = True
@@ -200,12 +200,11 @@ class Association:
         LOG.log(self._level(), "association accepted", extra={**self._who(), "accepted_contexts": len(self._contexts)})
         self._data_phase()
 
-    def _read_proxy_header(self, deadline: float) -> None:
+    def _read_proxy_header(self, deadline: float, late: str) -> None:
         """PROXY protocol v2 from the load balancer: the modality's address becomes the logged peer."""
-        what = "PROXY protocol header"
-        fixed = self._reader.read_exactly(FIXED_LENGTH, max(deadline - time.monotonic(), 0.0), what)
+        fixed = self._reader.read_exactly(FIXED_LENGTH, deadline, late)
         length = payload_length(fixed)
-        payload = self._reader.read_exactly(length, max(deadline - time.monotonic(), 0.0), what) if length else b""
+        payload = self._reader.read_exactly(length, deadline, late) if length else b""
         source = parse_proxy_header(fixed, payload).source
         if source is not None:  # None: LOCAL, the load balancer's (or the container's) own health check
             self._peer = f"{source[0]}:{source[1]}"

@@ -73,16 +73,30 @@ class PduReader:
         Waits up to ``idle_seconds`` for it to begin; once begun, all of it must arrive within ``pdu_seconds``.
         The body view is valid until the next call.
         """
-        self._fill(memoryview(self._header), time.monotonic() + idle_seconds, f"no PDU within {idle_seconds:.3g} s")
+        self._fill(memoryview(self._header), time.monotonic() + idle_seconds, f"no PDU within {idle_seconds:g} s")
+        return self._body_after_header(time.monotonic() + pdu_seconds, f"after {pdu_seconds:g} s", max_body)
+
+    def read_by(self, deadline: float, seconds: float, max_body: int) -> tuple[int, memoryview]:
+        """(PDU type, body) of a PDU that must arrive whole by ``deadline``, ``seconds`` after it was set (the
+        ARTIM timer, running since the connection). The body view is valid until the next call."""
+        self._fill(memoryview(self._header), deadline, f"no PDU within {seconds:g} s")
+        return self._body_after_header(deadline, f"after {seconds:g} s", max_body)
+
+    def read_exactly(self, count: int, deadline: float, late: str) -> bytes:
+        """``count`` bytes that are not a PDU (a PROXY protocol header), all by ``deadline``."""
+        data = bytearray(count)
+        self._fill(memoryview(data), deadline, late)
+        return bytes(data)
+
+    def _body_after_header(self, deadline: float, allowed: str, max_body: int) -> tuple[int, memoryview]:
         pdu_type, _, length = struct.unpack(">BBL", self._header)
-        deadline = time.monotonic() + pdu_seconds
         if pdu_type not in _KNOWN_TYPES:
             raise ProtocolError(AbortReason.UNRECOGNIZED_PDU, f"unknown PDU type 0x{pdu_type:02X}")
         if length > max_body:
             raise ProtocolError(
                 AbortReason.INVALID_PDU_PARAMETER_VALUE, f"PDU of {length} bytes exceeds the limit of {max_body}"
             )
-        late = f"PDU of {length} bytes incomplete after {pdu_seconds:.3g} s"
+        late = f"PDU of {length} bytes incomplete {allowed}"
         received = 0
         while received < length:
             if len(self._body) <= received:
@@ -95,12 +109,6 @@ class PduReader:
             self._fill(window, deadline, late)
             received += len(window)
         return pdu_type, memoryview(self._body)[:length]
-
-    def read_exactly(self, count: int, seconds: float, what: str) -> bytes:
-        """``count`` bytes that are not a PDU (a PROXY protocol header), all within ``seconds``."""
-        data = bytearray(count)
-        self._fill(memoryview(data), time.monotonic() + seconds, f"{what} incomplete after {seconds:.3g} s")
-        return bytes(data)
 
     def _fill(self, view: memoryview, deadline: float, late: str) -> None:
         received = 0
