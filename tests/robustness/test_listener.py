@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from scp.config import Settings
-from scp.ingest import Ingest
+from scp.handlers import StoreHandler
 from scp.metrics import Metrics
 from scp.server import Listener
 from scp.spool import Spool
@@ -57,9 +57,9 @@ def make_listener(tmp_path: Path) -> Iterator[Callable[..., Listener]]:
         )
         spool = Spool(settings.storage_dir)
         spool.prepare()
-        listener = Listener(
-            settings, Ingest(LocalStore(settings.storage_dir)), spool, Metrics(), on_failure=on_failure, spawn=spawn
-        )
+        metrics = Metrics()
+        handler = StoreHandler(LocalStore(settings.storage_dir), spool, metrics)
+        listener = Listener(settings, handler, metrics, on_failure=on_failure, spawn=spawn)
         listener.start()
         started.append(listener)
         return listener
