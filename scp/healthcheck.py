@@ -6,6 +6,7 @@ LOCAL header the daemon requires of every connection when PROXY_PROTOCOL is set.
 
 from __future__ import annotations
 
+import contextlib
 import socket
 
 from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RQ
@@ -65,8 +66,9 @@ def _converse(sock: socket.socket, settings: Settings) -> tuple[bool, str]:
     pdu_type, body = reader.read(_TIMEOUT_SECONDS, _TIMEOUT_SECONDS, _MAXIMUM_PDU)
     # One PDV holding the whole response command: length (4), context id, message header, the command set.
     status = dimse.response_status(bytes(body[6:])) if pdu_type == PduType.P_DATA_TF else None
-    sock.sendall(pdu(PduType.RELEASE_RQ, bytes(4)))
-    reader.read(_TIMEOUT_SECONDS, _TIMEOUT_SECONDS, _MAXIMUM_PDU)
+    with contextlib.suppress(OSError, PeerClosed, PeerSilent, ProtocolError):  # the answer is in; release politely
+        sock.sendall(pdu(PduType.RELEASE_RQ, bytes(4)))
+        reader.read(_TIMEOUT_SECONDS, _TIMEOUT_SECONDS, _MAXIMUM_PDU)
     if status == 0:
         return True, "C-ECHO succeeded"
     return False, "C-ECHO failed"
