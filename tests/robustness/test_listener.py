@@ -1,9 +1,12 @@
-"""The listener in this process, with failures injected where a real one could fail: a thread that cannot start
-costs that one connection and its slot comes back; a listening socket that breaks stops the process."""
+"""Failures injected where a real listener could fail: a thread that cannot start costs that one connection and
+its slot comes back; a listening socket that breaks stops the process, which exits 1 to be replaced."""
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import os
+import socket
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -17,6 +20,7 @@ from scp.server import Listener
 from scp.spool import Spool
 from scp.storage.local import LocalStore
 from tests.robustness.wire import Peer
+from tests.support.daemon import start_daemon
 from tests.support.waits import free_port, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
@@ -96,3 +100,38 @@ def test_a_broken_listening_socket_stops_the_process(make_listener: Callable[...
     listener._socket.close()  # what a listening socket lost under the listener looks like
     wait_for(stopped.is_set, 10, "the listener to ask the process to stop")
     assert isinstance(listener.failure, OSError)
+
+
+# Linux system calls (the same numbers on every architecture since 5.x): a descriptor for a process, and a copy of
+# one of its file descriptors, which a parent may take from its child.
+_PIDFD_OPEN, _PIDFD_GETFD = 434, 438
+
+
+def shut_down_listening_socket(pid: int, port: int) -> None:
+    """Shut down the child's listening socket under it: its accept() then fails with EINVAL, as for a socket the
+    process lost."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    pidfd = libc.syscall(_PIDFD_OPEN, pid, 0)
+    assert pidfd >= 0, os.strerror(ctypes.get_errno())
+    try:
+        for entry in os.listdir(f"/proc/{pid}/fd"):
+            if not os.readlink(f"/proc/{pid}/fd/{entry}").startswith("socket:"):
+                continue
+            copy = libc.syscall(_PIDFD_GETFD, pidfd, int(entry), 0)
+            assert copy >= 0, os.strerror(ctypes.get_errno())
+            with socket.socket(fileno=copy) as sock:
+                if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN) and sock.getsockname()[1] == port:
+                    sock.shutdown(socket.SHUT_RDWR)
+                    return
+        raise AssertionError(f"no listening socket on port {port} in process {pid}")
+    finally:
+        os.close(pidfd)
+
+
+def test_the_daemon_exits_1_when_its_listener_cannot_go_on(tmp_path: Path) -> None:
+    daemon = start_daemon(tmp_path, SHUTDOWN_GRACE_SECONDS="2")
+    shut_down_listening_socket(daemon.process.pid, daemon.port)
+    assert daemon.wait(timeout=30) == 1
+    (failed,) = daemon.log_messages("listener failed; exiting so that the task is replaced")
+    assert failed["level"] == "CRITICAL" and "OSError" in failed["error"]
+    assert daemon.log_messages("stopped"), "the daemon drained and stopped instead of dying"
