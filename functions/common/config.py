@@ -38,6 +38,12 @@ class EnvironmentReader:
             self._problems.append(f"{name}: expected an integer {minimum}-{maximum}, got {raw!r}")
         return value
 
+    def required_integer(self, name: str, minimum: int, maximum: int) -> int:
+        if not self._environ.get(name, "").strip():
+            self._problems.append(f"{name}: required, not set")
+            return minimum
+        return self.integer(name, minimum, minimum, maximum)
+
     def finish(self) -> None:
         if self._problems:
             raise ConfigurationError("; ".join(self._problems))

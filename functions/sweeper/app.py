@@ -1,6 +1,7 @@
 """Lambda function (scheduled): close batches a dead daemon left open, by writing their manifest itself.
 
-Abandoned: objects under the batch prefix, no manifest, newest object older than SWEEP_MIN_AGE_SECONDS.
+Abandoned: objects under the batch prefix, no manifest, newest object older than the minimum age (the larger
+of SWEEP_MIN_AGE_SECONDS and the daemon's BATCH_WINDOW_SECONDS plus a drain margin).
 """
 
 from __future__ import annotations
@@ -36,10 +37,17 @@ logger = Logger(service="import-workflow")
 metrics = Metrics(namespace="DICOMStoreSCP", service="import-workflow")
 
 
+# What a live daemon may still add to a batch after its quiet window has passed: the drain at shutdown (ECS
+# stopTimeout, at most 120 s on Fargate) and the S3 retries of the objects in flight. S3 stamps LastModified
+# when an upload starts, so a slow upload looks older than it is; the margin covers that as well.
+DRAIN_MARGIN_SECONDS = 600
+
+
 @dataclass(frozen=True)
 class Settings:
     dicom_bucket: str
-    min_age_seconds: int
+    configured_min_age_seconds: int
+    batch_window_seconds: int
     lookback_hours: int
 
     @classmethod
@@ -47,11 +55,22 @@ class Settings:
         reader = EnvironmentReader(environ)
         settings = cls(
             dicom_bucket=reader.text("DICOM_BUCKET"),
-            min_age_seconds=reader.integer("SWEEP_MIN_AGE_SECONDS", 900, 60, 86400),
+            configured_min_age_seconds=reader.integer("SWEEP_MIN_AGE_SECONDS", 900, 60, 86400),
+            batch_window_seconds=reader.required_integer("BATCH_WINDOW_SECONDS", 1, 86400),
             lookback_hours=reader.integer("SWEEP_LOOKBACK_HOURS", 72, 1, 8760),
         )
         reader.finish()
         return settings
+
+    @property
+    def min_age_seconds(self) -> int:
+        """A batch younger than this may still be filled by a live daemon: never sealed."""
+        return minimum_age_seconds(self.configured_min_age_seconds, self.batch_window_seconds)
+
+
+def minimum_age_seconds(configured: int, batch_window_seconds: int) -> int:
+    # The template passes both values as they are (CloudFormation cannot add), so the sum is made here.
+    return max(configured, batch_window_seconds + DRAIN_MARGIN_SECONDS)
 
 
 def _batch_ids_under(s3: S3Client, bucket: str, start: datetime) -> list[str]:

@@ -31,7 +31,11 @@ def now(aws: Aws) -> datetime:
 
 @pytest.fixture
 def app(aws: Aws, monkeypatch: pytest.MonkeyPatch) -> ModuleType:
-    return load_app("sweeper", monkeypatch, aws.env(SWEEP_MIN_AGE_SECONDS="900", SWEEP_LOOKBACK_HOURS="24"))
+    return load_app(
+        "sweeper",
+        monkeypatch,
+        aws.env(SWEEP_MIN_AGE_SECONDS="900", SWEEP_LOOKBACK_HOURS="24", BATCH_WINDOW_SECONDS="60"),
+    )
 
 
 def manifest(aws: Aws, batch_id: str) -> dict[str, Any]:
@@ -99,3 +103,34 @@ def test_the_handler_sweeps_with_its_settings(aws: Aws, app: ModuleType, now: da
     # Nothing is old enough yet under the real clock, so the scheduled run closes nothing and says so.
     daemon_batch(aws.s3, aws.dicom_bucket, batch_id_at(now, "0000000000000107"), 1, False)
     assert app.handler({"source": "aws.scheduler"}, FakeContext()) == {"closed": []}
+
+
+@pytest.mark.parametrize(("window", "expected"), [(60, 900), (300, 900), (3600, 4200)])
+def test_the_minimum_age_follows_the_daemons_batch_window(
+    aws: Aws, monkeypatch: pytest.MonkeyPatch, window: int, expected: int
+) -> None:
+    env = aws.env(SWEEP_MIN_AGE_SECONDS="900", BATCH_WINDOW_SECONDS=str(window))
+    assert load_app("sweeper", monkeypatch, env).SETTINGS.min_age_seconds == expected
+
+
+def test_a_batch_still_inside_a_long_window_is_never_sealed(
+    aws: Aws, monkeypatch: pytest.MonkeyPatch, now: datetime
+) -> None:
+    # BatchWindowSeconds may be 3600: a daemon quiet for 20 minutes still owns its batch and may add to it.
+    app = load_app("sweeper", monkeypatch, aws.env(BATCH_WINDOW_SECONDS="3600"))
+    batch = daemon_batch(aws.s3, aws.dicom_bucket, batch_id_at(now - timedelta(hours=2), "0000000000000208"), 2, False)
+    min_age = app.SETTINGS.min_age_seconds
+
+    for quiet in (timedelta(minutes=20), timedelta(minutes=61), timedelta(seconds=min_age - 5)):
+        assert app.sweep(aws.s3, aws.dicom_bucket, now + quiet, min_age, 24) == [], quiet
+    assert app.sweep(aws.s3, aws.dicom_bucket, now + timedelta(seconds=min_age + 5), min_age, 24) == [
+        batch.batch_id
+    ]
+
+
+def test_a_sweeper_without_the_batch_window_fails_at_cold_start(
+    aws: Aws, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("BATCH_WINDOW_SECONDS", raising=False)
+    with pytest.raises(Exception, match="BATCH_WINDOW_SECONDS: required"):
+        load_app("sweeper", monkeypatch, aws.env())
