@@ -154,13 +154,20 @@ def read_job_output(s3: S3Client, output_uri: str, job_id: str) -> JobOutput:
     )
 
 
-def _input_key(line: Mapping[str, Any]) -> str | None:
+def _input_key(line: Mapping[str, Any], bucket: str, prefix: str) -> str | None:
+    """The object key an output line names, in any of the forms the service may write.
+
+    ``inputFile`` may be the full key, an ``s3://`` URI, or a path relative to ``inputS3Uri`` (the batch
+    prefix); the guide's examples differ, so all three are read. A URI into another bucket names nothing of ours.
+    """
     value = line.get("inputFile")
     if not isinstance(value, str) or not value:
         return None
     if value.startswith("s3://"):
-        return split_s3_uri(value)[1]
-    return value
+        named_bucket, key = split_s3_uri(value)
+        return key if named_bucket == bucket else None
+    key = value.lstrip("/")
+    return key if key.startswith(prefix) else prefix + key
 
 
 def _failure_reason(line: Mapping[str, Any]) -> tuple[str, bool]:
@@ -212,7 +219,7 @@ def outcomes_from_output(
         )
 
     for line in output.success:
-        key = _input_key(line)
+        key = _input_key(line, manifest.bucket, manifest.prefix)
         outcome = base(key) if key else None
         if outcome is None:
             unmatched += 1
@@ -220,7 +227,7 @@ def outcomes_from_output(
         image_set, primary = _import_response(line)
         outcomes[outcome.key] = replace(outcome, image_set_id=image_set, is_primary=primary)
     for line in output.warning:
-        key = _input_key(line)
+        key = _input_key(line, manifest.bucket, manifest.prefix)
         outcome = outcomes.get(key) if key else None
         outcome = outcome or (base(key) if key else None)
         if outcome is None:
@@ -235,7 +242,7 @@ def outcomes_from_output(
             is_primary=outcome.is_primary if outcome.is_primary is not None else primary,
         )
     for line in output.failure:
-        key = _input_key(line)
+        key = _input_key(line, manifest.bucket, manifest.prefix)
         outcome = base(key) if key else None
         if outcome is None:
             unmatched += 1

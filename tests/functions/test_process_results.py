@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
@@ -233,9 +234,57 @@ def test_an_instance_taken_over_by_a_newer_batch_keeps_its_newer_record(
     assert {item["status"] for item in instances(aws.table).values()} == {"importing"}
 
 
-def test_output_lines_naming_s3_uris_are_matched_too(app: ModuleType) -> None:
-    assert app._input_key({"inputFile": "s3://bucket/batches/x/1/2/3.dcm"}) == "batches/x/1/2/3.dcm"
-    assert app._input_key({"inputFile": "batches/x/1/2/3.dcm"}) == "batches/x/1/2/3.dcm"
+def rewrite_input_files(
+    aws: Aws, output_uri: str, form: Callable[[str], str], names: tuple[str, ...] = ("SUCCESS/success.ndjson",)
+) -> None:
+    """Rewrite every ``inputFile`` of the uploaded output files into another of the forms the service may use."""
+    prefix = output_uri.split("/", 3)[3]
+    for entry in aws.s3.list_objects_v2(Bucket=aws.results_bucket, Prefix=prefix)["Contents"]:
+        if not entry["Key"].endswith(names):
+            continue
+        raw = aws.s3.get_object(Bucket=aws.results_bucket, Key=entry["Key"])["Body"].read().decode()
+        lines = [json.loads(line) for line in raw.splitlines() if line.strip()]
+        for line in lines:
+            line["inputFile"] = form(line["inputFile"])
+        body = "".join(json.dumps(line) + "\n" for line in lines)
+        aws.s3.put_object(Bucket=aws.results_bucket, Key=entry["Key"], Body=body.encode())
+
+
+INPUT_FILE_FORMS: dict[str, Callable[[Aws, str], str]] = {
+    "full key": lambda aws, key: key,
+    "s3 uri": lambda aws, key: f"s3://{aws.dicom_bucket}/{key}",
+    "relative to the input prefix": lambda aws, key: key.removeprefix(f"batches/{FIXTURE_BATCH}/"),
+    "relative with a leading slash": lambda aws, key: "/" + key.removeprefix(f"batches/{FIXTURE_BATCH}/"),
+}
+
+
+@pytest.mark.parametrize("form", sorted(INPUT_FILE_FORMS))
+def test_every_form_of_input_file_names_its_instance(
+    aws: Aws, monkeypatch: pytest.MonkeyPatch, app: ModuleType, form: str
+) -> None:
+    registered = register(aws, monkeypatch)
+    output_uri = upload_job_output(aws.s3, aws.results_bucket, FIXTURE_BATCH, "partial_failure")
+    names = ("SUCCESS/success.ndjson", "FAILURE/failure.ndjson")
+    rewrite_input_files(aws, output_uri, lambda key: INPUT_FILE_FORMS[form](aws, key), names)
+
+    result = app.handler(results_event(registered, output_uri), FakeContext())
+
+    assert (result["imported"], result["failed"], result["requeued"]) == (8, 1, 1)
+    recorded = instances(aws.table)
+    assert recorded[sop_uid(1)]["imageSetId"] == PRIMARY
+    assert recorded[sop_uid(4)]["reason"].startswith("ValidationException")
+
+
+def test_an_s3_uri_into_another_bucket_names_no_instance(
+    aws: Aws, monkeypatch: pytest.MonkeyPatch, app: ModuleType
+) -> None:
+    registered = register(aws, monkeypatch)
+    output_uri = upload_job_output(aws.s3, aws.results_bucket, FIXTURE_BATCH, "all_success")
+    rewrite_input_files(aws, output_uri, lambda key: f"s3://someone-elses-bucket/{key}")
+
+    result = app.handler(results_event(registered, output_uri), FakeContext())
+
+    assert result["imported"] == 0 and result["failed"] == 10
 
 
 def test_record_failure_marks_the_batch_and_its_unfinished_instances(
