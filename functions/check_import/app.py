@@ -11,9 +11,8 @@ from typing import TYPE_CHECKING, Any
 import boto3
 from aws_lambda_powertools import Logger
 from aws_lambda_powertools.utilities.typing import LambdaContext
-from botocore.exceptions import ClientError
 from common.config import EnvironmentReader
-from common.healthimaging import CLIENT_CONFIG, translate
+from common.healthimaging import CLIENT_CONFIG, named_errors
 from common.layout import check_batch_id
 from common.manifest import iso_millis
 from common.records import record_job_status, utc_now
@@ -55,12 +54,10 @@ def check_import(
     now: datetime,
 ) -> dict[str, Any]:
     batch_id = check_batch_id(str(job["batchId"]))
-    try:
+    with named_errors():
         properties = medical_imaging.get_dicom_import_job(
             datastoreId=str(job["datastoreId"]), jobId=str(job["jobId"])
         )["jobProperties"]
-    except ClientError as error:
-        raise translate(error) from error
     status = properties["jobStatus"]
     record_job_status(table, batch_id, properties["jobId"], status, now)
     submitted = properties.get("submittedAt")

@@ -12,9 +12,8 @@ import boto3
 from aws_lambda_powertools import Logger, Metrics
 from aws_lambda_powertools.metrics import MetricUnit
 from aws_lambda_powertools.utilities.typing import LambdaContext
-from botocore.exceptions import ClientError
 from common.config import EnvironmentReader
-from common.healthimaging import CLIENT_CONFIG, translate
+from common.healthimaging import CLIENT_CONFIG, client_token, named_errors
 from common.layout import check_batch_id, results_prefix
 from common.manifest import iso_millis, parse_iso
 from common.records import record_job_started, utc_now
@@ -67,19 +66,15 @@ def start_import(
     """Start (or, for a repeated call, find again through the client token) the batch's import job."""
     batch_id = check_batch_id(str(batch["batchId"]))
     output_uri = f"s3://{settings.results_bucket}/{results_prefix(batch_id)}"
-    try:
+    with named_errors():
         job = medical_imaging.start_dicom_import_job(
             jobName=batch_id,
             datastoreId=settings.datastore_id,
             dataAccessRoleArn=settings.data_access_role_arn,
-            # The batch id is unique and a valid clientToken (33 of [0-9TZa-f-]), so a repeated start of
-            # the same batch (task retry, lost response) returns the same job instead of importing twice.
-            clientToken=batch_id,
+            clientToken=client_token(batch_id, str(batch["executionArn"])),
             inputS3Uri=f"s3://{batch['bucket']}/{batch['prefix']}",
             outputS3Uri=output_uri,
         )
-    except ClientError as error:
-        raise translate(error) from error
     age = max(0.0, (now - parse_iso(str(batch["firstReceivedAt"]))).total_seconds())
     record_job_started(table, batch_id, dict(job), output_uri, age, now)
     logger.info("import job started", batch_id=batch_id, job_id=job["jobId"], batch_age_seconds=age)

@@ -8,6 +8,7 @@ from datetime import UTC, datetime, timedelta
 from types import ModuleType
 
 import pytest
+from botocore.exceptions import ConnectionClosedError, EndpointConnectionError, ReadTimeoutError
 from botocore.stub import Stubber
 
 from tests.functions.conftest import Aws
@@ -17,12 +18,16 @@ from tests.functions.workflow import (
     JOB_ID,
     ROLE_ARN,
     FakeContext,
+    FaultStubber,
     batch_item,
     daemon_batch,
     load_app,
 )
 
 SUBMITTED = datetime(2026, 11, 23, 18, 59, 0, tzinfo=UTC)
+EXECUTION = "arn:aws:states:us-east-1:123456789012:execution:import:first"
+# The client token of EXECUTION's attempt: the batch id and the first 16 hex of sha256(EXECUTION).
+TOKEN = f"{FIXTURE_BATCH}-50352b921882e7d0"
 
 
 @pytest.fixture
@@ -31,28 +36,28 @@ def start_app(aws: Aws, monkeypatch: pytest.MonkeyPatch) -> ModuleType:
 
 
 @pytest.fixture
-def stub(start_app: ModuleType) -> Iterator[Stubber]:
-    with Stubber(start_app.MEDICAL_IMAGING) as stubber:
+def stub(start_app: ModuleType) -> Iterator[FaultStubber]:
+    with FaultStubber(start_app.MEDICAL_IMAGING) as stubber:
         yield stubber
         stubber.assert_no_pending_responses()
 
 
-def registered(aws: Aws, monkeypatch: pytest.MonkeyPatch) -> dict[str, object]:
+def registered(aws: Aws, monkeypatch: pytest.MonkeyPatch, execution: str = EXECUTION) -> dict[str, object]:
+    """The StartImportJob task's input: RegisterBatch's output and the execution ARN (as the ASL passes it)."""
     register = load_app("register_batch", monkeypatch, aws.env())
     batch = daemon_batch(aws.s3, aws.dicom_bucket)
-    return dict(
-        register.handler(
-            {"bucket": aws.dicom_bucket, "key": batch.manifest_key, "executionArn": "arn:x"}, FakeContext()
-        )
+    output = register.handler(
+        {"bucket": aws.dicom_bucket, "key": batch.manifest_key, "executionArn": execution}, FakeContext()
     )
+    return {**output, "executionArn": execution}
 
 
-def expected_start(aws: Aws) -> dict[str, str]:
+def expected_start(aws: Aws, token: str = TOKEN) -> dict[str, str]:
     return {
         "jobName": FIXTURE_BATCH,
         "datastoreId": DATASTORE_ID,
         "dataAccessRoleArn": ROLE_ARN,
-        "clientToken": FIXTURE_BATCH,
+        "clientToken": token,
         "inputS3Uri": f"s3://{aws.dicom_bucket}/batches/{FIXTURE_BATCH}/",
         "outputS3Uri": f"s3://{aws.results_bucket}/jobs/{FIXTURE_BATCH}/",
     }
@@ -62,7 +67,7 @@ def started_response() -> dict[str, object]:
     return {"datastoreId": DATASTORE_ID, "jobId": JOB_ID, "jobStatus": "SUBMITTED", "submittedAt": SUBMITTED}
 
 
-def test_start_uses_the_batch_prefix_a_results_prefix_and_the_batch_id_as_client_token(
+def test_start_uses_the_batch_prefix_a_results_prefix_and_a_client_token_per_attempt(
     aws: Aws, monkeypatch: pytest.MonkeyPatch, start_app: ModuleType, stub: Stubber
 ) -> None:
     batch = registered(aws, monkeypatch)
@@ -122,9 +127,52 @@ def test_start_errors_surface_under_the_names_the_state_machine_matches(
     assert batch_item(aws.table, FIXTURE_BATCH)["status"] == "registered"  # nothing recorded as started
 
 
+def test_a_retried_start_repeats_its_token_and_a_new_attempt_gets_a_new_one(
+    aws: Aws, monkeypatch: pytest.MonkeyPatch, start_app: ModuleType, stub: FaultStubber
+) -> None:
+    batch = registered(aws, monkeypatch)
+    # The first answer is lost after HealthImaging created the job; the retry asks again with the same token.
+    timeout = ReadTimeoutError(endpoint_url="https://medical-imaging.us-east-1.amazonaws.com")
+    stub.add_transport_error("start_dicom_import_job", timeout, expected_start(aws))
+    stub.add_response("start_dicom_import_job", started_response(), expected_start(aws))
+    with pytest.raises(Exception, match="ReadTimeoutError") as raised:
+        start_app.handler(batch, FakeContext())
+    assert type(raised.value).__name__ == "HealthImagingUnreachable"
+    assert batch_item(aws.table, FIXTURE_BATCH)["status"] == "registered"
+    assert start_app.handler(batch, FakeContext())["jobId"] == JOB_ID
+
+    # A deliberate re-import is a new execution: its token differs, so HealthImaging starts a new job.
+    again = {**batch, "executionArn": EXECUTION.replace("first", "second")}
+    token = start_app.client_token(FIXTURE_BATCH, again["executionArn"])
+    assert token != TOKEN and len(token) <= 64
+    stub.add_response("start_dicom_import_job", started_response(), expected_start(aws, token))
+    start_app.handler(again, FakeContext())
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        ReadTimeoutError(endpoint_url="https://medical-imaging.us-east-1.amazonaws.com"),
+        EndpointConnectionError(endpoint_url="https://medical-imaging.us-east-1.amazonaws.com"),
+        ConnectionClosedError(endpoint_url="https://medical-imaging.us-east-1.amazonaws.com"),
+    ],
+)
+def test_transport_errors_are_named_for_the_retry(aws: Aws, check_app: ModuleType, error: Exception) -> None:
+    with FaultStubber(check_app.MEDICAL_IMAGING) as stub:
+        stub.add_transport_error("get_dicom_import_job", error)
+        with pytest.raises(Exception) as raised:
+            check_app.handler(
+                {"batchId": FIXTURE_BATCH, "datastoreId": DATASTORE_ID, "jobId": JOB_ID}, FakeContext()
+            )
+    assert type(raised.value).__name__ == "HealthImagingUnreachable"
+
+
 def test_the_medical_imaging_client_does_not_retry_on_its_own(start_app: ModuleType) -> None:
     # The state machine's Retry waits out throttling; SDK retries would only add calls at 1 TPS.
     assert start_app.MEDICAL_IMAGING.meta.config.retries["total_max_attempts"] == 1
+    # A hung call ends inside the function's 30 s as a named, retried error, not as a Lambda timeout.
+    config = start_app.MEDICAL_IMAGING.meta.config
+    assert config.connect_timeout + config.read_timeout < 30
 
 
 @pytest.fixture

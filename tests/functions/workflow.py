@@ -13,6 +13,7 @@ from types import ModuleType
 from typing import Any
 
 import pytest
+from botocore.stub import Stubber
 
 FUNCTIONS = Path(__file__).resolve().parents[2] / "functions"
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
@@ -183,3 +184,33 @@ class FakeContext:
 
     def get_remaining_time_in_millis(self) -> int:
         return 300_000
+
+
+@dataclass(frozen=True)
+class _TransportFault:
+    error: Exception
+
+
+class FaultStubber(Stubber):
+    """botocore's Stubber that can also answer a call with a transport error (read timeout, reset connection).
+
+    The error is raised where botocore would send the request, after the parameters were checked against the
+    model, so the function sees exactly what a lost answer looks like from the SDK.
+    """
+
+    def add_transport_error(
+        self, method: str, error: Exception, expected_params: Mapping[str, Any] | None = None
+    ) -> None:
+        self._queue.append(
+            {
+                "operation_name": self.client.meta.method_to_api_mapping.get(method),
+                "response": _TransportFault(error),
+                "expected_params": expected_params,
+            }
+        )
+
+    def _get_response_handler(self, model: Any, params: Any, context: Any, **kwargs: Any) -> Any:
+        response = super()._get_response_handler(model, params, context, **kwargs)
+        if isinstance(response, _TransportFault):
+            raise response.error
+        return response

@@ -12,6 +12,7 @@ POLL_INTERVAL_SECONDS=1.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import re
@@ -26,7 +27,8 @@ from typing import Any
 import boto3
 import pytest
 from botocore.exceptions import ClientError
-from botocore.stub import Stubber
+from botocore.exceptions import EndpointConnectionError, ReadTimeoutError
+from botocore.stub import ANY
 from moto import mock_aws
 from moto.stepfunctions.parser.asl.component.common.retry import retrier_decl
 from moto.stepfunctions.parser.asl.component.state.exec.state_task import lambda_eval_utils
@@ -38,6 +40,7 @@ from tests.functions.workflow import (
     JOB_ID,
     ROLE_ARN,
     FakeContext,
+    FaultStubber,
     batch_item,
     create_table,
     daemon_batch,
@@ -110,14 +113,17 @@ class Workflow:
     dicom_bucket: str
     results_bucket: str
     lambda_service: LambdaService
-    start_stub: Stubber
-    check_stub: Stubber
+    start_stub: FaultStubber
+    check_stub: FaultStubber
     retry_sleeps: list[float] = field(default_factory=list)
 
-    def trigger(self, batch_id: str = FIXTURE_BATCH) -> str:
+    def execution_arn(self, name: str) -> str:
+        return self.state_machine_arn.replace(":stateMachine:", ":execution:") + ":" + name
+
+    def trigger(self, batch_id: str = FIXTURE_BATCH, name: str | None = None) -> str:
         event = EVENT.read_text().replace("BUCKET", self.dicom_bucket).replace("BATCH", batch_id)
         # EventBridge names every execution uniquely: a redelivered event is a new execution, same input.
-        name = uuid.uuid4().hex
+        name = name or uuid.uuid4().hex
         started = self.sfn.start_execution(stateMachineArn=self.state_machine_arn, name=name, input=event)
         return str(started["executionArn"])
 
@@ -132,16 +138,25 @@ class Workflow:
         events = self.sfn.get_execution_history(executionArn=execution_arn, maxResults=1000)["events"]
         return [e["stateEnteredEventDetails"]["name"] for e in events if "stateEnteredEventDetails" in e]
 
-    def expect_start(self, response: dict[str, Any] | None = None, error: str | None = None) -> None:
+    def expect_start(
+        self,
+        response: dict[str, Any] | None = None,
+        error: str | Exception | None = None,
+        execution_name: str | None = None,
+    ) -> None:
+        """The next StartDICOMImportJob; with ``execution_name``, its client token is checked exactly."""
+        token = self.client_token(execution_name) if execution_name else ANY
         params = {
             "jobName": FIXTURE_BATCH,
             "datastoreId": DATASTORE_ID,
             "dataAccessRoleArn": ROLE_ARN,
-            "clientToken": FIXTURE_BATCH,
+            "clientToken": token,
             "inputS3Uri": f"s3://{self.dicom_bucket}/batches/{FIXTURE_BATCH}/",
             "outputS3Uri": f"s3://{self.results_bucket}/jobs/{FIXTURE_BATCH}/",
         }
-        if error:
+        if isinstance(error, Exception):
+            self.start_stub.add_transport_error("start_dicom_import_job", error, expected_params=params)
+        elif error:
             self.start_stub.add_client_error(
                 "start_dicom_import_job", error, "refused", 400, expected_params=params
             )
@@ -153,6 +168,9 @@ class Workflow:
                 "submittedAt": SUBMITTED,
             }
             self.start_stub.add_response("start_dicom_import_job", response or started, params)
+
+    def client_token(self, execution_name: str) -> str:
+        return f"{FIXTURE_BATCH}-{hashlib.sha256(self.execution_arn(execution_name).encode()).hexdigest()[:16]}"
 
     def expect_status(self, status: str, message: str | None = None) -> None:
         properties: dict[str, Any] = {
@@ -222,8 +240,8 @@ def workflow(monkeypatch: pytest.MonkeyPatch) -> Iterator[Workflow]:
         )["stateMachineArn"]
         daemon_batch(s3, dicom_bucket)
         with (
-            Stubber(apps["StartImportFunctionArn"].MEDICAL_IMAGING) as start_stub,
-            Stubber(apps["CheckImportFunctionArn"].MEDICAL_IMAGING) as check_stub,
+            FaultStubber(apps["StartImportFunctionArn"].MEDICAL_IMAGING) as start_stub,
+            FaultStubber(apps["CheckImportFunctionArn"].MEDICAL_IMAGING) as check_stub,
         ):
             flow = Workflow(
                 sfn,
@@ -362,3 +380,39 @@ def test_duplicate_trigger_imports_once(workflow: Workflow) -> None:
     assert workflow.states_entered(second) == ["RegisterBatch", "IsDuplicateTrigger", "DuplicateTrigger"]
     assert workflow.lambda_service.calls.count(function_arn("StartImportFunctionArn")) == 1
     assert batch_item(workflow.table, FIXTURE_BATCH)["executionArn"] == first
+
+
+def test_transport_errors_are_retried_and_the_retried_start_keeps_its_token(workflow: Workflow) -> None:
+    # HealthImaging created the job but its answer was lost; a poll then finds the endpoint unreachable.
+    upload_job_output(workflow.s3, workflow.results_bucket, FIXTURE_BATCH, "all_success")
+    endpoint = "https://medical-imaging.us-east-1.amazonaws.com"
+    workflow.expect_start(error=ReadTimeoutError(endpoint_url=endpoint), execution_name="lost-answer")
+    workflow.expect_start(execution_name="lost-answer")  # the same token: the same job comes back
+    workflow.check_stub.add_transport_error("get_dicom_import_job", EndpointConnectionError(endpoint_url=endpoint))
+    workflow.expect_status("COMPLETED")
+
+    execution = workflow.trigger(name="lost-answer")
+    described = workflow.finish(execution)
+
+    assert described["status"] == "SUCCEEDED", described
+    assert workflow.lambda_service.calls.count(function_arn("StartImportFunctionArn")) == 2
+    assert workflow.lambda_service.calls.count(function_arn("CheckImportFunctionArn")) == 2
+    assert len(workflow.retry_sleeps) == 2 and all(0 <= slept <= 5 for slept in workflow.retry_sleeps)
+    assert {item["status"] for item in instances(workflow.table).values()} == {"imported"}
+
+
+def test_a_manual_reimport_gets_a_new_client_token(workflow: Workflow) -> None:
+    upload_job_output(workflow.s3, workflow.results_bucket, FIXTURE_BATCH, "all_success")
+    workflow.expect_start(execution_name="first-import")
+    workflow.expect_status("COMPLETED")
+    assert workflow.finish(workflow.trigger(name="first-import"))["status"] == "SUCCEEDED"
+
+    # The documented re-import: delete the batch item, send the event again. A new token, so a new job.
+    workflow.table.delete_item(Key={"pk": f"BATCH#{FIXTURE_BATCH}", "sk": "BATCH"})
+    workflow.expect_start(execution_name="re-import")
+    workflow.expect_status("COMPLETED")
+    described = workflow.finish(workflow.trigger(name="re-import"))
+
+    assert described["status"] == "SUCCEEDED", described
+    assert workflow.client_token("first-import") != workflow.client_token("re-import")
+    assert batch_item(workflow.table, FIXTURE_BATCH)["executionArn"] == workflow.execution_arn("re-import")
