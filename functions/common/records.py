@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 from botocore.exceptions import ClientError
 
 from common.manifest import Manifest, ManifestObject, iso_millis
+from common.parallel import in_parallel
 
 if TYPE_CHECKING:
     from mypy_boto3_dynamodb.service_resource import Table
@@ -27,6 +28,12 @@ IMPORTED = "imported"
 WARNING = "warning"
 FAILED = "failed"
 REQUEUED = "requeued"
+# The job has not finished within IMPORT_TIMEOUT_HOURS; HealthImaging may still finish it, and the next
+# status check that sees it finish records the real outcome.
+STUCK = "stuck"
+# The job COMPLETED but its output never became readable: HealthImaging may well have imported the instance,
+# so it is neither imported nor failed; the reason says which job to look at.
+UNCONFIRMED = "unconfirmed"
 NON_PRIMARY = "nonprimary"  # only a ByStatus partition: imported or warning with isPrimary false
 
 # Batch statuses.
@@ -35,6 +42,8 @@ BATCH_IMPORTING = "importing"
 BATCH_IMPORTED = "imported"
 BATCH_PARTIAL = "partial"
 BATCH_FAILED = "failed"
+BATCH_STUCK = "stuck"
+BATCH_UNCONFIRMED = "unconfirmed"
 
 _REASON_LIMIT = 1000
 
@@ -157,12 +166,37 @@ def _instance_item(manifest: Manifest, entry: ManifestObject, attempt: int, stam
     return item
 
 
-def register_instances(table: Table, manifest: Manifest, attempt: int, now: datetime) -> None:
-    """One item per instance, status importing; the newest batch holding an instance owns its item."""
+def receipt_time(manifest: Manifest, entry: ManifestObject) -> str:
+    """When this copy of the instance was received; the batch's newest receipt if the manifest does not say."""
+    return entry.received_at or manifest.last_received_at
+
+
+def register_instances(table: Table, manifest: Manifest, attempt: int, now: datetime) -> int:
+    """One item per instance, status importing, unless a newer receipt of the instance holds it; returns how
+    many this batch took.
+
+    Only a newer receipt wins (``receiptAt``, ISO 8601 strings compare in time order): a batch sealed late by
+    the sweeper never takes over an instance recorded by a batch the modality sent later. The same batch may
+    register again (a retried task), and a re-queue batch takes over the instances of the batch it came from.
+    """
     stamp = iso_millis(now)
-    with table.batch_writer(overwrite_by_pkeys=["pk", "sk"]) as writer:
-        for entry in manifest.objects:
-            writer.put_item(Item=_instance_item(manifest, entry, attempt, stamp))
+
+    def register_one(entry: ManifestObject) -> bool:
+        item = _instance_item(manifest, entry, attempt, stamp)
+        item["receiptAt"] = receipt_time(manifest, entry)
+        condition = (
+            "attribute_not_exists(pk) OR batchId = :batch OR attribute_not_exists(receiptAt)"
+            " OR receiptAt < :receipt"
+        )
+        values: dict[str, Any] = {":batch": manifest.batch_id, ":receipt": item["receiptAt"]}
+        if manifest.requeued_from:
+            condition += " OR batchId = :from"
+            values[":from"] = manifest.requeued_from
+        return put_if_condition_holds(
+            table, Item=item, ConditionExpression=condition, ExpressionAttributeValues=values
+        )
+
+    return sum(in_parallel(register_one, manifest.objects))
 
 
 def record_job_started(
@@ -288,9 +322,22 @@ def record_instance_outcome(
 
 
 def update_if_condition_holds(table: Table, **request: Any) -> bool:
-    """Run a conditional UpdateItem; False, not an error, when its condition does not hold."""
+    """Run a conditional UpdateItem; False, not an error, when its condition does not hold.
+
+    Called from several threads at once: it goes through the table's client, which is thread-safe (boto3's
+    resource objects are not) and converts Python values as the table resource does.
+    """
+    return _if_condition_holds(table, "update_item", request)
+
+
+def put_if_condition_holds(table: Table, **request: Any) -> bool:
+    """Run a conditional PutItem; False, not an error, when its condition does not hold (thread-safe)."""
+    return _if_condition_holds(table, "put_item", request)
+
+
+def _if_condition_holds(table: Table, operation: str, request: dict[str, Any]) -> bool:
     try:
-        table.update_item(**request)
+        getattr(table.meta.client, operation)(TableName=table.name, **request)
     except ClientError as error:
         if error.response.get("Error", {}).get("Code") == "ConditionalCheckFailedException":
             return False
@@ -366,8 +413,8 @@ def fail_unfinished_instances(
     table: Table, manifest: Manifest, reason: str, retention: Retention, now: datetime
 ) -> int:
     """Fail every instance this batch still owns and has no outcome for; returns how many."""
-    failed = 0
-    for entry in manifest.objects:
+
+    def fail_one(entry: ManifestObject) -> bool:
         outcome = InstanceOutcome(
             key=entry.key,
             study_instance_uid=entry.study_instance_uid,
@@ -376,26 +423,74 @@ def fail_unfinished_instances(
             status=FAILED,
             reason=reason,
         )
-        if _fail_if_importing(table, manifest.batch_id, outcome, retention, now):
-            failed += 1
-    return failed
+        return _set_if_unfinished(table, manifest.batch_id, outcome, retention, now)
+
+    return sum(in_parallel(fail_one, manifest.objects))
 
 
-def _fail_if_importing(
-    table: Table, batch_id: str, outcome: InstanceOutcome, retention: Retention, now: datetime
+def mark_stuck(table: Table, manifest: Manifest, job_id: str, reason: str, now: datetime) -> int:
+    """Record the batch and its unfinished instances ``stuck``; returns how many instances.
+
+    The instances first, then the batch: a call cut short leaves the batch ``importing``, so the next status
+    check marks again (each write is conditional and repeatable); once the batch says ``stuck``, the later
+    checks write nothing. Stuck items get no expiry: they are not final.
+    """
+    batch = table.get_item(Key=batch_key(manifest.batch_id), ConsistentRead=True).get("Item", {})
+    if batch.get("status") == BATCH_STUCK:
+        return 0
+
+    def mark_one(entry: ManifestObject) -> bool:
+        outcome = InstanceOutcome(
+            key=entry.key,
+            study_instance_uid=entry.study_instance_uid,
+            series_instance_uid=entry.series_instance_uid,
+            sop_instance_uid=entry.sop_instance_uid,
+            status=STUCK,
+            reason=reason,
+        )
+        return _set_if_unfinished(table, manifest.batch_id, outcome, None, now)
+
+    marked = sum(in_parallel(mark_one, manifest.objects))
+    stamp = iso_millis(now)
+    update_if_condition_holds(
+        table,
+        Key=batch_key(manifest.batch_id),
+        UpdateExpression=(
+            "SET #status = :stuck, reason = :reason, updatedAt = :now, stuckAt = :now,"
+            " gsi3pk = :gsi3pk, gsi3sk = :gsi3sk"
+        ),
+        ConditionExpression="#status = :importing AND jobId = :job",
+        ExpressionAttributeNames={"#status": "status"},
+        ExpressionAttributeValues={
+            ":stuck": BATCH_STUCK,
+            ":importing": BATCH_IMPORTING,
+            ":job": job_id,
+            ":reason": shorten(reason),
+            ":now": stamp,
+            ":gsi3pk": status_partition("batch", BATCH_STUCK),
+            ":gsi3sk": f"{stamp}#{manifest.batch_id}",
+        },
+    )
+    return marked
+
+
+def _set_if_unfinished(
+    table: Table, batch_id: str, outcome: InstanceOutcome, retention: Retention | None, now: datetime
 ) -> bool:
+    """Give an instance this batch owns, still importing or stuck, the outcome's status and reason."""
     stamp = iso_millis(now)
     values: dict[str, Any] = {
         ":batch": batch_id,
         ":importing": IMPORTING,
-        ":failed": FAILED,
+        ":stuck": STUCK,
+        ":status": outcome.status,
         ":reason": shorten(outcome.reason or "batch failed"),
         ":now": stamp,
-        ":gsi3pk": status_partition("instance", FAILED),
+        ":gsi3pk": status_partition("instance", outcome.status),
         ":gsi3sk": f"{stamp}#{outcome.sop_instance_uid}",
     }
-    sets = "#status = :failed, reason = :reason, updatedAt = :now, gsi3pk = :gsi3pk, gsi3sk = :gsi3sk"
-    expires = retention.expires_at(now)
+    sets = "#status = :status, reason = :reason, updatedAt = :now, gsi3pk = :gsi3pk, gsi3sk = :gsi3sk"
+    expires = retention.expires_at(now) if retention else None
     if expires is not None:
         sets += ", expiresAt = :expires"
         values[":expires"] = expires
@@ -403,14 +498,14 @@ def _fail_if_importing(
         table,
         Key=instance_key(outcome.study_instance_uid, outcome.series_instance_uid, outcome.sop_instance_uid),
         UpdateExpression="SET " + sets,
-        ConditionExpression="batchId = :batch AND #status = :importing",
+        ConditionExpression="batchId = :batch AND (#status = :importing OR #status = :stuck)",
         ExpressionAttributeNames={"#status": "status"},
         ExpressionAttributeValues=values,
     )
 
 
 def count_by_status(outcomes: Iterable[InstanceOutcome]) -> dict[str, int]:
-    counts = {IMPORTED: 0, WARNING: 0, FAILED: 0, REQUEUED: 0, NON_PRIMARY: 0}
+    counts = {IMPORTED: 0, WARNING: 0, FAILED: 0, REQUEUED: 0, UNCONFIRMED: 0, NON_PRIMARY: 0}
     for outcome in outcomes:
         counts[outcome.status] += 1
         if outcome.is_primary is False:

@@ -18,6 +18,7 @@ import boto3
 from aws_lambda_powertools import Logger, Metrics
 from aws_lambda_powertools.metrics import MetricUnit
 from aws_lambda_powertools.utilities.typing import LambdaContext
+from botocore.exceptions import ClientError
 from common.config import EnvironmentReader
 from common.layout import (
     LayoutError,
@@ -36,14 +37,17 @@ from common.manifest import (
     read_manifest,
     write_manifest_once,
 )
+from common.parallel import POOLED_CLIENT_CONFIG, in_parallel
 from common.records import (
     BATCH_FAILED,
     BATCH_IMPORTED,
     BATCH_PARTIAL,
+    BATCH_UNCONFIRMED,
     FAILED,
     IMPORTED,
     NON_PRIMARY,
     REQUEUED,
+    UNCONFIRMED,
     WARNING,
     InstanceOutcome,
     Retention,
@@ -58,6 +62,7 @@ from common.records import (
 if TYPE_CHECKING:
     from mypy_boto3_dynamodb.service_resource import Table
     from mypy_boto3_s3 import S3Client
+    from mypy_boto3_s3.type_defs import CopySourceTypeDef
 
 logger = Logger(service="import-workflow")
 metrics = Metrics(namespace="DICOMStoreSCP", service="import-workflow")
@@ -135,21 +140,62 @@ def _ndjson(raw: bytes) -> list[dict[str, Any]]:
     return lines
 
 
-def read_job_output(s3: S3Client, output_uri: str, job_id: str) -> JobOutput:
-    """Find the job's output files by listing under OutputS3Uri (the service chooses the folder name)."""
+class JobOutputNotReady(Exception):
+    """A COMPLETED job whose output files are not all readable yet: read again later, never failed for it.
+
+    The output appears a little after the job reports COMPLETED (AWS's own SDK example retries reading it), so
+    the state machine retries this; if the output never appears, the instances are recorded ``unconfirmed``.
+    """
+
+
+def _summary_count(summary: Mapping[str, Any], name: str) -> int:
+    value = summary.get(name)
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
+def read_job_output(s3: S3Client, output_uri: str, job_id: str, completed: bool) -> JobOutput:
+    """Find the job's output files by listing under OutputS3Uri (the service chooses the folder name).
+
+    For a COMPLETED job the output manifest must be there, and the success and failure files whenever its
+    summary counts imported or failed files; otherwise JobOutputNotReady.
+    """
     bucket, prefix = split_s3_uri(output_uri)
     keys = list(_list_keys(s3, bucket, prefix))
 
     def read(suffix: str) -> bytes | None:
         key = _pick(keys, suffix, job_id)
-        return s3.get_object(Bucket=bucket, Key=key)["Body"].read() if key else None
+        if key is None:
+            return None
+        try:
+            return s3.get_object(Bucket=bucket, Key=key)["Body"].read()
+        except ClientError as error:
+            if error.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                return None
+            raise
 
     manifest_raw = read(OUTPUT_MANIFEST)
     summary = json.loads(manifest_raw).get("jobSummary", {}) if manifest_raw else {}
+    summary = summary if isinstance(summary, dict) else {}
+    success, failure = read(SUCCESS_FILE), read(FAILURE_FILE)
+    if completed:
+        failed_files = _summary_count(summary, "numberOfFilesWithCustomerError") + _summary_count(
+            summary, "numberOfFilesWithServerError"
+        )
+        missing = [
+            name
+            for name, absent in (
+                (OUTPUT_MANIFEST, manifest_raw is None),
+                (SUCCESS_FILE, success is None and _summary_count(summary, "numberOfImportedFiles") > 0),
+                (FAILURE_FILE, failure is None and failed_files > 0),
+            )
+            if absent
+        ]
+        if missing:
+            raise JobOutputNotReady(f"import job {job_id} COMPLETED; not readable yet: {', '.join(missing)}")
     return JobOutput(
-        summary=summary if isinstance(summary, dict) else {},
-        success=_ndjson(read(SUCCESS_FILE) or b""),
-        failure=_ndjson(read(FAILURE_FILE) or b""),
+        summary=summary,
+        success=_ndjson(success or b""),
+        failure=_ndjson(failure or b""),
         warning=_ndjson(read(WARNING_FILE) or b""),
     )
 
@@ -280,31 +326,45 @@ def claim_requeue_id(table: Table, batch_id: str, now: datetime) -> str:
     return str(response["Attributes"]["requeueBatchId"])
 
 
+# Up to 5 GB one CopyObject copies (S3's limit for a single copy); larger objects go through the managed copy.
+SINGLE_COPY_LIMIT = 5 * 1024**3
+
+
 def requeue(
     s3: S3Client, manifest: Manifest, outcomes: Iterable[InstanceOutcome], new_batch_id: str, now: datetime
 ) -> None:
-    """Copy the objects into a new batch and close it with its own manifest (conditional put, once)."""
+    """Copy the objects into a new batch, side by side, and close it with its own manifest (once).
+
+    Runs before any instance is marked requeued: if a copy fails, the error ends the task with nothing marked
+    and no manifest, and the retried task copies again (same keys, same bytes) into the same batch id.
+    """
     by_key = {entry.key: entry for entry in manifest.objects}
-    entries: list[ManifestObject] = []
-    for outcome in outcomes:
+
+    def copy_one(outcome: InstanceOutcome) -> ManifestObject:
         new_key = object_key(
             new_batch_id, outcome.study_instance_uid, outcome.series_instance_uid, outcome.sop_instance_uid
         )
-        s3.copy({"Bucket": manifest.bucket, "Key": outcome.key}, manifest.bucket, new_key)
         original = by_key.get(outcome.key)
-        size = s3.head_object(Bucket=manifest.bucket, Key=new_key)["ContentLength"]
-        entries.append(
-            ManifestObject(
-                key=new_key,
-                sop_instance_uid=outcome.sop_instance_uid,
-                study_instance_uid=outcome.study_instance_uid,
-                series_instance_uid=outcome.series_instance_uid,
-                sop_class_uid=original.sop_class_uid if original else None,
-                size=size,
-                calling_ae_title=original.calling_ae_title if original else None,
-                received_at=original.received_at if original else None,
-            )
+        size = original.size if original and original.size > 0 else 0
+        if size == 0:
+            size = s3.head_object(Bucket=manifest.bucket, Key=outcome.key)["ContentLength"]
+        source: CopySourceTypeDef = {"Bucket": manifest.bucket, "Key": outcome.key}
+        if size <= SINGLE_COPY_LIMIT:
+            s3.copy_object(Bucket=manifest.bucket, Key=new_key, CopySource=source)
+        else:
+            s3.copy(source, manifest.bucket, new_key)
+        return ManifestObject(
+            key=new_key,
+            sop_instance_uid=outcome.sop_instance_uid,
+            study_instance_uid=outcome.study_instance_uid,
+            series_instance_uid=outcome.series_instance_uid,
+            sop_class_uid=original.sop_class_uid if original else None,
+            size=size,
+            calling_ae_title=original.calling_ae_title if original else None,
+            received_at=original.received_at if original else None,
         )
+
+    entries = in_parallel(copy_one, list(outcomes))
     titles = sorted({entry.calling_ae_title for entry in entries if entry.calling_ae_title})
     write_manifest_once(
         s3,
@@ -316,7 +376,7 @@ def requeue(
             first_received_at=manifest.first_received_at,
             last_received_at=manifest.last_received_at,
             calling_ae_titles=tuple(titles),
-            objects=tuple(entries),
+            objects=tuple(sorted(entries, key=lambda entry: entry.key)),
             requeued_from=manifest.batch_id,
         ),
     )
@@ -330,6 +390,25 @@ def _summary_numbers(summary: Mapping[str, Any]) -> dict[str, int]:
     }
 
 
+def unconfirmed_outcomes(manifest: Manifest, job_id: str, error: Mapping[str, Any]) -> list[InstanceOutcome]:
+    """Every instance of a COMPLETED job whose output never became readable: neither imported nor failed."""
+    reason = (
+        f"import job {job_id} COMPLETED but its output stayed unreadable ({error.get('Cause') or 'no detail'});"
+        " HealthImaging may have imported the instance: look the job up before sending it again"
+    )
+    return [
+        InstanceOutcome(
+            entry.key,
+            entry.study_instance_uid,
+            entry.series_instance_uid,
+            entry.sop_instance_uid,
+            UNCONFIRMED,
+            reason=reason,
+        )
+        for entry in manifest.objects
+    ]
+
+
 def process_results(
     event: Mapping[str, Any], s3: S3Client, table: Table, settings: Settings, now: datetime
 ) -> Results:
@@ -339,11 +418,19 @@ def process_results(
     attempt = int(event.get("attempt", 1))
     retention = Retention(settings.retention_days)
     manifest = read_manifest(s3, settings.dicom_bucket, batch_id)
-    output = read_job_output(s3, str(job["outputS3Uri"]), job_id)
     job_failed_reason = None
-    if job_status == "FAILED":
-        job_failed_reason = f"import job {job_id} FAILED: {state.get('message') or 'no message'}"
-    outcomes, unmatched = outcomes_from_output(manifest, output, job_failed_reason)
+    unmatched = 0
+    summary: dict[str, Any] = {}
+    if event.get("outputUnreadable"):
+        # The state machine gave up waiting for the output of a COMPLETED job (JobOutputNotReady retried).
+        outcomes = unconfirmed_outcomes(manifest, job_id, event.get("error") or {})
+        job_failed_reason = outcomes[0].reason
+    else:
+        output = read_job_output(s3, str(job["outputS3Uri"]), job_id, completed=job_status == "COMPLETED")
+        summary = output.summary
+        if job_status == "FAILED":
+            job_failed_reason = f"import job {job_id} FAILED: {state.get('message') or 'no message'}"
+        outcomes, unmatched = outcomes_from_output(manifest, output, job_failed_reason)
     if unmatched:
         logger.warning("output lines that name no object of this batch", batch_id=batch_id, lines=unmatched)
 
@@ -351,22 +438,27 @@ def process_results(
     requeue_id = None
     if server_failures and attempt == 1:
         requeue_id = claim_requeue_id(table, batch_id, now)
+        # Copied and closed by a manifest before anything says "requeued": a requeued instance is always in
+        # a batch that will be imported.
+        requeue(s3, manifest, server_failures, requeue_id, now)
+        logger.info("server failures re-queued", batch_id=batch_id, requeue_batch_id=requeue_id)
         requeued = {o.key for o in server_failures}
         outcomes = [
             replace(o, status=REQUEUED, requeued_to=requeue_id) if o.key in requeued else o for o in outcomes
         ]
-    written = sum(record_instance_outcome(table, batch_id, job_id, o, retention, now) for o in outcomes)
+    written = sum(
+        in_parallel(lambda o: record_instance_outcome(table, batch_id, job_id, o, retention, now), outcomes)
+    )
     if written < len(outcomes):
         logger.info(
             "instances taken over by a newer batch", batch_id=batch_id, skipped=len(outcomes) - written
         )
-    if requeue_id is not None:
-        requeue(s3, manifest, [o for o in outcomes if o.status == REQUEUED], requeue_id, now)
-        logger.info("server failures re-queued", batch_id=batch_id, requeue_batch_id=requeue_id)
 
     counts = count_by_status(outcomes)
     if job_status == "FAILED":
         status = BATCH_FAILED
+    elif counts[UNCONFIRMED]:
+        status = BATCH_UNCONFIRMED
     elif counts[FAILED] or counts[REQUEUED]:
         status = BATCH_PARTIAL
     else:
@@ -380,7 +472,7 @@ def process_results(
         batch_id,
         job_id,
         job_status,
-        _summary_numbers(output.summary),
+        _summary_numbers(summary),
         state.get("message"),
         retention,
         now,
@@ -396,8 +488,8 @@ def process_results(
 
 
 SETTINGS = Settings.from_env(os.environ)
-S3 = boto3.client("s3")
-TABLE = boto3.resource("dynamodb").Table(SETTINGS.table_name)
+S3 = boto3.client("s3", config=POOLED_CLIENT_CONFIG)
+TABLE = boto3.resource("dynamodb", config=POOLED_CLIENT_CONFIG).Table(SETTINGS.table_name)
 
 
 @logger.inject_lambda_context
@@ -412,6 +504,7 @@ def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
     metrics.add_metric(name="InstancesWarning", unit=MetricUnit.Count, value=counts[WARNING])
     metrics.add_metric(name="InstancesNonPrimary", unit=MetricUnit.Count, value=counts[NON_PRIMARY])
     metrics.add_metric(name="InstancesRequeued", unit=MetricUnit.Count, value=counts[REQUEUED])
+    metrics.add_metric(name="InstancesUnconfirmed", unit=MetricUnit.Count, value=counts[UNCONFIRMED])
     if results.duration_seconds is not None:
         metrics.add_metric(
             name="ImportJobDurationSeconds", unit=MetricUnit.Seconds, value=results.duration_seconds

@@ -20,6 +20,7 @@ from botocore.exceptions import ClientError
 from common.config import EnvironmentReader
 from common.layout import LayoutError, batch_id_from_manifest_key, check_batch_id
 from common.manifest import ManifestError, iso_millis, read_manifest
+from common.parallel import POOLED_CLIENT_CONFIG
 from common.records import (
     BATCH_FAILED,
     Retention,
@@ -142,7 +143,7 @@ def record_failure(
 
 SETTINGS = Settings.from_env(os.environ)
 S3 = boto3.client("s3")
-TABLE = boto3.resource("dynamodb").Table(SETTINGS.table_name)
+TABLE = boto3.resource("dynamodb", config=POOLED_CLIENT_CONFIG).Table(SETTINGS.table_name)
 
 
 @logger.inject_lambda_context

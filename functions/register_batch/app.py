@@ -14,6 +14,7 @@ from aws_lambda_powertools.utilities.typing import LambdaContext
 from common.config import EnvironmentReader
 from common.layout import batch_id_from_manifest_key
 from common.manifest import ManifestError, read_manifest
+from common.parallel import POOLED_CLIENT_CONFIG
 from common.records import DuplicateBatch, register_batch, register_instances, utc_now
 
 if TYPE_CHECKING:
@@ -52,7 +53,10 @@ def register(
             "duplicate trigger, batch already registered", batch_id=batch_id, owner=duplicate.owner
         )
         return {"batchId": batch_id, "duplicate": True, "owner": duplicate.owner}
-    register_instances(table, manifest, attempt, now)
+    taken = register_instances(table, manifest, attempt, now)
+    if taken < len(manifest.objects):
+        # The modality sent these instances again later; the newer receipt keeps their records.
+        logger.info("instances held by a newer receipt", batch_id=batch_id, skipped=len(manifest.objects) - taken)
     logger.info("batch registered", batch_id=batch_id, objects=len(manifest.objects), attempt=attempt)
     return {
         "batchId": batch_id,
@@ -67,7 +71,7 @@ def register(
 
 SETTINGS = Settings.from_env(os.environ)
 S3 = boto3.client("s3")
-TABLE = boto3.resource("dynamodb").Table(SETTINGS.table_name)
+TABLE = boto3.resource("dynamodb", config=POOLED_CLIENT_CONFIG).Table(SETTINGS.table_name)
 
 
 @logger.inject_lambda_context

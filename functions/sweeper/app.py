@@ -130,7 +130,9 @@ def manifest_from_listing(
                     sop_class_uid=None,
                     size=int(entry["Size"]),
                     calling_ae_title=None,
-                    received_at=None,
+                    # When S3 stored it, moments after its receipt: what decides, should the modality have
+                    # sent the instance again into another batch, which receipt is newer.
+                    received_at=iso_millis(entry["LastModified"]),
                 )
             )
     if not objects:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable
 from types import ModuleType
 from typing import Any
@@ -11,8 +12,10 @@ import pytest
 
 from tests.functions.conftest import Aws
 from tests.functions.workflow import (
+    DATASTORE_ID,
     FIXTURE_BATCH,
     JOB_ID,
+    Batch,
     FakeContext,
     batch_item,
     daemon_batch,
@@ -85,6 +88,7 @@ def test_all_successes(
         "warning": 0,
         "failed": 0,
         "requeued": 0,
+        "unconfirmed": 0,
         "nonprimary": 0,
         "requeueBatchId": None,
     }
@@ -105,6 +109,7 @@ def test_all_successes(
         "InstancesWarning": 0.0,
         "InstancesNonPrimary": 0.0,
         "InstancesRequeued": 0.0,
+        "InstancesUnconfirmed": 0.0,
         "ImportJobDurationSeconds": 270.0,
     }
 
@@ -134,14 +139,10 @@ def test_two_failures_out_of_ten_one_parked_one_requeued(
     assert server["reason"].startswith("InternalServerException")
 
     # The re-queued object sits in a new batch closed by its own manifest: the workflow picks it up as any.
-    new_key = (
-        f"batches/{requeue_id}/{server['studyInstanceUid']}/{server['seriesInstanceUid']}/{sop_uid(9)}.dcm"
-    )
+    new_key = f"batches/{requeue_id}/{server['studyInstanceUid']}/{server['seriesInstanceUid']}/{sop_uid(9)}.dcm"
     original = aws.s3.get_object(Bucket=aws.dicom_bucket, Key=server["key"])["Body"].read()
     assert aws.s3.get_object(Bucket=aws.dicom_bucket, Key=new_key)["Body"].read() == original
-    manifest = json.loads(
-        aws.s3.get_object(Bucket=aws.dicom_bucket, Key=f"manifests/{requeue_id}.json")["Body"].read()
-    )
+    manifest = json.loads(aws.s3.get_object(Bucket=aws.dicom_bucket, Key=f"manifests/{requeue_id}.json")["Body"].read())
     assert manifest["closedBy"] == "requeue" and manifest["requeuedFrom"] == FIXTURE_BATCH
     assert [o["key"] for o in manifest["objects"]] == [new_key]
     assert manifest["objects"][0]["callingAETitle"] == "CT01"
@@ -151,9 +152,7 @@ def test_two_failures_out_of_ten_one_parked_one_requeued(
     assert again["requeueBatchId"] == requeue_id
 
 
-def test_a_requeued_batch_is_not_requeued_again(
-    aws: Aws, monkeypatch: pytest.MonkeyPatch, app: ModuleType
-) -> None:
+def test_a_requeued_batch_is_not_requeued_again(aws: Aws, monkeypatch: pytest.MonkeyPatch, app: ModuleType) -> None:
     registered = register(aws, monkeypatch)
     output_uri = upload_job_output(aws.s3, aws.results_bucket, FIXTURE_BATCH, "partial_failure")
     requeue_id = app.handler(results_event(registered, output_uri), FakeContext())["requeueBatchId"]
@@ -169,21 +168,20 @@ def test_a_requeued_batch_is_not_requeued_again(
     item = instances(aws.table)[sop_uid(9)]
     key = f"batches/{requeue_id}/{item['studyInstanceUid']}/{item['seriesInstanceUid']}/{sop_uid(9)}.dcm"
     line = {"inputFile": key, "exception": {"exceptionType": "InternalServerException", "message": "again"}}
+    folder = f"jobs/{requeue_id}/x-DicomImport-{JOB_ID}/"
+    summary = {"jobSummary": {"numberOfScannedFiles": 1, "numberOfImportedFiles": 0, "numberOfFilesWithServerError": 1}}
     aws.s3.put_object(
-        Bucket=aws.results_bucket,
-        Key=f"jobs/{requeue_id}/x-DicomImport-{JOB_ID}/FAILURE/failure.ndjson",
-        Body=(json.dumps(line) + "\n").encode(),
+        Bucket=aws.results_bucket, Key=folder + "job-output-manifest.json", Body=json.dumps(summary).encode()
     )
-    result = app.handler(
-        results_event(second, f"s3://{aws.results_bucket}/jobs/{requeue_id}/"), FakeContext()
+    aws.s3.put_object(
+        Bucket=aws.results_bucket, Key=folder + "FAILURE/failure.ndjson", Body=(json.dumps(line) + "\n").encode()
     )
+    result = app.handler(results_event(second, f"s3://{aws.results_bucket}/jobs/{requeue_id}/"), FakeContext())
     assert (result["failed"], result["requeued"], result["requeueBatchId"]) == (1, 0, None)
     assert instances(aws.table)[sop_uid(9)]["status"] == "failed"
 
 
-def test_warnings_and_non_primary_image_sets(
-    aws: Aws, monkeypatch: pytest.MonkeyPatch, app: ModuleType
-) -> None:
+def test_warnings_and_non_primary_image_sets(aws: Aws, monkeypatch: pytest.MonkeyPatch, app: ModuleType) -> None:
     registered = register(aws, monkeypatch)
     output_uri = upload_job_output(aws.s3, aws.results_bucket, FIXTURE_BATCH, "warnings_nonprimary")
 
@@ -287,9 +285,7 @@ def test_an_s3_uri_into_another_bucket_names_no_instance(
     assert result["imported"] == 0 and result["failed"] == 10
 
 
-def test_record_failure_marks_the_batch_and_its_unfinished_instances(
-    aws: Aws, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_record_failure_marks_the_batch_and_its_unfinished_instances(aws: Aws, monkeypatch: pytest.MonkeyPatch) -> None:
     register(aws, monkeypatch)
     app = load_app("record_failure", monkeypatch, aws.env())
     cause = json.dumps({"errorType": "ImportRejected", "errorMessage": "AccessDeniedException: no access"})
@@ -322,9 +318,7 @@ def test_record_failure_before_registration_names_the_batch_from_the_event(
     assert batch_item(aws.table, FIXTURE_BATCH)["reason"] == "ManifestError: manifest lists no objects"
 
 
-def test_record_failure_leaves_a_batch_owned_by_another_execution(
-    aws: Aws, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_record_failure_leaves_a_batch_owned_by_another_execution(aws: Aws, monkeypatch: pytest.MonkeyPatch) -> None:
     register(aws, monkeypatch)
     app = load_app("record_failure", monkeypatch, aws.env())
     state = {"batchId": FIXTURE_BATCH, "error": {"Error": "States.Timeout", "Cause": ""}}
@@ -333,3 +327,134 @@ def test_record_failure_leaves_a_batch_owned_by_another_execution(
 
     assert batch_item(aws.table, FIXTURE_BATCH)["status"] == "registered"
     assert {item["status"] for item in instances(aws.table).values()} == {"importing"}
+
+
+def test_a_completed_job_whose_output_is_not_there_yet_is_read_again_never_failed(
+    aws: Aws, monkeypatch: pytest.MonkeyPatch, app: ModuleType
+) -> None:
+    registered = register(aws, monkeypatch)
+    output_uri = f"s3://{aws.results_bucket}/jobs/{FIXTURE_BATCH}/"
+    event = results_event(registered, output_uri)
+
+    with pytest.raises(Exception, match=r"not readable yet: job-output-manifest\.json") as raised:
+        app.handler(event, FakeContext())
+    assert type(raised.value).__name__ == "JobOutputNotReady"
+
+    # The manifest appears first; its summary counts imported files whose success file is not there yet.
+    upload_job_output(aws.s3, aws.results_bucket, FIXTURE_BATCH, "partial_failure")
+    folder = f"jobs/{FIXTURE_BATCH}/{DATASTORE_ID}-DicomImport-{JOB_ID}/"
+    for name in ("SUCCESS/success.ndjson", "FAILURE/failure.ndjson"):
+        body = aws.s3.get_object(Bucket=aws.results_bucket, Key=folder + name)["Body"].read()
+        aws.s3.delete_object(Bucket=aws.results_bucket, Key=folder + name)
+        with pytest.raises(Exception, match="not readable yet") as raised:
+            app.handler(event, FakeContext())
+        assert type(raised.value).__name__ == "JobOutputNotReady"
+        assert {item["status"] for item in instances(aws.table).values()} == {"importing"}
+        aws.s3.put_object(Bucket=aws.results_bucket, Key=folder + name, Body=body)
+
+    result = app.handler(event, FakeContext())
+    assert (result["imported"], result["failed"], result["requeued"]) == (8, 1, 1)
+
+
+def test_output_that_never_appears_leaves_the_instances_unconfirmed_not_failed(
+    aws: Aws, monkeypatch: pytest.MonkeyPatch, app: ModuleType
+) -> None:
+    registered = register(aws, monkeypatch)
+    event = results_event(registered, f"s3://{aws.results_bucket}/jobs/{FIXTURE_BATCH}/")
+    cause = json.dumps({"errorType": "JobOutputNotReady", "errorMessage": "not readable yet"})
+    event.update(outputUnreadable=True, error={"Error": "JobOutputNotReady", "Cause": cause})
+
+    result = app.handler(event, FakeContext())
+
+    assert (result["batchStatus"], result["unconfirmed"], result["failed"], result["imported"]) == (
+        "unconfirmed",
+        10,
+        0,
+        0,
+    )
+    recorded = instances(aws.table)
+    assert {item["status"] for item in recorded.values()} == {"unconfirmed"}
+    assert all(JOB_ID in item["reason"] and "may have imported" in item["reason"] for item in recorded.values())
+    assert recorded[sop_uid(1)]["gsi3pk"] == "STATUS#instance#unconfirmed"
+    assert batch_item(aws.table, FIXTURE_BATCH)["status"] == "unconfirmed"
+
+
+def server_failures_output(aws: Aws, batch: Batch) -> str:
+    """A COMPLETED job whose every file failed on the service's side."""
+    folder = f"jobs/{batch.batch_id}/{DATASTORE_ID}-DicomImport-{JOB_ID}/"
+    summary = {
+        "jobSummary": {
+            "numberOfScannedFiles": len(batch.keys),
+            "numberOfImportedFiles": 0,
+            "numberOfFilesWithServerError": len(batch.keys),
+        }
+    }
+    lines = [
+        {"inputFile": key, "exception": {"exceptionType": "InternalServerException", "message": "try again"}}
+        for key in batch.keys
+    ]
+    aws.s3.put_object(
+        Bucket=aws.results_bucket, Key=folder + "job-output-manifest.json", Body=json.dumps(summary).encode()
+    )
+    body = "".join(json.dumps(line) + "\n" for line in lines).encode()
+    aws.s3.put_object(Bucket=aws.results_bucket, Key=folder + "FAILURE/failure.ndjson", Body=body)
+    return f"s3://{aws.results_bucket}/jobs/{batch.batch_id}/"
+
+
+REQUEUE_OBJECTS = 300
+
+
+def test_a_large_requeue_copies_in_parallel_and_writes_its_manifest_before_marking(
+    aws: Aws, monkeypatch: pytest.MonkeyPatch, app: ModuleType
+) -> None:
+    register_app = load_app("register_batch", monkeypatch, aws.env())
+    batch = daemon_batch(aws.s3, aws.dicom_bucket, FIXTURE_BATCH, REQUEUE_OBJECTS)
+    registered = register_app.handler(
+        {"bucket": aws.dicom_bucket, "key": batch.manifest_key, "executionArn": EXECUTION}, FakeContext()
+    )
+    output_uri = server_failures_output(aws, batch)
+
+    started = time.monotonic()
+    result = app.handler(results_event(registered, output_uri), FakeContext())
+    elapsed = time.monotonic() - started
+
+    assert result["requeued"] == REQUEUE_OBJECTS
+    requeue_id = result["requeueBatchId"]
+    manifest = json.loads(aws.s3.get_object(Bucket=aws.dicom_bucket, Key=f"manifests/{requeue_id}.json")["Body"].read())
+    assert manifest["objectCount"] == REQUEUE_OBJECTS
+    originals = {o["key"].replace(FIXTURE_BATCH, requeue_id): o for o in batch.manifest["objects"]}
+    assert sorted(originals) == [entry["key"] for entry in manifest["objects"]]
+    for entry in manifest["objects"]:
+        original = originals[entry["key"]]
+        assert (entry["bytes"], entry["receivedAt"]) == (original["bytes"], original["receivedAt"])
+    copied = aws.s3.list_objects_v2(Bucket=aws.dicom_bucket, Prefix=f"batches/{requeue_id}/")["KeyCount"]
+    assert copied == REQUEUE_OBJECTS
+    assert {item["status"] for item in instances(aws.table).values()} == {"requeued"}
+    # 300 copies and 600 table writes against one moto_server process on a shared 2-core machine.
+    print(f"requeue of {REQUEUE_OBJECTS} objects: {elapsed:.1f} s")
+    assert elapsed < 60
+
+
+def test_a_failed_copy_marks_nothing_requeued_and_writes_no_manifest(
+    aws: Aws, monkeypatch: pytest.MonkeyPatch, app: ModuleType
+) -> None:
+    register_app = load_app("register_batch", monkeypatch, aws.env())
+    batch = daemon_batch(aws.s3, aws.dicom_bucket, FIXTURE_BATCH, 20)
+    registered = register_app.handler(
+        {"bucket": aws.dicom_bucket, "key": batch.manifest_key, "executionArn": EXECUTION}, FakeContext()
+    )
+    output_uri = server_failures_output(aws, batch)
+    aws.s3.delete_object(Bucket=aws.dicom_bucket, Key=batch.keys[7])  # this copy fails (NoSuchKey)
+
+    with pytest.raises(Exception, match=r"NoSuchKey|Not Found|does not exist"):
+        app.handler(results_event(registered, output_uri), FakeContext())
+
+    assert {item["status"] for item in instances(aws.table).values()} == {"importing"}
+    requeue_id = batch_item(aws.table, FIXTURE_BATCH)["requeueBatchId"]
+    manifests = aws.s3.list_objects_v2(Bucket=aws.dicom_bucket, Prefix=f"manifests/{requeue_id}")
+    assert manifests["KeyCount"] == 0
+
+    # Once the object is back (or the retried task succeeds), the same re-queue batch is completed.
+    aws.s3.put_object(Bucket=aws.dicom_bucket, Key=batch.keys[7], Body=b"\0" * 128 + b"DICM")
+    result = app.handler(results_event(registered, output_uri), FakeContext())
+    assert (result["requeued"], result["requeueBatchId"]) == (20, requeue_id)

@@ -40,9 +40,7 @@ def test_a_closed_batch_is_registered_with_every_instance(aws: Aws, monkeypatch:
     assert "expiresAt" not in first  # in-flight records never expire
 
 
-def test_a_second_execution_for_the_same_batch_is_a_duplicate(
-    aws: Aws, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_a_second_execution_for_the_same_batch_is_a_duplicate(aws: Aws, monkeypatch: pytest.MonkeyPatch) -> None:
     app = load_app("register_batch", monkeypatch, aws.env())
     batch = daemon_batch(aws.s3, aws.dicom_bucket)
     app.handler(event(aws, batch.manifest_key), FakeContext())
@@ -75,3 +73,39 @@ def test_a_missing_variable_fails_at_cold_start(aws: Aws, monkeypatch: pytest.Mo
     del env["TABLE_NAME"]
     with pytest.raises(Exception, match="TABLE_NAME: required"):
         load_app("register_batch", monkeypatch, env)
+
+
+OLDER = "20261123T185700Z-00000000000000aa"  # a daemon's batch, sealed late by the sweeper
+NEWER = "20261123T190500Z-00000000000000bb"  # the same slices, sent again later into another batch
+
+
+def test_a_late_batch_never_takes_over_an_instance_a_newer_receipt_holds(
+    aws: Aws, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    app = load_app("register_batch", monkeypatch, aws.env())
+    newer = daemon_batch(aws.s3, aws.dicom_bucket, NEWER, 10)
+    older = daemon_batch(aws.s3, aws.dicom_bucket, OLDER, 4)
+    app.handler(event(aws, newer.manifest_key), FakeContext())
+
+    late = app.handler(event(aws, older.manifest_key, EXECUTION + "-late"), FakeContext())
+
+    assert late["duplicate"] is False and late["objectCount"] == 4
+    recorded = instances(aws.table)
+    assert {item["batchId"] for item in recorded.values()} == {NEWER}
+    assert recorded[sop_uid(1)]["receiptAt"] == newer.manifest["objects"][0]["receivedAt"]
+    # The late batch's own registration stays: its job imports, its outcomes find the instances held.
+    assert batch_item(aws.table, OLDER)["objectCount"] == 4
+
+
+def test_a_newer_receipt_takes_over_the_instance(aws: Aws, monkeypatch: pytest.MonkeyPatch) -> None:
+    app = load_app("register_batch", monkeypatch, aws.env())
+    older = daemon_batch(aws.s3, aws.dicom_bucket, OLDER, 4)
+    newer = daemon_batch(aws.s3, aws.dicom_bucket, NEWER, 10)
+    app.handler(event(aws, older.manifest_key), FakeContext())
+
+    app.handler(event(aws, newer.manifest_key, EXECUTION + "-newer"), FakeContext())
+
+    assert {item["batchId"] for item in instances(aws.table).values()} == {NEWER}
+    # Registering the older batch again (a retried task of its execution) takes nothing back.
+    app.handler(event(aws, older.manifest_key), FakeContext())
+    assert {item["batchId"] for item in instances(aws.table).values()} == {NEWER}

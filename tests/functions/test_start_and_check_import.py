@@ -12,6 +12,7 @@ from botocore.exceptions import ConnectionClosedError, EndpointConnectionError, 
 from botocore.stub import Stubber
 
 from tests.functions.conftest import Aws
+from tests.functions.test_process_results import results_event
 from tests.functions.workflow import (
     DATASTORE_ID,
     FIXTURE_BATCH,
@@ -21,7 +22,10 @@ from tests.functions.workflow import (
     FaultStubber,
     batch_item,
     daemon_batch,
+    instances,
     load_app,
+    sop_uid,
+    upload_job_output,
 )
 
 SUBMITTED = datetime(2026, 11, 23, 18, 59, 0, tzinfo=UTC)
@@ -161,9 +165,7 @@ def test_transport_errors_are_named_for_the_retry(aws: Aws, check_app: ModuleTyp
     with FaultStubber(check_app.MEDICAL_IMAGING) as stub:
         stub.add_transport_error("get_dicom_import_job", error)
         with pytest.raises(Exception) as raised:
-            check_app.handler(
-                {"batchId": FIXTURE_BATCH, "datastoreId": DATASTORE_ID, "jobId": JOB_ID}, FakeContext()
-            )
+            check_app.handler(poll_input(), FakeContext())
     assert type(raised.value).__name__ == "HealthImagingUnreachable"
 
 
@@ -180,20 +182,41 @@ def check_app(aws: Aws, monkeypatch: pytest.MonkeyPatch) -> ModuleType:
     return load_app("check_import", monkeypatch, aws.env(IMPORT_TIMEOUT_HOURS="2"))
 
 
-def job_properties(status: str, submitted: datetime, **extra: object) -> dict[str, object]:
-    return {
-        "jobProperties": {
-            "jobId": JOB_ID,
-            "jobName": FIXTURE_BATCH,
-            "jobStatus": status,
-            "datastoreId": DATASTORE_ID,
-            "dataAccessRoleArn": ROLE_ARN,
-            "submittedAt": submitted,
-            "inputS3Uri": "s3://dicom/batches/x/",
-            "outputS3Uri": "s3://results/jobs/x/",
-            **extra,
-        }
+def job_properties(status: str, submitted: datetime | None, **extra: object) -> dict[str, object]:
+    properties: dict[str, object] = {
+        "jobId": JOB_ID,
+        "jobName": FIXTURE_BATCH,
+        "jobStatus": status,
+        "datastoreId": DATASTORE_ID,
+        "dataAccessRoleArn": ROLE_ARN,
+        "inputS3Uri": "s3://dicom/batches/x/",
+        "outputS3Uri": "s3://results/jobs/x/",
+        **extra,
     }
+    if submitted is not None:
+        properties["submittedAt"] = submitted
+    return {"jobProperties": properties}
+
+
+def poll_input(submitted: str | None = "2026-11-23T18:59:00.000Z") -> dict[str, object]:
+    """CheckImportJob's payload as the ASL builds it: the start response's submittedAt, the execution start."""
+    return {
+        "batchId": FIXTURE_BATCH,
+        "datastoreId": DATASTORE_ID,
+        "jobId": JOB_ID,
+        "submittedAt": submitted,
+        "executionStartedAt": "2026-11-23T18:58:13.200Z",
+        "pollIntervalSeconds": 60,
+    }
+
+
+def check(check_app: ModuleType, aws: Aws, stub: Stubber, now: datetime, **payload: object) -> dict[str, object]:
+    del stub  # the responses are queued on it
+    return dict(
+        check_app.check_import(
+            {**poll_input(), **payload}, check_app.MEDICAL_IMAGING, aws.s3, aws.table, check_app.SETTINGS, now
+        )
+    )
 
 
 @pytest.mark.parametrize("status", ["SUBMITTED", "IN_PROGRESS", "COMPLETED", "FAILED"])
@@ -208,29 +231,70 @@ def test_check_reports_each_job_status(
             job_properties(status, SUBMITTED, **ended, **message),
             {"datastoreId": DATASTORE_ID, "jobId": JOB_ID},
         )
-        result = check_app.check_import(
-            {"batchId": FIXTURE_BATCH, "datastoreId": DATASTORE_ID, "jobId": JOB_ID},
-            check_app.MEDICAL_IMAGING,
-            aws.table,
-            check_app.SETTINGS,
-            SUBMITTED + timedelta(minutes=5),
-        )
+        result = check(check_app, aws, stub, SUBMITTED + timedelta(minutes=5))
     assert result["jobStatus"] == status
     assert result["endedAt"] == ("2026-11-23T19:02:00.000Z" if ended else None)
     assert result["message"] == message.get("message")
+    assert (result["stuck"], result["waitSeconds"]) == (False, 60)
 
 
-def test_a_job_running_past_the_timeout_is_reported_stuck(aws: Aws, check_app: ModuleType) -> None:
+def test_the_wait_grows_with_the_jobs_age_up_to_fifteen_minutes(check_app: ModuleType) -> None:
+    wait = check_app.next_wait_seconds
+    assert [wait(timedelta(minutes=m), 60, False) for m in (1, 10, 20, 100, 150, 1000)] == [60, 60, 120, 600, 900, 900]
+    assert wait(timedelta(hours=30), 60, True) == 3600
+    assert wait(timedelta(minutes=1), 3600, False) == 3600  # never shorter than POLL_INTERVAL_SECONDS
+
+
+def test_a_job_past_the_timeout_is_recorded_stuck_then_resolved_by_its_outcome(
+    aws: Aws, monkeypatch: pytest.MonkeyPatch, check_app: ModuleType
+) -> None:
+    batch = registered(aws, monkeypatch)
+    aws.table.update_item(
+        Key={"pk": f"BATCH#{FIXTURE_BATCH}", "sk": "BATCH"},
+        UpdateExpression="SET #s = :s, jobId = :j",
+        ExpressionAttributeNames={"#s": "status"},
+        ExpressionAttributeValues={":s": "importing", ":j": JOB_ID},
+    )
+    late = SUBMITTED + timedelta(hours=2, seconds=1)
+    with Stubber(check_app.MEDICAL_IMAGING) as stub:
+        # GetDICOMImportJob's submittedAt is optional: this answer has none, the start response's is used.
+        stub.add_response("get_dicom_import_job", job_properties("IN_PROGRESS", None))
+        stub.add_response("get_dicom_import_job", job_properties("IN_PROGRESS", None))
+        first = check(check_app, aws, stub, late)
+        again = check(check_app, aws, stub, late + timedelta(hours=1))
+
+    assert (first["stuck"], first["waitSeconds"], first["jobStatus"]) == (True, 3600, "IN_PROGRESS")
+    assert again["stuck"] is True
+    record = batch_item(aws.table, FIXTURE_BATCH)
+    assert record["status"] == "stuck" and JOB_ID in record["reason"] and "expiresAt" not in record
+    recorded = instances(aws.table)
+    assert {item["status"] for item in recorded.values()} == {"stuck"}
+    assert "may still finish" in recorded[sop_uid(1)]["reason"]
+
+    # HealthImaging finishes the job after all: its outcome replaces "stuck".
+    results = load_app("process_results", monkeypatch, aws.env())
+    output_uri = upload_job_output(aws.s3, aws.results_bucket, FIXTURE_BATCH, "all_success")
+    results.handler(results_event({"batchId": FIXTURE_BATCH, "attempt": batch["attempt"]}, output_uri), FakeContext())
+    assert {item["status"] for item in instances(aws.table).values()} == {"imported"}
+    assert batch_item(aws.table, FIXTURE_BATCH)["status"] == "imported"
+
+
+def test_without_a_submitted_time_the_execution_start_counts(
+    aws: Aws, monkeypatch: pytest.MonkeyPatch, check_app: ModuleType
+) -> None:
+    registered(aws, monkeypatch)
+    with Stubber(check_app.MEDICAL_IMAGING) as stub:
+        stub.add_response("get_dicom_import_job", job_properties("IN_PROGRESS", None))
+        # 2 h after the execution started (18:58:13), but only 1 h 59 min after the unused submittedAt.
+        result = check(check_app, aws, stub, datetime(2026, 11, 23, 20, 58, 14, tzinfo=UTC), submittedAt=None)
+    assert result["stuck"] is True
+
+
+def test_a_job_unfinished_a_week_after_it_was_declared_stuck_fails_the_batch(aws: Aws, check_app: ModuleType) -> None:
     with Stubber(check_app.MEDICAL_IMAGING) as stub:
         stub.add_response("get_dicom_import_job", job_properties("IN_PROGRESS", SUBMITTED))
-        with pytest.raises(Exception) as raised:
-            check_app.check_import(
-                {"batchId": FIXTURE_BATCH, "datastoreId": DATASTORE_ID, "jobId": JOB_ID},
-                check_app.MEDICAL_IMAGING,
-                aws.table,
-                check_app.SETTINGS,
-                SUBMITTED + timedelta(hours=2, seconds=1),
-            )
+        with pytest.raises(Exception, match="still IN_PROGRESS 7 days after") as raised:
+            check(check_app, aws, stub, SUBMITTED + timedelta(days=7, hours=2, seconds=1))
     assert type(raised.value).__name__ == "ImportJobStuck"
 
 
@@ -238,7 +302,5 @@ def test_check_throttling_is_named_for_the_retry(aws: Aws, check_app: ModuleType
     with Stubber(check_app.MEDICAL_IMAGING) as stub:
         stub.add_client_error("get_dicom_import_job", "ThrottlingException", "slow down", 400)
         with pytest.raises(Exception) as raised:
-            check_app.handler(
-                {"batchId": FIXTURE_BATCH, "datastoreId": DATASTORE_ID, "jobId": JOB_ID}, FakeContext()
-            )
+            check_app.handler(poll_input(), FakeContext())
     assert type(raised.value).__name__ == "ImportThrottled"

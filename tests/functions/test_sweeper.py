@@ -64,7 +64,10 @@ def test_an_abandoned_batch_is_closed_with_a_manifest_rebuilt_from_its_keys(
     assert written["callingAETitles"] == []
     assert [o["key"] for o in written["objects"]] == sorted(batch.keys)
     first = written["objects"][0]
-    assert first["sopClassUid"] is None and first["callingAETitle"] is None and first["receivedAt"] is None
+    assert first["sopClassUid"] is None and first["callingAETitle"] is None
+    stored = aws.s3.head_object(Bucket=aws.dicom_bucket, Key=first["key"])["LastModified"]
+    # The time S3 stored it stands for its receipt.
+    assert first["receivedAt"] == stored.strftime("%Y-%m-%dT%H:%M:%S.") + f"{stored.microsecond // 1000:03d}Z"
     assert first["sopInstanceUid"] == batch.manifest["objects"][0]["sopInstanceUid"]
     assert written["byteCount"] == sum(o["bytes"] for o in batch.manifest["objects"])
 

@@ -8,6 +8,7 @@ import sys
 import uuid
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -98,6 +99,12 @@ class Batch:
         return f"manifests/{self.batch_id}.json"
 
 
+def received_at(batch_id: str, number: int) -> str:
+    """Object ``number`` of a batch arrived ``number`` seconds after the batch opened (the time in its id)."""
+    opened = datetime.strptime(batch_id[:16], "%Y%m%dT%H%M%SZ").replace(tzinfo=UTC)
+    return (opened + timedelta(seconds=number)).strftime("%Y-%m-%dT%H:%M:%S.113Z")
+
+
 def daemon_batch(
     s3: Any, bucket: str, batch_id: str = FIXTURE_BATCH, count: int = 10, write_manifest: bool = True
 ) -> Batch:
@@ -116,7 +123,7 @@ def daemon_batch(
                 "seriesInstanceUid": SERIES,
                 "bytes": len(body),
                 "callingAETitle": "CT01",
-                "receivedAt": f"2026-11-23T18:57:{number:02d}.113Z",
+                "receivedAt": received_at(batch_id, number),
             }
         )
     manifest = {

@@ -6,14 +6,15 @@ interpreter a Lambda endpoint that runs the real ``functions/<name>/app.py`` han
 answers as Lambda does (``FunctionError``, ``errorType`` = exception class name). HealthImaging, which moto
 lacks, is reached only through our start_import/check_import functions, whose boto3 clients get botocore's
 Stubber: each request is checked against the real medical-imaging model. S3 and DynamoDB are moto's in-process
-backends. Retry intervals are recorded instead of slept (moto sleeps them for real); Wait states really wait
-POLL_INTERVAL_SECONDS=1.
+backends. Retry intervals and Wait states are recorded instead of slept (moto sleeps them for real); a Wait
+moves the functions' clock forward by its length instead, so hours of polling run in a moment.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import json
 import re
 import uuid
@@ -26,12 +27,13 @@ from typing import Any
 
 import boto3
 import pytest
-from botocore.exceptions import ClientError
-from botocore.exceptions import EndpointConnectionError, ReadTimeoutError
+import time_machine
+from botocore.exceptions import ClientError, EndpointConnectionError, ReadTimeoutError
 from botocore.stub import ANY
 from moto import mock_aws
 from moto.stepfunctions.parser.asl.component.common.retry import retrier_decl
 from moto.stepfunctions.parser.asl.component.state.exec.state_task import lambda_eval_utils
+from moto.stepfunctions.parser.asl.component.state.wait.wait_function.wait_function import WaitFunction
 from moto.stepfunctions.parser.asl.utils.boto_client import boto_client_for
 
 from tests.functions.workflow import (
@@ -64,6 +66,15 @@ FUNCTIONS = {
 }
 # The job is submitted as the test runs: the stuck-job check compares submittedAt with the functions' clock.
 SUBMITTED = datetime.now(UTC).replace(microsecond=0) - timedelta(minutes=1)
+# What one more poll adds to an execution's history (Wait, Task, Choice); measured below, Step Functions allows
+# 25,000 events per execution.
+EVENTS_PER_POLL = 9
+HISTORY_EVENT_LIMIT = 25_000
+
+
+def load_app_module(name: str) -> ModuleType:
+    """A function's module for its pure helpers (no AWS call at import needs more than the region)."""
+    return load_app(name, pytest.MonkeyPatch(), {"TABLE_NAME": "t", "DICOM_BUCKET": "b", "AWS_DEFAULT_REGION": REGION})
 
 
 def function_arn(placeholder: str) -> str:
@@ -116,6 +127,9 @@ class Workflow:
     start_stub: FaultStubber
     check_stub: FaultStubber
     retry_sleeps: list[float] = field(default_factory=list)
+    waits: list[int] = field(default_factory=list)
+    on_retry: list[Callable[[], None]] = field(default_factory=list)
+    on_wait: list[Callable[[int], None]] = field(default_factory=list)
 
     def execution_arn(self, name: str) -> str:
         return self.state_machine_arn.replace(":stateMachine:", ":execution:") + ":" + name
@@ -143,6 +157,7 @@ class Workflow:
         response: dict[str, Any] | None = None,
         error: str | Exception | None = None,
         execution_name: str | None = None,
+        submitted: datetime = SUBMITTED,
     ) -> None:
         """The next StartDICOMImportJob; with ``execution_name``, its client token is checked exactly."""
         token = self.client_token(execution_name) if execution_name else ANY
@@ -157,15 +172,13 @@ class Workflow:
         if isinstance(error, Exception):
             self.start_stub.add_transport_error("start_dicom_import_job", error, expected_params=params)
         elif error:
-            self.start_stub.add_client_error(
-                "start_dicom_import_job", error, "refused", 400, expected_params=params
-            )
+            self.start_stub.add_client_error("start_dicom_import_job", error, "refused", 400, expected_params=params)
         else:
             started = {
                 "datastoreId": DATASTORE_ID,
                 "jobId": JOB_ID,
                 "jobStatus": "SUBMITTED",
-                "submittedAt": SUBMITTED,
+                "submittedAt": submitted,
             }
             self.start_stub.add_response("start_dicom_import_job", response or started, params)
 
@@ -195,7 +208,7 @@ class Workflow:
 
 
 @pytest.fixture
-def workflow(monkeypatch: pytest.MonkeyPatch) -> Iterator[Workflow]:
+def workflow(monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> Iterator[Workflow]:
     monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)  # everything in-process, nothing on moto_server
     for name, value in {
         "AWS_ACCESS_KEY_ID": "testing",
@@ -228,7 +241,27 @@ def workflow(monkeypatch: pytest.MonkeyPatch) -> Iterator[Workflow]:
 
         monkeypatch.setattr(lambda_eval_utils, "boto_client_for", client_for)
         sleeps: list[float] = []
-        monkeypatch.setattr(retrier_decl, "time", SimpleNamespace(sleep=sleeps.append))
+        on_retry: list[Callable[[], None]] = []
+
+        def retry_sleep(seconds: float) -> None:
+            sleeps.append(seconds)
+            for hook in on_retry:
+                hook()
+
+        monkeypatch.setattr(retrier_decl, "time", SimpleNamespace(sleep=retry_sleep))
+        clock = time_machine.travel(datetime.now(UTC), tick=True)
+        traveller = clock.start()
+        request.addfinalizer(clock.stop)
+        waits: list[int] = []
+        on_wait: list[Callable[[int], None]] = []
+
+        def wait(self: WaitFunction, env: Any, wait_seconds: int) -> None:
+            waits.append(wait_seconds)
+            traveller.shift(timedelta(seconds=wait_seconds))
+            for hook in on_wait:
+                hook(wait_seconds)
+
+        monkeypatch.setattr(WaitFunction, "_wait_interval", wait)
 
         definition = ASL.read_text()
         for placeholder in FUNCTIONS:
@@ -254,6 +287,9 @@ def workflow(monkeypatch: pytest.MonkeyPatch) -> Iterator[Workflow]:
                 start_stub,
                 check_stub,
                 sleeps,
+                waits,
+                on_retry,
+                on_wait,
             )
             yield flow
             start_stub.assert_no_pending_responses()
@@ -276,7 +312,7 @@ def test_success(workflow: Workflow) -> None:
         "RegisterBatch",
         "IsDuplicateTrigger",
         "StartImportJob",
-        "WaitForImportJob",
+        "WaitBeforeFirstCheck",
         "CheckImportJob",
         "IsImportJobFinished",
         "WaitForImportJob",
@@ -334,9 +370,7 @@ def test_throttled_or_over_quota_start_is_waited_out(workflow: Workflow, error: 
     workflow.expect_start()
     workflow.expect_status("COMPLETED")
     # Lambda itself throttles the first status check once: a transient error retried as well.
-    workflow.lambda_service.service_errors[function_arn("CheckImportFunctionArn")] = [
-        "TooManyRequestsException"
-    ]
+    workflow.lambda_service.service_errors[function_arn("CheckImportFunctionArn")] = ["TooManyRequestsException"]
 
     execution = workflow.trigger()
     described = workflow.finish(execution)
@@ -416,3 +450,107 @@ def test_a_manual_reimport_gets_a_new_client_token(workflow: Workflow) -> None:
     assert described["status"] == "SUCCEEDED", described
     assert workflow.client_token("first-import") != workflow.client_token("re-import")
     assert batch_item(workflow.table, FIXTURE_BATCH)["executionArn"] == workflow.execution_arn("re-import")
+
+
+def test_a_poll_costs_nine_history_events_and_the_loop_fits_the_budget_for_any_timeout(
+    workflow: Workflow,
+) -> None:
+    upload_job_output(workflow.s3, workflow.results_bucket, FIXTURE_BATCH, "all_success")
+    workflow.expect_start()
+    for _ in range(3):
+        workflow.expect_status("IN_PROGRESS")
+    workflow.expect_status("COMPLETED")
+    execution = workflow.trigger()
+    assert workflow.finish(execution)["status"] == "SUCCEEDED"
+
+    events = workflow.sfn.get_execution_history(executionArn=execution, maxResults=1000)["events"]
+    entered = [
+        i for i, e in enumerate(events) if e.get("stateEnteredEventDetails", {}).get("name") == "WaitForImportJob"
+    ]
+    assert len(entered) == 3
+    assert {later - earlier for earlier, later in itertools.pairwise(entered)} == {EVENTS_PER_POLL}
+    # A job minutes old and ageing with each wait: a tenth of its age, at least POLL_INTERVAL_SECONDS (1).
+    polls = workflow.waits[1:]
+    assert polls == sorted(polls) and 6 <= polls[0] <= 900, workflow.waits
+
+    # Every poll until the give-up, for the extremes of IMPORT_TIMEOUT_HOURS and POLL_INTERVAL_SECONDS.
+    check = load_app_module("check_import")
+    for hours in (1, 24, 168):
+        for interval in (1, 60, 3600):
+            age, polls = timedelta(seconds=interval), 0
+            deadline = timedelta(hours=hours)
+            while age <= deadline + check.STUCK_POLL_LIMIT:
+                polls += 1
+                age += timedelta(seconds=check.next_wait_seconds(age, interval, age > deadline))
+            # Room is left for the other states and for retries (3 events each).
+            assert polls * EVENTS_PER_POLL < HISTORY_EVENT_LIMIT // 2, (hours, interval, polls)
+
+
+def test_a_stuck_job_is_recorded_stuck_and_resolved_when_it_finishes(workflow: Workflow) -> None:
+    upload_job_output(workflow.s3, workflow.results_bucket, FIXTURE_BATCH, "all_success")
+    workflow.expect_start(submitted=SUBMITTED - timedelta(hours=24))  # past IMPORT_TIMEOUT_HOURS (24)
+    workflow.expect_status("IN_PROGRESS")
+    workflow.expect_status("IN_PROGRESS")
+    workflow.expect_status("COMPLETED")
+    seen: list[tuple[str, set[str]]] = []
+
+    def record(wait_seconds: int) -> None:
+        statuses = {item["status"] for item in instances(workflow.table).values()}
+        seen.append((batch_item(workflow.table, FIXTURE_BATCH)["status"], statuses))
+
+    workflow.on_wait.append(record)
+    described = workflow.finish(workflow.trigger())
+
+    assert described["status"] == "SUCCEEDED", described
+    assert workflow.waits[1:] == [3600, 3600]
+    assert seen[1:] == [("stuck", {"stuck"}), ("stuck", {"stuck"})]
+    assert {item["status"] for item in instances(workflow.table).values()} == {"imported"}
+    assert batch_item(workflow.table, FIXTURE_BATCH)["status"] == "imported"
+
+
+def test_a_job_that_never_finishes_fails_its_batch_after_a_week_stuck(workflow: Workflow) -> None:
+    workflow.expect_start(submitted=SUBMITTED - timedelta(days=8))
+    workflow.expect_status("IN_PROGRESS")
+
+    execution = workflow.trigger()
+    described = workflow.finish(execution)
+
+    assert (described["status"], described.get("error")) == ("FAILED", "BatchFailed")
+    assert workflow.states_entered(execution)[-3:] == ["CheckImportJob", "RecordFailure", "BatchFailed"]
+    record = batch_item(workflow.table, FIXTURE_BATCH)
+    assert record["status"] == "failed" and record["reason"].startswith("ImportJobStuck: import job")
+    assert {item["status"] for item in instances(workflow.table).values()} == {"failed"}
+
+
+def test_output_that_appears_late_is_read_again(workflow: Workflow) -> None:
+    workflow.expect_start()
+    workflow.expect_status("COMPLETED")
+    retries: list[None] = []
+
+    def appear_on_the_third_read() -> None:
+        retries.append(None)
+        if len(retries) == 2:
+            upload_job_output(workflow.s3, workflow.results_bucket, FIXTURE_BATCH, "all_success")
+
+    workflow.on_retry.append(appear_on_the_third_read)
+    described = workflow.finish(workflow.trigger())
+
+    assert described["status"] == "SUCCEEDED", described
+    assert workflow.lambda_service.calls.count(function_arn("ProcessResultsFunctionArn")) == 3
+    assert {item["status"] for item in instances(workflow.table).values()} == {"imported"}
+
+
+def test_output_that_never_appears_ends_unconfirmed_not_failed(workflow: Workflow) -> None:
+    workflow.expect_start()
+    workflow.expect_status("COMPLETED")
+
+    execution = workflow.trigger()
+    described = workflow.finish(execution)
+
+    assert (described["status"], described.get("error")) == ("FAILED", "ImportUnconfirmed")
+    assert workflow.states_entered(execution)[-3:] == ["ProcessResults", "RecordOutputUnreadable", "ImportUnconfirmed"]
+    # 16 reads (the first and 15 retries, each wait drawn from [0, min(5 * 2^n, 120)] s), then the record.
+    assert workflow.lambda_service.calls.count(function_arn("ProcessResultsFunctionArn")) == 17
+    assert sum(min(5 * 2**n, 120) for n in range(15)) < 30 * 60
+    assert {item["status"] for item in instances(workflow.table).values()} == {"unconfirmed"}
+    assert batch_item(workflow.table, FIXTURE_BATCH)["status"] == "unconfirmed"
