@@ -1,11 +1,13 @@
-"""Lambda function (scheduled): close batches a dead daemon left open, by writing their manifest itself.
+"""Lambda function (scheduled): close batches a dead daemon left open, and start the import of lost triggers.
 
 Abandoned: objects under the batch prefix, no manifest, newest object older than the minimum age (the larger
-of SWEEP_MIN_AGE_SECONDS and the daemon's BATCH_WINDOW_SECONDS plus a drain margin).
+of SWEEP_MIN_AGE_SECONDS and the daemon's BATCH_WINDOW_SECONDS plus a drain margin). Lost trigger: a manifest
+older than the minimum age without a batch item in the workflow table; its S3 event never started a workflow.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -21,6 +23,7 @@ from common.layout import (
     BATCHES_PREFIX,
     MANIFESTS_PREFIX,
     LayoutError,
+    batch_id_from_manifest_key,
     batch_id_time_part,
     batch_opened_at,
     batch_prefix,
@@ -28,10 +31,13 @@ from common.layout import (
     parse_object_key,
 )
 from common.manifest import CLOSED_BY_SWEEPER, Manifest, ManifestObject, iso_millis, write_manifest_once
-from common.records import utc_now
+from common.records import batch_key, utc_now
 
 if TYPE_CHECKING:
+    from mypy_boto3_dynamodb.service_resource import Table
     from mypy_boto3_s3 import S3Client
+    from mypy_boto3_s3.type_defs import ObjectTypeDef
+    from mypy_boto3_stepfunctions import SFNClient
 
 logger = Logger(service="import-workflow")
 metrics = Metrics(namespace="DICOMStoreSCP", service="import-workflow")
@@ -46,6 +52,8 @@ DRAIN_MARGIN_SECONDS = 600
 @dataclass(frozen=True)
 class Settings:
     dicom_bucket: str
+    table_name: str
+    state_machine_arn: str
     configured_min_age_seconds: int
     batch_window_seconds: int
     lookback_hours: int
@@ -55,6 +63,10 @@ class Settings:
         reader = EnvironmentReader(environ)
         settings = cls(
             dicom_bucket=reader.text("DICOM_BUCKET"),
+            table_name=reader.text("TABLE_NAME"),
+            state_machine_arn=reader.text(
+                "STATE_MACHINE_ARN", r"arn:aws[a-z-]*:states:[a-z0-9-]+:[0-9]{12}:stateMachine:.+"
+            ),
             configured_min_age_seconds=reader.integer("SWEEP_MIN_AGE_SECONDS", 900, 60, 86400),
             batch_window_seconds=reader.required_integer("BATCH_WINDOW_SECONDS", 1, 86400),
             lookback_hours=reader.integer("SWEEP_LOOKBACK_HOURS", 72, 1, 8760),
@@ -93,18 +105,20 @@ def _batch_ids_under(s3: S3Client, bucket: str, start: datetime) -> list[str]:
     return ids
 
 
-def _closed_batch_ids(s3: S3Client, bucket: str, start: datetime) -> set[str]:
-    closed = set()
+def _manifests(s3: S3Client, bucket: str, start: datetime) -> dict[str, ObjectTypeDef]:
+    """The manifests of the batches opened since ``start``, by batch id, as the listing shows them."""
+    manifests: dict[str, ObjectTypeDef] = {}
     paginator = s3.get_paginator("list_objects_v2")
     pages = paginator.paginate(
         Bucket=bucket, Prefix=MANIFESTS_PREFIX, StartAfter=f"{MANIFESTS_PREFIX}{batch_id_time_part(start)}"
     )
     for page in pages:
         for entry in page.get("Contents", []):
-            name = entry["Key"][len(MANIFESTS_PREFIX) :]
-            if name.endswith(".json"):
-                closed.add(name[: -len(".json")])
-    return closed
+            try:
+                manifests[batch_id_from_manifest_key(entry["Key"])] = entry
+            except LayoutError:
+                logger.warning("key that is not a manifest under manifests/", key=entry["Key"])
+    return manifests
 
 
 def manifest_from_listing(
@@ -154,7 +168,7 @@ def sweep(s3: S3Client, bucket: str, now: datetime, min_age_seconds: int, lookba
     """Close every abandoned batch opened in the lookback window; returns the ids this run closed."""
     start = now - timedelta(hours=lookback_hours)
     min_age = timedelta(seconds=min_age_seconds)
-    closed = _closed_batch_ids(s3, bucket, start)
+    closed = _manifests(s3, bucket, start)
     swept = []
     for batch_id in _batch_ids_under(s3, bucket, start):
         # A batch opened less than min_age ago cannot have a newest object older than min_age.
@@ -174,8 +188,62 @@ def sweep(s3: S3Client, bucket: str, now: datetime, min_age_seconds: int, lookba
     return swept
 
 
+def manifest_created_event(bucket: str, manifest: ObjectTypeDef, now: datetime) -> dict[str, Any]:
+    """The input EventBridge gives the workflow for a new manifest (S3 "Object Created"), the fields it reads."""
+    return {
+        "version": "0",
+        "detail-type": "Object Created",
+        "source": "aws.s3",
+        "time": now.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "resources": [f"arn:aws:s3:::{bucket}"],
+        "detail": {
+            "version": "0",
+            "bucket": {"name": bucket},
+            "object": {"key": manifest["Key"], "size": manifest["Size"], "etag": manifest["ETag"].strip('"')},
+            "reason": "PutObject",
+        },
+    }
+
+
+def reconcile(
+    s3: S3Client,
+    sfn: SFNClient,
+    table: Table,
+    settings: Settings,
+    now: datetime,
+    lookback_hours: int,
+) -> list[str]:
+    """Start the workflow for every manifest in the lookback that no execution has registered; returns their ids.
+
+    The manifest-created rule retries and keeps what it cannot deliver in a dead-letter queue, but a trigger
+    can still be lost; this pass makes sure every closed batch is imported. A manifest younger than the
+    minimum age is left to its own event. Starting twice is harmless: the second execution of a batch ends in
+    DuplicateTrigger. An execution name that carries the run's time lets a later run start it again.
+    """
+    start = now - timedelta(hours=lookback_hours)
+    settled = timedelta(seconds=settings.min_age_seconds)
+    started = []
+    for batch_id, manifest in sorted(_manifests(s3, settings.dicom_bucket, start).items()):
+        if now - manifest["LastModified"] < settled:
+            continue
+        if "Item" in table.get_item(Key=batch_key(batch_id), ConsistentRead=True, ProjectionExpression="pk"):
+            continue
+        execution = sfn.start_execution(
+            stateMachineArn=settings.state_machine_arn,
+            name=f"reconcile-{batch_id}-{batch_id_time_part(now)}",
+            input=json.dumps(manifest_created_event(settings.dicom_bucket, manifest, now)),
+        )
+        logger.warning(
+            "manifest without a batch item: import started", batch_id=batch_id, execution=execution["executionArn"]
+        )
+        started.append(batch_id)
+    return started
+
+
 SETTINGS = Settings.from_env(os.environ)
 S3 = boto3.client("s3")
+SFN = boto3.client("stepfunctions")
+TABLE = boto3.resource("dynamodb").Table(SETTINGS.table_name)
 
 
 @logger.inject_lambda_context
@@ -186,6 +254,9 @@ def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
         if isinstance(event, dict)
         else SETTINGS.lookback_hours
     )
-    swept = sweep(S3, SETTINGS.dicom_bucket, utc_now(), SETTINGS.min_age_seconds, lookback)
+    now = utc_now()
+    swept = sweep(S3, SETTINGS.dicom_bucket, now, SETTINGS.min_age_seconds, lookback)
     metrics.add_metric(name="BatchesSwept", unit=MetricUnit.Count, value=len(swept))
-    return {"closed": swept}
+    reconciled = reconcile(S3, SFN, TABLE, SETTINGS, now, lookback)
+    metrics.add_metric(name="BatchesReconciled", unit=MetricUnit.Count, value=len(reconciled))
+    return {"closed": swept, "reconciled": reconciled}

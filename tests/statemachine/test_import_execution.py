@@ -554,3 +554,27 @@ def test_output_that_never_appears_ends_unconfirmed_not_failed(workflow: Workflo
     assert sum(min(5 * 2**n, 120) for n in range(15)) < 30 * 60
     assert {item["status"] for item in instances(workflow.table).values()} == {"unconfirmed"}
     assert batch_item(workflow.table, FIXTURE_BATCH)["status"] == "unconfirmed"
+
+
+def test_a_lost_trigger_is_re_driven_by_the_sweeper_and_imported(
+    workflow: Workflow, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The manifest is written but its S3 event never started an execution.
+    upload_job_output(workflow.s3, workflow.results_bucket, FIXTURE_BATCH, "all_success")
+    workflow.expect_start()
+    workflow.expect_status("COMPLETED")
+    env = {"STATE_MACHINE_ARN": workflow.state_machine_arn, "BATCH_WINDOW_SECONDS": "60"}
+    sweeper = load_app("sweeper", monkeypatch, env)
+    later = datetime.now(UTC) + timedelta(minutes=20)
+
+    opened = datetime.strptime(FIXTURE_BATCH[:16], "%Y%m%dT%H%M%SZ").replace(tzinfo=UTC)
+    lookback = int((later - opened).total_seconds() // 3600) + 1  # back to the fixture batch, whatever the day
+    started = sweeper.reconcile(workflow.s3, workflow.sfn, workflow.table, sweeper.SETTINGS, later, lookback)
+
+    assert started == [FIXTURE_BATCH]
+    (execution,) = workflow.sfn.list_executions(stateMachineArn=workflow.state_machine_arn)["executions"]
+    described = workflow.finish(execution["executionArn"])
+    assert described["status"] == "SUCCEEDED", described
+    assert {item["status"] for item in instances(workflow.table).values()} == {"imported"}
+    # Registered now: the next run leaves it alone.
+    assert sweeper.reconcile(workflow.s3, workflow.sfn, workflow.table, sweeper.SETTINGS, later, lookback) == []
