@@ -72,13 +72,14 @@ def test_the_makefile_builds_the_zip_names_the_template_reads(template: dict[str
 
 
 def _required_variables(app: Path) -> set[str]:
-    """Names a function's settings read with ``reader.text(...)``: it fails at cold start without them."""
+    """Names a function's settings read with ``reader.text(...)`` or ``reader.required_integer(...)``: it fails
+    at cold start without them."""
     names = set()
     for node in ast.walk(ast.parse(app.read_text())):
         if (
             isinstance(node, ast.Call)
             and isinstance(node.func, ast.Attribute)
-            and node.func.attr == "text"
+            and node.func.attr in ("text", "required_integer")
             and node.args
             and isinstance(node.args[0], ast.Constant)
         ):
