@@ -458,3 +458,30 @@ def test_a_failed_copy_marks_nothing_requeued_and_writes_no_manifest(
     aws.s3.put_object(Bucket=aws.dicom_bucket, Key=batch.keys[7], Body=b"\0" * 128 + b"DICM")
     result = app.handler(results_event(registered, output_uri), FakeContext())
     assert (result["requeued"], result["requeueBatchId"]) == (20, requeue_id)
+
+
+def test_a_requeue_batch_registered_before_the_original_marks_keeps_its_instances(
+    aws: Aws, monkeypatch: pytest.MonkeyPatch, app: ModuleType
+) -> None:
+    # The re-queue manifest is written first, so its own execution may register before the instances are marked.
+    registered = register(aws, monkeypatch)
+    output_uri = upload_job_output(aws.s3, aws.results_bucket, FIXTURE_BATCH, "partial_failure")
+    requeue_id = app.claim_requeue_id(aws.table, FIXTURE_BATCH, app.utc_now())
+    manifest = app.read_manifest(aws.s3, aws.dicom_bucket, FIXTURE_BATCH)
+    failed = [
+        o
+        for o in app.outcomes_from_output(manifest, app.read_job_output(aws.s3, output_uri, JOB_ID, True), None)[0]
+        if o.server_error
+    ]
+    app.requeue(aws.s3, manifest, failed, requeue_id, app.utc_now())
+    register_app = load_app("register_batch", monkeypatch, aws.env())
+    register_app.handler(
+        {"bucket": aws.dicom_bucket, "key": f"manifests/{requeue_id}.json", "executionArn": EXECUTION + "-requeue"},
+        FakeContext(),
+    )
+
+    result = app.handler(results_event(registered, output_uri), FakeContext())
+
+    assert result["requeueBatchId"] == requeue_id
+    item = instances(aws.table)[sop_uid(9)]
+    assert (item["batchId"], item["status"]) == (requeue_id, "importing")  # its new batch's import decides

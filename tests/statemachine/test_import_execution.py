@@ -88,6 +88,7 @@ class LambdaService:
         self.handlers = handlers
         self.calls: list[str] = []
         self.service_errors: dict[str, list[str]] = {}
+        self.function_errors: dict[str, list[str]] = {}
 
     def invoke(self, FunctionName: str, Payload: bytes, **_: Any) -> dict[str, Any]:
         self.calls.append(FunctionName)
@@ -99,6 +100,11 @@ class LambdaService:
                 "ResponseMetadata": {"HTTPStatusCode": 429, "RequestId": "r"},
             }
             raise ClientError(response, "Invoke")
+        failing = self.function_errors.get(FunctionName)
+        if failing:
+            # What the runtime reports for an invocation it ended, e.g. Sandbox.Timedout at the function's timeout.
+            body = {"errorType": failing.pop(0), "errorMessage": "Task timed out after 300.00 seconds"}
+            return {"StatusCode": 200, "FunctionError": "Unhandled", "Payload": io.BytesIO(json.dumps(body).encode())}
         try:
             result = self.handlers[FunctionName](json.loads(Payload), FakeContext())
         except Exception as error:  # the runtime turns any exception into a function error
@@ -578,3 +584,18 @@ def test_a_lost_trigger_is_re_driven_by_the_sweeper_and_imported(
     assert {item["status"] for item in instances(workflow.table).values()} == {"imported"}
     # Registered now: the next run leaves it alone.
     assert sweeper.reconcile(workflow.s3, workflow.sfn, workflow.table, sweeper.SETTINGS, later, lookback) == []
+
+
+def test_a_results_task_cut_off_at_its_timeout_runs_again(workflow: Workflow) -> None:
+    # process_results is idempotent (outcomes from the output, the re-queue id fixed on the batch item), so a
+    # run the Lambda runtime ended at its timeout is simply run again rather than failing imported instances.
+    upload_job_output(workflow.s3, workflow.results_bucket, FIXTURE_BATCH, "partial_failure")
+    workflow.expect_start()
+    workflow.expect_status("COMPLETED")
+    workflow.lambda_service.function_errors[function_arn("ProcessResultsFunctionArn")] = ["Sandbox.Timedout"]
+
+    described = workflow.finish(workflow.trigger())
+
+    assert described["status"] == "SUCCEEDED", described
+    results = json.loads(described["output"])["results"]
+    assert (results["imported"], results["failed"], results["requeued"]) == (8, 1, 1)
