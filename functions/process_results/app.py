@@ -6,6 +6,7 @@ their reason.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -392,8 +393,11 @@ def _summary_numbers(summary: Mapping[str, Any]) -> dict[str, int]:
 
 def unconfirmed_outcomes(manifest: Manifest, job_id: str, error: Mapping[str, Any]) -> list[InstanceOutcome]:
     """Every instance of a COMPLETED job whose output never became readable: neither imported nor failed."""
+    cause = str(error.get("Cause") or "no detail")
+    with contextlib.suppress(json.JSONDecodeError, AttributeError):
+        cause = str(json.loads(cause).get("errorMessage", cause))  # a Lambda's Cause is its error as JSON
     reason = (
-        f"import job {job_id} COMPLETED but its output stayed unreadable ({error.get('Cause') or 'no detail'});"
+        f"import job {job_id} COMPLETED but its output stayed unreadable ({cause});"
         " HealthImaging may have imported the instance: look the job up before sending it again"
     )
     return [

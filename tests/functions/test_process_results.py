@@ -375,6 +375,7 @@ def test_output_that_never_appears_leaves_the_instances_unconfirmed_not_failed(
     recorded = instances(aws.table)
     assert {item["status"] for item in recorded.values()} == {"unconfirmed"}
     assert all(JOB_ID in item["reason"] and "may have imported" in item["reason"] for item in recorded.values())
+    assert "(not readable yet)" in recorded[sop_uid(1)]["reason"]
     assert recorded[sop_uid(1)]["gsi3pk"] == "STATUS#instance#unconfirmed"
     assert batch_item(aws.table, FIXTURE_BATCH)["status"] == "unconfirmed"
 
