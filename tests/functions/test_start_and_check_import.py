@@ -3,6 +3,7 @@ real API model), records in DynamoDB on moto_server."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from types import ModuleType
@@ -304,3 +305,28 @@ def test_check_throttling_is_named_for_the_retry(aws: Aws, check_app: ModuleType
         with pytest.raises(Exception) as raised:
             check_app.handler(poll_input(), FakeContext())
     assert type(raised.value).__name__ == "ImportThrottled"
+
+
+def test_stuck_instances_are_failed_with_the_reason_when_the_workflow_gives_up(
+    aws: Aws, monkeypatch: pytest.MonkeyPatch, check_app: ModuleType
+) -> None:
+    registered(aws, monkeypatch)
+    aws.table.update_item(
+        Key={"pk": f"BATCH#{FIXTURE_BATCH}", "sk": "BATCH"},
+        UpdateExpression="SET #s = :s, jobId = :j",
+        ExpressionAttributeNames={"#s": "status"},
+        ExpressionAttributeValues={":s": "importing", ":j": JOB_ID},
+    )
+    with Stubber(check_app.MEDICAL_IMAGING) as stub:
+        stub.add_response("get_dicom_import_job", job_properties("IN_PROGRESS", None))
+        assert check(check_app, aws, stub, SUBMITTED + timedelta(hours=3))["stuck"] is True
+    record_failure = load_app("record_failure", monkeypatch, aws.env())
+    cause = json.dumps({"errorType": "ImportJobStuck", "errorMessage": f"import job {JOB_ID} still IN_PROGRESS"})
+    state = {"batchId": FIXTURE_BATCH, "error": {"Error": "ImportJobStuck", "Cause": cause}}
+
+    result = record_failure.handler({"executionArn": EXECUTION, "state": state}, FakeContext())
+
+    assert result["instancesFailed"] == 10
+    recorded = instances(aws.table)
+    assert {item["status"] for item in recorded.values()} == {"failed"}
+    assert recorded[sop_uid(1)]["reason"] == f"ImportJobStuck: import job {JOB_ID} still IN_PROGRESS"
