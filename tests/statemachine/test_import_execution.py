@@ -102,8 +102,10 @@ class LambdaService:
             raise ClientError(response, "Invoke")
         failing = self.function_errors.get(FunctionName)
         if failing:
-            # What the runtime reports for an invocation it ended, e.g. Sandbox.Timedout at the function's timeout.
-            body = {"errorType": failing.pop(0), "errorMessage": "Task timed out after 300.00 seconds"}
+            # A function error as the runtime reports it: Sandbox.Timedout when it ended the function at its
+            # timeout, the exception's class name when the function raised.
+            error_type = failing.pop(0)
+            body = {"errorType": error_type, "errorMessage": f"{error_type} (injected by the test)"}
             return {"StatusCode": 200, "FunctionError": "Unhandled", "Payload": io.BytesIO(json.dumps(body).encode())}
         try:
             result = self.handlers[FunctionName](json.loads(Payload), FakeContext())
@@ -599,3 +601,20 @@ def test_a_results_task_cut_off_at_its_timeout_runs_again(workflow: Workflow) ->
     assert described["status"] == "SUCCEEDED", described
     results = json.loads(described["output"])["results"]
     assert (results["imported"], results["failed"], results["requeued"]) == (8, 1, 1)
+
+
+def test_a_transient_failure_of_the_results_task_is_tried_again(workflow: Workflow) -> None:
+    # An S3 or DynamoDB error that outlasted the SDK's own retries: the job COMPLETED, so failing its instances
+    # would be untrue; the idempotent task runs again instead.
+    upload_job_output(workflow.s3, workflow.results_bucket, FIXTURE_BATCH, "all_success")
+    workflow.expect_start()
+    workflow.expect_status("COMPLETED")
+    workflow.lambda_service.function_errors[function_arn("ProcessResultsFunctionArn")] = ["ReadTimeoutError"]
+    workflow.lambda_service.function_errors[function_arn("RegisterBatchFunctionArn")] = ["ClientError"]
+
+    described = workflow.finish(workflow.trigger())
+
+    assert described["status"] == "SUCCEEDED", described
+    assert workflow.lambda_service.calls.count(function_arn("ProcessResultsFunctionArn")) == 2
+    assert workflow.lambda_service.calls.count(function_arn("RegisterBatchFunctionArn")) == 2
+    assert {item["status"] for item in instances(workflow.table).values()} == {"imported"}
