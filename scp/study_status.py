@@ -31,12 +31,14 @@ EXIT_UNKNOWN = 3
 OPEN = "open"  # stored in S3; its batch has no manifest yet
 BATCHED = "batched"  # its batch is closed; no import job has started for it yet
 IMPORTING = "importing"  # an import job is running
+STUCK = "stuck"  # its import job has not finished within IMPORT_TIMEOUT_HOURS; HealthImaging may still finish it
 REQUEUED = "requeued"  # failed on HealthImaging's side; copied into a new batch that will import it again
 IMPORTED = "imported"  # in a primary image set (with or without a warning)
 NON_PRIMARY = "nonprimary"  # imported, but into a non-primary image set: its metadata conflicts, a human must look
+UNCONFIRMED = "unconfirmed"  # its job completed but its report never became readable: HealthImaging may hold it
 FAILED = "failed"
-STATES = (OPEN, BATCHED, IMPORTING, REQUEUED, IMPORTED, NON_PRIMARY, FAILED)
-PENDING = (OPEN, BATCHED, IMPORTING, REQUEUED)
+STATES = (OPEN, BATCHED, IMPORTING, STUCK, REQUEUED, IMPORTED, NON_PRIMARY, UNCONFIRMED, FAILED)
+PENDING = (OPEN, BATCHED, IMPORTING, STUCK, REQUEUED)
 
 BY_CALLING_AE_INDEX = "ByCallingAE"
 DEFAULT_LOOKBACK_HOURS = 72  # the sweeper's default: older batches without a manifest have been closed by it
@@ -85,7 +87,7 @@ class Report:
     @property
     def exit_code(self) -> int:
         counts = self.counts
-        if counts[FAILED] or counts[NON_PRIMARY]:
+        if counts[FAILED] or counts[NON_PRIMARY] or counts[UNCONFIRMED]:
             return EXIT_ATTENTION
         if any(counts[state] for state in PENDING):
             return EXIT_PENDING
@@ -139,9 +141,11 @@ class Report:
             OPEN: "stored in S3, batch still open",
             BATCHED: "batch closed, import not started yet",
             IMPORTING: "import job running",
+            STUCK: "import job running past IMPORT_TIMEOUT_HOURS, checked hourly",
             REQUEUED: "HealthImaging server error, importing again in a new batch",
             IMPORTED: "in primary image sets",
             NON_PRIMARY: "in non-primary image sets: metadata conflicts, review in HealthImaging",
+            UNCONFIRMED: "import job completed, its report unreadable: look the job up in HealthImaging",
             FAILED: "not imported",
         }
         for state in STATES:
@@ -174,9 +178,11 @@ _LABELS = {
     OPEN: "open batch",
     BATCHED: "batched",
     IMPORTING: "importing",
+    STUCK: "stuck",
     REQUEUED: "requeued",
     IMPORTED: "imported",
     NON_PRIMARY: "non-primary",
+    UNCONFIRMED: "unconfirmed",
     FAILED: "failed",
 }
 
@@ -254,6 +260,10 @@ def instance_from_item(item: Mapping[str, Any], batch_statuses: Mapping[str, str
         state = NON_PRIMARY if item.get("isPrimary") is False else IMPORTED
     elif status == "requeued":
         state = REQUEUED
+    elif status == "stuck":
+        state = STUCK
+    elif status == "unconfirmed":
+        state = UNCONFIRMED
     else:
         state = FAILED
     return Instance(

@@ -71,6 +71,8 @@ def every_stage(aws: Aws, now: datetime, study: str) -> dict[str, list[str]]:
         "importing": sorted(sop[7:9]),
         "batched": sorted([sop[9], sop[10]]),
         "open": sorted([sop[5], sop[11]]),
+        "stuck": [],
+        "unconfirmed": [],
     }
 
 
@@ -91,6 +93,8 @@ def test_a_study_in_every_stage(aws: Aws, now: datetime, capsys: pytest.CaptureF
         "imported": 4,
         "nonprimary": 1,
         "failed": 1,
+        "stuck": 0,
+        "unconfirmed": 0,
     }
     for state in study_status.STATES:
         assert sops(report, state) == expected[state], state
@@ -277,3 +281,16 @@ def test_the_console_script_reports_a_study(aws: Aws, now: datetime, moto: MotoS
     )
     assert result.returncode == 1, result.stderr
     assert json.loads(result.stdout)["counts"]["received"] == 13
+
+
+@pytest.mark.parametrize(
+    ("status", "state", "exit_code"),
+    [("stuck", "stuck", 2), ("unconfirmed", "unconfirmed", 1)],
+)
+def test_stuck_and_unconfirmed_instances_are_never_reported_failed(status: str, state: str, exit_code: int) -> None:
+    # A stuck job may still finish; an unconfirmed instance may well be in HealthImaging: neither is "failed".
+    item = {"sopInstanceUid": "1.2.3", "studyInstanceUid": "1.2", "seriesInstanceUid": "1.2.9", "batchId": "b"}
+    instance = study_status.instance_from_item({**item, "status": status}, {"b": status})
+    assert instance.state == state
+    report = study_status.Report({"studyInstanceUid": "1.2"}, "t", None, datetime.now(UTC), [instance])
+    assert report.exit_code == exit_code
