@@ -341,20 +341,7 @@ def _check(statements: list[dict[str, Any]], calls: set[tuple[str, str]], platfo
                 ), unit
 
 
-# Granted ahead of its code: the sweeper's reconcile pass reads batch items and starts executions for manifests
-# that never became one; remove this mark once the pass is in functions/sweeper/.
-RECONCILE_PENDING = pytest.mark.xfail(
-    strict=True, reason="the sweeper's reconcile pass (GetItem, StartExecution) is not in its code yet"
-)
-
-
-@pytest.mark.parametrize(
-    "package",
-    [
-        pytest.param(path.parent.name, marks=[RECONCILE_PENDING] if path.parent.name == "sweeper" else [])
-        for path in sorted(FUNCTIONS.glob("*/app.py"))
-    ],
-)
+@pytest.mark.parametrize("package", [path.parent.name for path in sorted(FUNCTIONS.glob("*/app.py"))])
 def test_each_function_role_allows_exactly_what_its_code_calls(
     resources: dict[str, dict[str, Any]], package: str
 ) -> None:
@@ -375,8 +362,7 @@ def test_the_receiver_task_role_allows_exactly_what_the_daemon_calls(resources: 
 def test_the_reading_of_the_code_finds_what_it_claims() -> None:
     """The analysis itself: known calls are found, through shared modules and callbacks, and nothing else."""
     register = function_calls("register_batch")
-    assert {("s3", "GetObject"), ("dynamodb", "PutItem"), ("dynamodb", "GetItem"),
-            ("dynamodb", "BatchWriteItem")} <= register  # fmt: skip
+    assert {("s3", "GetObject"), ("dynamodb", "PutItem"), ("dynamodb", "GetItem")} <= register
     assert ("dynamodb", "Query") not in register and ("s3", "PutObject") not in register
     assert ("medical-imaging", "StartDICOMImportJob") in function_calls("start_import")
     assert ("s3", "ListObjectsV2") in function_calls("sweeper")
