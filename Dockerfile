@@ -24,6 +24,7 @@ RUN python -m venv /opt/venv \
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY scp ./scp
+COPY batch_contract ./batch_contract
 RUN /opt/venv/bin/pip install --no-deps . \
     && /opt/venv/bin/pip check
 

@@ -64,17 +64,18 @@ test: $(INSTALLED) dcmtk ## Run every test (unit, integration with DCMTK and mot
 # ---------------------------------------------------------------------------------------------------------------
 # Lambda functions and state machine
 
-# One zip per functions/<name>/ holding app.py, the shared functions/common/ package and the function's own
-# requirements, built for the python3.12 x86_64 runtime without Docker. boto3/botocore come with the runtime.
+# One zip per functions/<name>/ holding app.py, the shared functions/common/ package, the batch contract
+# (batch_contract/, shared with the daemon) and the function's own requirements, built for the python3.12 x86_64 runtime without Docker. boto3/botocore come with the runtime.
 # Fixed timestamps, modes and entry order make the zips byte-for-byte reproducible.
 FUNCTIONS := $(sort $(notdir $(patsubst %/app.py,%,$(wildcard functions/*/app.py))))
 FUNCTION_ZIPS := $(FUNCTIONS:%=build/functions/%.zip)
 COMMON_SOURCES := $(wildcard functions/common/*.py)
+CONTRACT_SOURCES := $(wildcard batch_contract/*.py)
 
 .PHONY: package-functions
 package-functions: $(FUNCTION_ZIPS) build/statemachines/import.asl.json ## Build build/functions/<name>.zip per Lambda and copy the ASL
 
-build/functions/%.zip: functions/%/app.py functions/%/requirements.txt $(COMMON_SOURCES) | $(INSTALLED)
+build/functions/%.zip: functions/%/app.py functions/%/requirements.txt $(COMMON_SOURCES) $(CONTRACT_SOURCES) | $(INSTALLED)
 	rm -rf build/functions/$* $@ && mkdir -p build/functions/$*
 	$(BIN)/pip install --quiet --no-compile --disable-pip-version-check --platform manylinux2014_x86_64 \
 		--implementation cp --python-version 3.12 --only-binary=:all: \
@@ -83,6 +84,7 @@ build/functions/%.zip: functions/%/app.py functions/%/requirements.txt $(COMMON_
 		build/functions/$*/bin
 	cp functions/$*/app.py build/functions/$*/
 	mkdir -p build/functions/$*/common && cp $(COMMON_SOURCES) build/functions/$*/common/
+	mkdir -p build/functions/$*/batch_contract && cp $(CONTRACT_SOURCES) build/functions/$*/batch_contract/
 	find build/functions/$* -type d -exec chmod 755 {} + && find build/functions/$* -type f -exec chmod 644 {} +
 	find build/functions/$* -exec touch -h -t 198001010000 {} +
 	cd build/functions/$* && find . -type f | sed 's|^\./||' | LC_ALL=C sort | TZ=UTC zip -X -q -D ../$*.zip -@
@@ -140,8 +142,8 @@ lint: $(INSTALLED) $(CHECKOV_VENV)/.installed $(TASKCAT_VENV)/.installed lint-st
 	$(CHECKOV_VENV)/bin/checkov --quiet --compact --skip-download --framework dockerfile -f Dockerfile
 	$(BIN)/hadolint Dockerfile
 	$(TASKCAT_VENV)/bin/taskcat lint
-	$(BIN)/ruff check scp functions tests/templates docs/_ext docs/conf.py
-	$(BIN)/mypy scp functions docs/_ext
+	$(BIN)/ruff check scp batch_contract functions tests/templates docs/_ext docs/conf.py
+	$(BIN)/mypy scp batch_contract functions docs/_ext
 
 # ---------------------------------------------------------------------------------------------------------------
 # Packaging and delivery

@@ -116,9 +116,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     words = list(sys.argv[1:] if argv is None else argv)
     if words[:1] == ["status"]:
         # A client of the import table, not of the daemon's settings: it has options of its own.
-        from scp import study_status
+        from scp.import_status import command
 
-        return study_status.main(words[1:], os.environ)
+        return command.main(words[1:], os.environ)
     arguments = _parser().parse_args(words)
     try:
         settings = Settings.from_env(os.environ)

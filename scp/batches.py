@@ -7,34 +7,29 @@ manifest format are documented in docs/s3-layout.rst.
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
 
+from batch_contract.layout import batch_prefix, manifest_key, new_batch_id, object_key
+from batch_contract.manifest import (
+    CLOSED_BY_BYTES,
+    CLOSED_BY_FILES,
+    CLOSED_BY_LATE,
+    CLOSED_BY_SHUTDOWN,
+    CLOSED_BY_WINDOW,
+    Manifest,
+    ManifestObject,
+    encode_manifest,
+)
+from batch_contract.timestamps import iso_millis
 from scp.instances import ReceivedInstance
 from scp.metrics import Metrics
 
 LOG = logging.getLogger(__name__)
-
-BATCHES_PREFIX = "batches/"
-MANIFESTS_PREFIX = "manifests/"
-MANIFEST_VERSION = 1
-
-
-def new_batch_id(now: float | None = None) -> str:
-    """``<UTC open time>-<16 random hex digits>``: sortable by age, unique across every daemon."""
-    opened = time.gmtime(time.time() if now is None else now)
-    return f"{time.strftime('%Y%m%dT%H%M%SZ', opened)}-{os.urandom(8).hex()}"
-
-
-def iso(moment: datetime) -> str:
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
 
 
 @dataclass
@@ -45,39 +40,74 @@ class Batch:
     in_flight: int = 0
     last_joined: float = field(default_factory=time.monotonic)
     closed_by: str | None = None
-    objects: dict[str, dict[str, Any]] = field(default_factory=dict)
+    objects: dict[str, ManifestObject] = field(default_factory=dict)
+    # For a batch of late objects: the batch they were stored into first (see ``late_batch``).
+    late_from: str | None = None
+    # The batch that took this one's late objects, fixed once so that a retried close copies into the same one.
+    successor: Batch | None = None
 
     @property
     def prefix(self) -> str:
-        return f"{BATCHES_PREFIX}{self.batch_id}/"
+        return batch_prefix(self.batch_id)
 
     @property
     def manifest_key(self) -> str:
-        return f"{MANIFESTS_PREFIX}{self.batch_id}.json"
+        return manifest_key(self.batch_id)
 
     def key_for(self, instance: ReceivedInstance) -> str:
-        # The UIDs were validated (digits and dots) before they reach a key; see scp/uids.py.
-        return (
-            f"{self.prefix}{instance.study_instance_uid}/{instance.series_instance_uid}/{instance.sop_instance_uid}.dcm"
+        # The UIDs were validated (digits and dots) before they reach a key (scp/uids.py); object_key checks again.
+        return object_key(
+            self.batch_id, instance.study_instance_uid, instance.series_instance_uid, instance.sop_instance_uid
         )
 
-    def manifest(self, bucket: str, closed_at: datetime) -> dict[str, Any]:
-        objects = sorted(self.objects.values(), key=lambda record: str(record["key"]))
-        received = sorted(str(record["receivedAt"]) for record in objects)
-        return {
-            "manifestVersion": MANIFEST_VERSION,
-            "batchId": self.batch_id,
-            "bucket": bucket,
-            "prefix": self.prefix,
-            "closedBy": self.closed_by,
-            "closedAt": iso(closed_at),
-            "firstReceivedAt": received[0],
-            "lastReceivedAt": received[-1],
-            "objectCount": len(objects),
-            "byteCount": sum(int(record["bytes"]) for record in objects),
-            "callingAETitles": sorted({str(record["callingAETitle"]) for record in objects}),
-            "objects": objects,
-        }
+    def manifest(self, bucket: str, closed_at: datetime) -> Manifest:
+        objects = tuple(sorted(self.objects.values(), key=lambda item: item.key))
+        received = sorted(str(item.received_at) for item in objects)
+        assert self.closed_by is not None, "only a closed batch has a manifest"
+        return Manifest(
+            batch_id=self.batch_id,
+            bucket=bucket,
+            closed_by=self.closed_by,
+            closed_at=iso_millis(closed_at),
+            first_received_at=received[0],
+            last_received_at=received[-1],
+            calling_ae_titles=tuple(sorted({str(item.calling_ae_title) for item in objects})),
+            objects=objects,
+            late_from=self.late_from,
+        )
+
+    def late_batch(self, listed: set[str], opened: datetime) -> Batch | None:
+        """The batch for the objects a manifest written by another (the sweeper) does not list; None if none.
+
+        Such objects were stored after the other writer listed the prefix. Each is copied into the new batch under
+        its own key there, so that every acknowledged object is listed in exactly one manifest.
+        """
+        if self.successor is None:
+            late = [item for key, item in sorted(self.objects.items()) if key not in listed]
+            if not late:
+                return None
+            successor = Batch(new_batch_id(opened), closed_by=CLOSED_BY_LATE, late_from=self.batch_id)
+            for item in late:
+                key = object_key(
+                    successor.batch_id, item.study_instance_uid, item.series_instance_uid, item.sop_instance_uid
+                )
+                successor.objects[key] = ManifestObject(
+                    key=key,
+                    sop_instance_uid=item.sop_instance_uid,
+                    study_instance_uid=item.study_instance_uid,
+                    series_instance_uid=item.series_instance_uid,
+                    sop_class_uid=item.sop_class_uid,
+                    size=item.size,
+                    calling_ae_title=item.calling_ae_title,
+                    received_at=item.received_at,
+                )
+            self.successor = successor
+        return self.successor
+
+    def copied_from(self, item: ManifestObject) -> str:
+        """The key in the batch a late object was first stored into."""
+        assert self.late_from is not None
+        return object_key(self.late_from, item.study_instance_uid, item.series_instance_uid, item.sop_instance_uid)
 
 
 @dataclass(frozen=True)
@@ -111,30 +141,35 @@ class Batches:
         with self._lock:
             batch = self._open
             if batch is not None and batch.reserved_files and batch.reserved_bytes + size > self._limits.max_bytes:
-                self._close(batch, "bytes")
+                self._close(batch, CLOSED_BY_BYTES)
+                batch = None
+            if batch is not None and time.monotonic() - batch.last_joined >= self._limits.window_seconds:
+                # Quiet for the whole window, so due to close (the closer only waits for its uploads): a batch the
+                # sweeper may judge abandoned never takes a new object.
+                self._close(batch, CLOSED_BY_WINDOW)
                 batch = None
             if batch is None:
-                batch = self._open = Batch(new_batch_id())
+                batch = self._open = Batch(new_batch_id(datetime.now(UTC)))
             batch.reserved_files += 1
             batch.reserved_bytes += size
             batch.in_flight += 1
             batch.last_joined = time.monotonic()
             if batch.reserved_files >= self._limits.max_files:
-                self._close(batch, "files")
+                self._close(batch, CLOSED_BY_FILES)
             return batch
 
     def complete(self, batch: Batch, key: str, instance: ReceivedInstance, size: int) -> bool:
         """Record a stored object; returns True if it replaced one already in this batch."""
-        record = {
-            "key": key,
-            "sopInstanceUid": instance.sop_instance_uid,
-            "sopClassUid": instance.sop_class_uid,
-            "studyInstanceUid": instance.study_instance_uid,
-            "seriesInstanceUid": instance.series_instance_uid,
-            "bytes": size,
-            "callingAETitle": instance.calling_ae_title,
-            "receivedAt": iso(instance.received_at),
-        }
+        record = ManifestObject(
+            key=key,
+            sop_instance_uid=instance.sop_instance_uid,
+            study_instance_uid=instance.study_instance_uid,
+            series_instance_uid=instance.series_instance_uid,
+            sop_class_uid=instance.sop_class_uid,
+            size=size,
+            calling_ae_title=instance.calling_ae_title,
+            received_at=iso_millis(instance.received_at),
+        )
         with self._lock:
             replaced = key in batch.objects
             batch.objects[key] = record
@@ -159,7 +194,7 @@ class Batches:
         with self._lock:
             self._stopped = True
             if self._open is not None:
-                self._close(self._open, "shutdown")
+                self._close(self._open, CLOSED_BY_SHUTDOWN)
         self._wake.set()
         if self._worker is not None:
             self._worker.join(timeout)
@@ -183,7 +218,7 @@ class Batches:
             batch = self._open
             quiet = batch is not None and time.monotonic() - batch.last_joined >= self._limits.window_seconds
             if batch is not None and quiet and batch.in_flight == 0:
-                self._close(batch, "window")
+                self._close(batch, CLOSED_BY_WINDOW)
             return [b for b in self._closing if b.in_flight == 0]
 
     def _run(self) -> None:
@@ -223,7 +258,7 @@ class Batches:
                     "batch_id": batch.batch_id,
                     "closed_by": batch.closed_by,
                     "objects": len(batch.objects),
-                    "bytes": sum(int(r["bytes"]) for r in batch.objects.values()),
+                    "bytes": sum(item.size for item in batch.objects.values()),
                 },
             )
         with self._lock:
@@ -232,4 +267,4 @@ class Batches:
 
 
 def manifest_body(batch: Batch, bucket: str) -> bytes:
-    return json.dumps(batch.manifest(bucket, datetime.now(UTC)), indent=1).encode()
+    return encode_manifest(batch.manifest(bucket, datetime.now(UTC)))

@@ -1,6 +1,7 @@
 """The workflow's DynamoDB table: an item per instance, per batch, per import job (docs/import-workflow.rst).
 
-Every key is built here so that the layout the admin's queries rely on is written in one place.
+Keys, index names and status words are the batch contract's (batch_contract/table.py), so that the status
+command reads the layout these writers write.
 """
 
 from __future__ import annotations
@@ -12,60 +13,93 @@ from typing import TYPE_CHECKING, Any
 
 from botocore.exceptions import ClientError
 
-from common.manifest import Manifest, ManifestObject, iso_millis
+from batch_contract.table import (
+    BATCH_FAILED,
+    BATCH_IMPORTED,
+    BATCH_IMPORTING,
+    BATCH_PARTIAL,
+    BATCH_REGISTERED,
+    BATCH_STUCK,
+    BATCH_UNCONFIRMED,
+    BY_BATCH_INDEX,
+    BY_CALLING_AE_INDEX,
+    BY_STATUS_INDEX,
+    ENTITY_BATCH,
+    ENTITY_INSTANCE,
+    ENTITY_JOB,
+    FAILED,
+    IMPORTED,
+    IMPORTING,
+    NON_PRIMARY,
+    REQUEUED,
+    STUCK,
+    UNCONFIRMED,
+    WARNING,
+    batch_key,
+    by_batch_keys,
+    calling_ae_partition,
+    instance_key,
+    instance_sort,
+    job_key,
+    job_sort,
+    received_sort,
+    status_partition,
+)
+from batch_contract.timestamps import iso_millis
+from common.manifest import Manifest, ManifestObject
 from common.parallel import in_parallel
 
 if TYPE_CHECKING:
     from mypy_boto3_dynamodb.service_resource import Table
 
-BY_BATCH_INDEX = "ByBatch"
-BY_CALLING_AE_INDEX = "ByCallingAE"
-BY_STATUS_INDEX = "ByStatus"
-
-# Instance statuses. "importing" covers the time from batch registration to the job's outcome.
-IMPORTING = "importing"
-IMPORTED = "imported"
-WARNING = "warning"
-FAILED = "failed"
-REQUEUED = "requeued"
-# The job has not finished within IMPORT_TIMEOUT_HOURS; HealthImaging may still finish it, and the next
-# status check that sees it finish records the real outcome.
-STUCK = "stuck"
-# The job COMPLETED but its output never became readable: HealthImaging may well have imported the instance,
-# so it is neither imported nor failed; the reason says which job to look at.
-UNCONFIRMED = "unconfirmed"
-NON_PRIMARY = "nonprimary"  # only a ByStatus partition: imported or warning with isPrimary false
-
-# Batch statuses.
-BATCH_REGISTERED = "registered"
-BATCH_IMPORTING = "importing"
-BATCH_IMPORTED = "imported"
-BATCH_PARTIAL = "partial"
-BATCH_FAILED = "failed"
-BATCH_STUCK = "stuck"
-BATCH_UNCONFIRMED = "unconfirmed"
+__all__ = [
+    "BATCH_FAILED",
+    "BATCH_IMPORTED",
+    "BATCH_IMPORTING",
+    "BATCH_PARTIAL",
+    "BATCH_REGISTERED",
+    "BATCH_STUCK",
+    "BATCH_UNCONFIRMED",
+    "BY_BATCH_INDEX",
+    "BY_CALLING_AE_INDEX",
+    "BY_STATUS_INDEX",
+    "FAILED",
+    "IMPORTED",
+    "IMPORTING",
+    "NON_PRIMARY",
+    "REQUEUED",
+    "STUCK",
+    "UNCONFIRMED",
+    "WARNING",
+    "DuplicateBatch",
+    "InstanceOutcome",
+    "Retention",
+    "batch_key",
+    "count_by_status",
+    "fail_unfinished_instances",
+    "finish_batch",
+    "finish_job",
+    "instance_key",
+    "job_key",
+    "mark_stuck",
+    "put_if_condition_holds",
+    "receipt_time",
+    "record_instance_outcome",
+    "record_job_started",
+    "record_job_status",
+    "register_batch",
+    "register_instances",
+    "shorten",
+    "status_partition",
+    "update_if_condition_holds",
+    "utc_now",
+]
 
 _REASON_LIMIT = 1000
 
 
 def utc_now() -> datetime:
     return datetime.now(UTC)
-
-
-def batch_key(batch_id: str) -> dict[str, str]:
-    return {"pk": f"BATCH#{batch_id}", "sk": "BATCH"}
-
-
-def job_key(batch_id: str, job_id: str) -> dict[str, str]:
-    return {"pk": f"BATCH#{batch_id}", "sk": f"JOB#{job_id}"}
-
-
-def instance_key(study_uid: str, series_uid: str, sop_uid: str) -> dict[str, str]:
-    return {"pk": f"STUDY#{study_uid}", "sk": f"INSTANCE#{series_uid}#{sop_uid}"}
-
-
-def status_partition(entity: str, status: str) -> str:
-    return f"STATUS#{entity}#{status}"
 
 
 def shorten(reason: str) -> str:
@@ -100,7 +134,7 @@ def register_batch(table: Table, manifest: Manifest, execution_arn: str, now: da
     stamp = iso_millis(now)
     item: dict[str, Any] = {
         **batch_key(manifest.batch_id),
-        "entity": "batch",
+        "entity": ENTITY_BATCH,
         "batchId": manifest.batch_id,
         "bucket": manifest.bucket,
         "prefix": manifest.prefix,
@@ -117,7 +151,7 @@ def register_batch(table: Table, manifest: Manifest, execution_arn: str, now: da
         "executionArn": execution_arn,
         "registeredAt": stamp,
         "updatedAt": stamp,
-        "gsi3pk": status_partition("batch", BATCH_REGISTERED),
+        "gsi3pk": status_partition(ENTITY_BATCH, BATCH_REGISTERED),
         "gsi3sk": f"{stamp}#{manifest.batch_id}",
     }
     if manifest.requeued_from:
@@ -139,7 +173,7 @@ def register_batch(table: Table, manifest: Manifest, execution_arn: str, now: da
 def _instance_item(manifest: Manifest, entry: ManifestObject, attempt: int, stamp: str) -> dict[str, Any]:
     item: dict[str, Any] = {
         **instance_key(entry.study_instance_uid, entry.series_instance_uid, entry.sop_instance_uid),
-        "entity": "instance",
+        "entity": ENTITY_INSTANCE,
         "sopInstanceUid": entry.sop_instance_uid,
         "studyInstanceUid": entry.study_instance_uid,
         "seriesInstanceUid": entry.series_instance_uid,
@@ -150,9 +184,8 @@ def _instance_item(manifest: Manifest, entry: ManifestObject, attempt: int, stam
         "attempt": attempt,
         "status": IMPORTING,
         "updatedAt": stamp,
-        "gsi1pk": f"BATCH#{manifest.batch_id}",
-        "gsi1sk": f"INSTANCE#{entry.sop_instance_uid}",
-        "gsi3pk": status_partition("instance", IMPORTING),
+        **by_batch_keys(manifest.batch_id, instance_sort(entry.sop_instance_uid)),
+        "gsi3pk": status_partition(ENTITY_INSTANCE, IMPORTING),
         "gsi3sk": f"{entry.received_at or manifest.last_received_at}#{entry.sop_instance_uid}",
     }
     if entry.sop_class_uid:
@@ -161,8 +194,8 @@ def _instance_item(manifest: Manifest, entry: ManifestObject, attempt: int, stam
         item["receivedAt"] = entry.received_at
     if entry.calling_ae_title:
         item["callingAETitle"] = entry.calling_ae_title
-        item["gsi2pk"] = f"AE#{entry.calling_ae_title}"
-        item["gsi2sk"] = f"{entry.received_at or manifest.last_received_at}#{entry.sop_instance_uid}"
+        item["gsi2pk"] = calling_ae_partition(entry.calling_ae_title)
+        item["gsi2sk"] = received_sort(entry.received_at or manifest.last_received_at, entry.sop_instance_uid)
     return item
 
 
@@ -206,7 +239,7 @@ def record_job_started(
     table.put_item(
         Item={
             **job_key(batch_id, job["jobId"]),
-            "entity": "job",
+            "entity": ENTITY_JOB,
             "batchId": batch_id,
             "jobId": job["jobId"],
             "datastoreId": job["datastoreId"],
@@ -214,8 +247,7 @@ def record_job_started(
             "submittedAt": iso_millis(job["submittedAt"]),
             "outputS3Uri": output_uri,
             "updatedAt": stamp,
-            "gsi1pk": f"BATCH#{batch_id}",
-            "gsi1sk": f"JOB#{job['jobId']}",
+            **by_batch_keys(batch_id, job_sort(job["jobId"])),
         }
     )
     table.update_item(
@@ -230,7 +262,7 @@ def record_job_started(
             ":job": job["jobId"],
             ":now": stamp,
             ":age": int(batch_age_seconds),
-            ":gsi3pk": status_partition("batch", BATCH_IMPORTING),
+            ":gsi3pk": status_partition(ENTITY_BATCH, BATCH_IMPORTING),
         },
     )
 
@@ -286,7 +318,7 @@ def record_instance_outcome(
         "seriesInstanceUid = :series",
         "entity = :entity",
     ]
-    values[":entity"] = "instance"
+    values[":entity"] = ENTITY_INSTANCE
     removes: list[str] = []
     optional = {
         "imageSetId": outcome.image_set_id,
@@ -304,7 +336,7 @@ def record_instance_outcome(
         removes += ["gsi3pk", "gsi3sk"]
     else:
         sets += ["gsi3pk = :gsi3pk", "gsi3sk = :gsi3sk"]
-        values[":gsi3pk"] = status_partition("instance", attention)
+        values[":gsi3pk"] = status_partition(ENTITY_INSTANCE, attention)
         values[":gsi3sk"] = f"{iso_millis(now)}#{outcome.sop_instance_uid}"
     expires = retention.expires_at(now)
     if expires is not None:
@@ -360,7 +392,7 @@ def finish_batch(
         ":status": status,
         ":now": stamp,
         ":counts": counts,
-        ":gsi3pk": status_partition("batch", status),
+        ":gsi3pk": status_partition(ENTITY_BATCH, status),
         ":gsi3sk": f"{stamp}#{batch_id}",
     }
     sets = ["#status = :status", "updatedAt = :now", "finishedAt = :now", "outcomeCounts = :counts"]
@@ -467,7 +499,7 @@ def mark_stuck(table: Table, manifest: Manifest, job_id: str, reason: str, now: 
             ":job": job_id,
             ":reason": shorten(reason),
             ":now": stamp,
-            ":gsi3pk": status_partition("batch", BATCH_STUCK),
+            ":gsi3pk": status_partition(ENTITY_BATCH, BATCH_STUCK),
             ":gsi3sk": f"{stamp}#{manifest.batch_id}",
         },
     )
@@ -486,7 +518,7 @@ def _set_if_unfinished(
         ":status": outcome.status,
         ":reason": shorten(outcome.reason or "batch failed"),
         ":now": stamp,
-        ":gsi3pk": status_partition("instance", outcome.status),
+        ":gsi3pk": status_partition(ENTITY_INSTANCE, outcome.status),
         ":gsi3sk": f"{stamp}#{outcome.sop_instance_uid}",
     }
     sets = "#status = :status, reason = :reason, updatedAt = :now, gsi3pk = :gsi3pk, gsi3sk = :gsi3sk"

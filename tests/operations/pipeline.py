@@ -6,7 +6,6 @@ record writers (functions/common/records.py) make the DynamoDB side. The status 
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -23,7 +22,10 @@ from common.records import (
     register_instances,
 )
 
-from scp.batches import Batch, iso
+from batch_contract.layout import new_batch_id, object_key
+from batch_contract.manifest import CLOSED_BY_WINDOW, ManifestObject, encode_manifest
+from batch_contract.timestamps import iso_millis
+from scp.batches import Batch
 from scp.part10 import part10_header
 from tests.functions.workflow import DATASTORE_ID
 
@@ -51,30 +53,30 @@ class Pipeline:
     def send(self, minutes_ago: float, study: str, series: str, sops: list[str], calling: str = "CT01") -> Sent:
         """Objects stored by the daemon into a batch opened ``minutes_ago``; no manifest yet (open batch)."""
         opened = self.now - timedelta(minutes=minutes_ago)
-        batch = Batch(f"{opened:%Y%m%dT%H%M%SZ}-{os.urandom(8).hex()}")
+        batch = Batch(new_batch_id(opened))
         sent = Sent(batch, opened)
         for number, sop in enumerate(sops):
-            key = f"{batch.prefix}{study}/{series}/{sop}.dcm"
+            key = object_key(batch.batch_id, study, series, sop)
             body = part10_header(CT_IMAGE_STORAGE, sop, EXPLICIT_LITTLE, calling) + b"\x08\x00\x16\x00"
             self.s3.put_object(Bucket=self.bucket, Key=key, Body=body)
-            batch.objects[key] = {
-                "key": key,
-                "sopInstanceUid": sop,
-                "sopClassUid": CT_IMAGE_STORAGE,
-                "studyInstanceUid": study,
-                "seriesInstanceUid": series,
-                "bytes": len(body),
-                "callingAETitle": calling,
-                "receivedAt": iso(opened + timedelta(seconds=number)),
-            }
+            batch.objects[key] = ManifestObject(
+                key=key,
+                sop_instance_uid=sop,
+                sop_class_uid=CT_IMAGE_STORAGE,
+                study_instance_uid=study,
+                series_instance_uid=series,
+                size=len(body),
+                calling_ae_title=calling,
+                received_at=iso_millis(opened + timedelta(seconds=number)),
+            )
             sent.keys[sop] = key
         return sent
 
     def close(self, sent: Sent) -> None:
         """The daemon writes the manifest: the batch is closed, the workflow has not registered it yet."""
-        sent.batch.closed_by = "window"
-        document = sent.batch.manifest(self.bucket, sent.received_at + timedelta(seconds=90))
-        self.s3.put_object(Bucket=self.bucket, Key=sent.batch.manifest_key, Body=json.dumps(document).encode())
+        sent.batch.closed_by = CLOSED_BY_WINDOW
+        manifest = sent.batch.manifest(self.bucket, sent.received_at + timedelta(seconds=90))
+        self.s3.put_object(Bucket=self.bucket, Key=sent.batch.manifest_key, Body=encode_manifest(manifest))
 
     def register(self, sent: Sent) -> None:
         """register_batch ran: batch item and one importing item per instance, no job yet."""
@@ -108,8 +110,8 @@ class Pipeline:
         record = sent.batch.objects[sent.keys[sop]]
         outcome = InstanceOutcome(
             key=sent.keys[sop],
-            study_instance_uid=record["studyInstanceUid"],
-            series_instance_uid=record["seriesInstanceUid"],
+            study_instance_uid=record.study_instance_uid,
+            series_instance_uid=record.series_instance_uid,
             sop_instance_uid=sop,
             status=status,
             image_set_id=image_set,

@@ -13,7 +13,9 @@ from typing import Any
 import pytest
 from common.records import FAILED, IMPORTED, REQUEUED, WARNING
 
-from scp import study_status
+from scp.import_status import command
+from scp.import_status.report import EXIT_ATTENTION, STATES, Report
+from scp.import_status.table import instance_from_item
 from tests.operations.conftest import Aws
 from tests.operations.pipeline import Pipeline, uid
 from tests.support.moto import MotoServer
@@ -23,7 +25,7 @@ IMAGE_SET_2 = "0a1b2c3d4e5f60718293a4b5c6d7e8f9"
 
 
 def status(aws: Aws, *arguments: str, capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
-    code = study_status.main([*arguments, "--table", aws.table.name, "--bucket", aws.bucket], os.environ)
+    code = command.main([*arguments, "--table", aws.table.name, "--bucket", aws.bucket], os.environ)
     captured = capsys.readouterr()
     assert captured.out, captured.err
     return code, captured.out
@@ -82,7 +84,7 @@ def test_a_study_in_every_stage(aws: Aws, now: datetime, capsys: pytest.CaptureF
 
     code, report = status_json(aws, "--study", study, capsys=capsys)
 
-    assert code == study_status.EXIT_ATTENTION == 1
+    assert code == EXIT_ATTENTION == 1
     assert report["exitCode"] == 1 and report["verdict"] == "attention"
     assert report["counts"] == {
         "received": 13,
@@ -96,7 +98,7 @@ def test_a_study_in_every_stage(aws: Aws, now: datetime, capsys: pytest.CaptureF
         "stuck": 0,
         "unconfirmed": 0,
     }
-    for state in study_status.STATES:
+    for state in STATES:
         assert sops(report, state) == expected[state], state
     by_sop = {i["sopInstanceUid"]: i for i in report["instances"]}
     failed = by_sop[expected["failed"][0]]
@@ -247,7 +249,7 @@ def test_invalid_configuration_exits_3(
     aws: Aws, arguments: list[str], message: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     try:
-        code = study_status.main([*arguments, "--table", aws.table.name], os.environ)
+        code = command.main([*arguments, "--table", aws.table.name], os.environ)
     except SystemExit as usage_error:  # argparse's own checks end the process
         code = int(str(usage_error.code))
     assert code == 3
@@ -290,7 +292,7 @@ def test_the_console_script_reports_a_study(aws: Aws, now: datetime, moto: MotoS
 def test_stuck_and_unconfirmed_instances_are_never_reported_failed(status: str, state: str, exit_code: int) -> None:
     # A stuck job may still finish; an unconfirmed instance may well be in HealthImaging: neither is "failed".
     item = {"sopInstanceUid": "1.2.3", "studyInstanceUid": "1.2", "seriesInstanceUid": "1.2.9", "batchId": "b"}
-    instance = study_status.instance_from_item({**item, "status": status}, {"b": status})
+    instance = instance_from_item({**item, "status": status}, {"b": status})
     assert instance.state == state
-    report = study_status.Report({"studyInstanceUid": "1.2"}, "t", None, datetime.now(UTC), [instance])
+    report = Report({"studyInstanceUid": "1.2"}, "t", None, datetime.now(UTC), [instance])
     assert report.exit_code == exit_code
