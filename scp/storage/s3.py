@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ from boto3.s3.transfer import TransferConfig, create_transfer_manager
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
+from batch_contract.manifest import parse_manifest
 from scp.batches import Batch, Batches, BatchLimits, manifest_body
 from scp.config import Settings
 from scp.instances import ReceivedInstance, StoredInstance
@@ -161,6 +163,11 @@ class S3Store:
         future.result()
 
     def _write_manifest(self, batch: Batch) -> None:
+        """Write the batch's manifest; if another writer sealed the batch first, give its late objects their own.
+
+        Raises on any S3 error, and the closer retries the whole call: every step is idempotent (the late batch is
+        fixed on ``batch``, copies overwrite, manifests are written once).
+        """
         try:
             # If-None-Match makes the first manifest final: a sweeper that closed this batch first wins.
             self._client.put_object(
@@ -171,10 +178,27 @@ class S3Store:
                 ChecksumAlgorithm="CRC32",
                 IfNoneMatch="*",
             )
+            return
         except ClientError as error:
             if error.response.get("Error", {}).get("Code") != "PreconditionFailed":
                 raise
-            LOG.warning("batch manifest already written elsewhere", extra={"batch_id": batch.batch_id})
+        sealed = self._client.get_object(Bucket=self._bucket, Key=batch.manifest_key)["Body"].read()
+        listed = {item.key for item in parse_manifest(sealed, batch.batch_id, self._bucket).objects}
+        late = batch.late_batch(listed, datetime.now(UTC))
+        if late is None:
+            LOG.info("batch manifest written elsewhere, listing every object", extra={"batch_id": batch.batch_id})
+            return
+        copies = [
+            self._transfers.copy({"Bucket": self._bucket, "Key": late.copied_from(item)}, self._bucket, item.key)
+            for item in late.objects.values()
+        ]
+        for copy in copies:
+            copy.result()
+        self._write_manifest(late)
+        LOG.warning(
+            "batch sealed elsewhere without some objects: copied into a batch of their own",
+            extra={"batch_id": batch.batch_id, "late_batch_id": late.batch_id, "objects": len(late.objects)},
+        )
 
 
 def _retryable(error: Exception) -> bool:

@@ -1,0 +1,83 @@
+"""A batch sealed by the sweeper while the daemon still fills it: every acknowledged object in exactly one manifest.
+
+The sweeper writes a manifest for a batch it judges abandoned from a listing of the prefix. Objects the daemon
+stores into that batch afterwards are not in that manifest; the daemon, finding the manifest written when it
+closes the batch, copies them into a batch of their own and writes its manifest (closedBy "late").
+"""
+
+from __future__ import annotations
+
+import signal
+from collections import Counter
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from batch_contract.layout import BATCHES_PREFIX, batch_id_from_prefix, parse_object_key
+from tests.functions.workflow import load_app
+from tests.integration.test_s3_store import bucket, manifests, objects, read_part10, s3, s3_daemon, send_files
+
+__all__ = ["bucket", "s3_daemon"]  # the S3 tests' fixtures, used here too
+from tests.support.corpus import make_instance, read
+from tests.support.daemon import Daemon
+from tests.support.moto import MotoServer
+from tests.support.waits import wait_for
+
+pytestmark = pytest.mark.integration
+
+
+def open_batch_ids(moto: MotoServer, bucket: str) -> list[str]:
+    listing = s3(moto).list_objects_v2(Bucket=bucket, Prefix=BATCHES_PREFIX, Delimiter="/")
+    return [batch_id_from_prefix(p["Prefix"]) for p in listing.get("CommonPrefixes", [])]
+
+
+@pytest.mark.parametrize("closed_by", ["window", "shutdown"])
+def test_objects_stored_after_the_sweeper_sealed_their_batch_get_a_manifest_of_their_own(
+    s3_daemon: Callable[..., Daemon],
+    moto: MotoServer,
+    aws_env: MotoServer,
+    bucket: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    closed_by: str,
+) -> None:
+    daemon = s3_daemon(BATCH_WINDOW_SECONDS="6" if closed_by == "window" else "600")
+    sweeper = load_app("sweeper", monkeypatch, {"DICOM_BUCKET": bucket})
+    files = [make_instance(tmp_path, pixel_bytes=2048) for _ in range(8)]
+    acknowledged = [str(read(f).SOPInstanceUID) for f in files]
+
+    assert send_files(daemon, files[:3]) == [0, 0, 0]
+    (sealed_id,) = open_batch_ids(moto, bucket)
+    # The sweeper's own run, at a time when the batch looks abandoned to it.
+    later = datetime.now(UTC) + timedelta(hours=1)
+    assert sweeper.sweep(sweeper.S3, bucket, later, 900, 72) == [sealed_id]
+    assert send_files(daemon, files[3:]) == [0] * 5
+
+    if closed_by == "shutdown":
+        daemon.signal(signal.SIGTERM)
+        assert daemon.wait(30) == 0
+
+    def two_manifests() -> list[dict[str, Any]]:
+        found = manifests(moto, bucket)
+        return found if len(found) == 2 else []
+
+    found = {m["closedBy"]: m for m in wait_for(two_manifests, 30, "the sweeper's and the daemon's manifests")}
+    assert set(found) == {"sweeper", "late"}
+    listed = Counter(str(o["sopInstanceUid"]) for m in found.values() for o in m["objects"])
+    assert sorted(listed) == sorted(acknowledged) and set(listed.values()) == {1}, listed
+    late = found["late"]
+    assert late["lateFrom"] == sealed_id and late["objectCount"] == 5
+    assert {o["sopInstanceUid"] for o in late["objects"]} == set(acknowledged[3:])
+    stored = objects(moto, bucket, BATCHES_PREFIX)
+    for entry in late["objects"]:
+        copy = stored[entry["key"]]
+        original = stored[entry["key"].replace(str(late["batchId"]), sealed_id)]
+        assert copy == original and read_part10(copy).SOPInstanceUID == entry["sopInstanceUid"]
+        assert parse_object_key(entry["key"]).batch_id == late["batchId"]
+    (logged,) = daemon.log_messages(
+        "batch sealed elsewhere without some objects: copied into a batch of their own"
+    )
+    assert (logged["batch_id"], logged["late_batch_id"], logged["objects"]) == (sealed_id, late["batchId"], 5)
