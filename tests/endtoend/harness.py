@@ -1,0 +1,383 @@
+"""The whole path under seeded faults: modality, daemon (S3 mode), S3, manifests, the workflow, HealthImaging.
+
+Real parts: the daemon as a child process in S3 mode behind the S3 fault proxy in front of moto_server; the
+sweeper's and the workflow functions' own code; statemachines/import.asl.json executed by moto's Step Functions
+interpreter in this process with the real handlers as its Lambda functions (as in
+tests/statemachine/test_import_execution.py), their S3 and DynamoDB on the same moto_server; HealthImaging's import
+API answered per request and checked against botocore's model (tests/support/healthimaging.py). What stands in for
+EventBridge starts an execution for every manifest that appears, and sometimes a second one.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import signal
+import threading
+import time
+import uuid
+import warnings
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import boto3
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pynetdicom import AE
+
+from batch_contract.layout import BATCHES_PREFIX, MANIFESTS_PREFIX, batch_id_from_manifest_key, batch_id_from_prefix
+from tests.support.corpus import CT_IMAGE_STORAGE, make_instance
+from tests.support.daemon import Daemon, start_daemon
+from tests.support.moto import CREDENTIALS, MotoServer
+from tests.support.s3_faults import HANG, INTERNAL_ERROR, SLOW_DOWN, FaultProxy
+
+SUCCESS = 0x0000
+EVENT = Path(__file__).resolve().parents[1] / "statemachine" / "events" / "manifest-created.json"
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How long and how hard: the short run in `make test`, the long one in `make soak`."""
+
+    seed: int
+    send_seconds: float
+    instances: int | None  # stop after this many acknowledged (None: until send_seconds)
+    senders: int = 3
+    per_association: int = 6
+    studies_in_flight: int = 6
+    instances_per_study: int = 40
+    pause_seconds: float = 0.0  # between associations of one sender: the soak's pace
+    daemon_fault_every: tuple[float, float] = (4.0, 9.0)
+    s3_fault_every: tuple[float, float] = (0.5, 3.0)
+    sweep_every: tuple[float, float] = (1.0, 4.0)
+    duplicate_events: float = 0.15
+    drain_seconds: float = 75.0
+
+
+@dataclass
+class Ledger:
+    """What the modality was told, per SOP Instance UID."""
+
+    study_of: dict[str, str] = field(default_factory=dict)
+    acknowledged: set[str] = field(default_factory=set)
+    refused: Counter[str] = field(default_factory=Counter)  # explicit failure statuses, per instance
+    given_up: set[str] = field(default_factory=set)  # refused three times: the modality stops trying
+    unanswered: Counter[str] = field(default_factory=Counter)  # no answer at all (association lost)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def never_acknowledged(self) -> set[str]:
+        return set(self.study_of) - self.acknowledged
+
+
+class Modality:
+    """Senders that behave like modalities: resend what got no answer, retry a failure status twice, then stop."""
+
+    def __init__(self, plan: Plan, ledger: Ledger, port: Callable[[], int], workdir: Path, rng: random.Random) -> None:
+        self._plan = plan
+        self._ledger = ledger
+        self._port = port
+        self._workdir = workdir
+        self._rng = rng
+        self._rng_lock = threading.Lock()
+        self._pending: list[Path] = []
+        self._uid_of: dict[Path, str] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._studies: list[tuple[str, str, int]] = []  # study, series, instances still to create
+        self.associations = 0
+
+    def start(self) -> None:
+        for number in range(self._plan.senders):
+            thread = threading.Thread(target=self._run, args=(f"MOD{number:02d}",), name=f"sender-{number}")
+            thread.start()
+            self._threads.append(thread)
+
+    def stop(self) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=60)
+
+    def _next_files(self) -> list[Path]:
+        with self._lock:
+            while len(self._pending) < self._plan.per_association:
+                if not self._create():
+                    break
+            with self._rng_lock:
+                self._rng.shuffle(self._pending)
+            count = self._plan.per_association
+            chosen, self._pending = self._pending[:count], self._pending[count:]
+            return chosen
+
+    def _create(self) -> bool:
+        """One new instance of a study in flight; new studies start as old ones are complete."""
+        while len(self._studies) < self._plan.studies_in_flight:
+            self._studies.append((generate_uid(), generate_uid(), self._plan.instances_per_study))
+        with self._rng_lock:
+            index = self._rng.randrange(len(self._studies))
+        study, series, left = self._studies[index]
+        sop = generate_uid()
+        path = make_instance(self._workdir, pixel_bytes=1024, study_uid=study, series_uid=series, sop_instance_uid=sop)
+        self._uid_of[path] = sop
+        with self._ledger.lock:
+            self._ledger.study_of[sop] = study
+        if left <= 1:
+            self._studies.pop(index)
+        else:
+            self._studies[index] = (study, series, left - 1)
+        self._pending.append(path)
+        return True
+
+    def _give_back(self, files: list[Path]) -> None:
+        with self._lock:
+            self._pending.extend(files)
+
+    def _run(self, calling: str) -> None:
+        while not self._stop.is_set():
+            files = self._next_files()
+            statuses = self._send(calling, files)
+            again = []
+            with self._ledger.lock:
+                for path, status in zip(files, statuses, strict=True):
+                    sop = self._uid_of[path]
+                    if status == SUCCESS:
+                        self._ledger.acknowledged.add(sop)
+                        self._ledger.given_up.discard(sop)
+                    elif status is None:
+                        self._ledger.unanswered[sop] += 1
+                        if sop not in self._ledger.acknowledged:
+                            again.append(path)
+                    else:
+                        self._ledger.refused[sop] += 1
+                        if self._ledger.refused[sop] >= 3:
+                            self._ledger.given_up.add(sop)
+                        else:
+                            again.append(path)
+            self._give_back(again)
+            if statuses and all(status is None for status in statuses):
+                self._stop.wait(0.2)  # the daemon is restarting
+            elif self._plan.pause_seconds:
+                self._stop.wait(self._plan.pause_seconds)
+
+    def _send(self, calling: str, files: list[Path]) -> list[int | None]:
+        ae = AE(ae_title=calling)
+        ae.add_requested_context(CT_IMAGE_STORAGE, ExplicitVRLittleEndian)
+        ae.acse_timeout, ae.dimse_timeout, ae.network_timeout = 10, 20, 20
+        statuses: list[int | None] = []
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                association = ae.associate("127.0.0.1", self._port(), ae_title="STORESCP")
+            except (OSError, RuntimeError):
+                return [None] * len(files)
+            self.associations += 1
+            try:
+                for path in files:
+                    if not association.is_established:
+                        statuses.append(None)
+                        continue
+                    try:
+                        answer = association.send_c_store(path)
+                    except (OSError, RuntimeError, ValueError):
+                        answer = None
+                    statuses.append(int(answer.Status) if answer is not None and "Status" in answer else None)
+            finally:
+                if association.is_established:
+                    association.release()
+        return statuses
+
+
+class Chaos:
+    """Background faults at seeded random moments; each kind counted in ``injected``."""
+
+    def __init__(self, rng: random.Random) -> None:
+        self._rng = rng
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self.injected: Counter[str] = Counter()
+
+    def every(self, name: str, interval: tuple[float, float], action: Callable[[random.Random], str | None]) -> None:
+        rng = random.Random(self._rng.random())
+
+        def loop() -> None:
+            while not self._stop.wait(rng.uniform(*interval)):
+                kind = action(rng)
+                if kind:
+                    self.injected[kind] += 1
+
+        thread = threading.Thread(target=loop, name=f"chaos-{name}", daemon=True)
+        thread.start()
+        self._threads.append(thread)
+
+    def stop(self) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=120)
+
+
+class Receivers:
+    """The daemon, killed (SIGKILL) or stopped (SIGTERM) at random moments and started again on the same port."""
+
+    def __init__(self, workdir: Path, settings: dict[str, str]) -> None:
+        self._workdir = workdir
+        self._settings = settings
+        self._lock = threading.Lock()
+        self.started: list[Daemon] = []
+        self.current = self._start(None)
+
+    def _start(self, port: int | None) -> Daemon:
+        daemon = start_daemon(self._workdir, storage_dir=self._workdir / "spool", port=port, **self._settings)
+        self.started.append(daemon)
+        return daemon
+
+    @property
+    def port(self) -> int:
+        return self.current.port
+
+    def fault(self, rng: random.Random) -> str:
+        with self._lock:
+            daemon = self.current
+            kind = rng.choice(["SIGKILL", "SIGTERM"])
+            daemon.signal(signal.SIGKILL if kind == "SIGKILL" else signal.SIGTERM)
+            daemon.wait(60)
+            self.current = self._start(daemon.port)
+            return f"daemon {kind}"
+
+    def stop(self) -> None:
+        with self._lock:
+            self.current.stop()
+
+    def logs(self, message: str) -> list[dict[str, Any]]:
+        return [entry for daemon in self.started for entry in daemon.log_messages(message)]
+
+
+def s3_fault(proxy: FaultProxy) -> Callable[[random.Random], str | None]:
+    """Throttling, internal errors and hangs on the daemon's S3 writes; the proxy counts each request it faults."""
+
+    def inject(rng: random.Random) -> str | None:
+        draw = rng.random()
+        if draw < 0.35:
+            proxy.fail(SLOW_DOWN, times=rng.randint(1, 3))
+        elif draw < 0.55:
+            proxy.fail(INTERNAL_ERROR, times=rng.randint(1, 2))
+        elif draw < 0.7:
+            proxy.fail(HANG)
+            time.sleep(rng.uniform(0.5, 2.0))
+            proxy.heal()
+        else:
+            proxy.heal()
+        return None
+
+    return inject
+
+
+class EventBridge:
+    """S3 Object Created under manifests/ -> StartExecution, at least once: sometimes twice."""
+
+    def __init__(self, sfn: Any, state_machine_arn: str, s3: Any, bucket: str, duplicates: float, rng: random.Random):
+        self._sfn, self._arn, self._s3, self._bucket = sfn, state_machine_arn, s3, bucket
+        self._duplicates = duplicates
+        self._rng = rng
+        self.seen: set[str] = set()
+        self.executions: list[str] = []
+        self.duplicated = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="eventbridge", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.3):
+            for key in manifest_keys(self._s3, self._bucket):
+                if key in self.seen:
+                    continue
+                self.seen.add(key)
+                self._start(key)
+                if self._rng.random() < self._duplicates:
+                    self.duplicated += 1
+                    self._start(key)
+
+    def _start(self, key: str) -> None:
+        batch_id = batch_id_from_manifest_key(key)
+        event = EVENT.read_text().replace("BUCKET", self._bucket).replace("BATCH", batch_id)
+        started = self._sfn.start_execution(stateMachineArn=self._arn, name=uuid.uuid4().hex, input=event)
+        self.executions.append(str(started["executionArn"]))
+
+    def running(self) -> list[str]:
+        return [
+            arn for arn in self.executions
+            if self._sfn.describe_execution(executionArn=arn)["status"] == "RUNNING"
+        ]  # fmt: skip
+
+
+def manifest_keys(s3: Any, bucket: str) -> list[str]:
+    return [
+        entry["Key"]
+        for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=MANIFESTS_PREFIX)
+        for entry in page.get("Contents", [])
+    ]
+
+
+def batch_ids(s3: Any, bucket: str) -> set[str]:
+    pages = s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=BATCHES_PREFIX, Delimiter="/")
+    return {batch_id_from_prefix(p["Prefix"]) for page in pages for p in page.get("CommonPrefixes", [])}
+
+
+def listed_in_manifests(s3: Any, bucket: str) -> Counter[str]:
+    """How many manifests list each SOP Instance UID."""
+    listed: Counter[str] = Counter()
+    for key in manifest_keys(s3, bucket):
+        document = json.loads(s3.get_object(Bucket=bucket, Key=key)["Body"].read())
+        listed.update(str(entry["sopInstanceUid"]) for entry in document["objects"])
+    return listed
+
+
+def moto_clients(moto: MotoServer) -> tuple[Any, Any]:
+    session = boto3.session.Session(
+        aws_access_key_id="testing", aws_secret_access_key="testing", region_name="us-east-1"
+    )
+    return session.client("s3", endpoint_url=moto.endpoint), session.resource("dynamodb", endpoint_url=moto.endpoint)
+
+
+def daemon_settings(bucket: str, proxy: FaultProxy) -> dict[str, str]:
+    return {
+        "DICOM_BUCKET": bucket,
+        **CREDENTIALS,
+        "AWS_ENDPOINT_URL": proxy.endpoint,
+        "BATCH_WINDOW_SECONDS": "1",
+        "BATCH_MAX_FILES": "25",
+        "DIMSE_TIMEOUT": "6",
+        "SHUTDOWN_GRACE_SECONDS": "5",
+        "LOG_LEVEL": "INFO",
+    }
+
+
+def sweeper_run(sweeper: ModuleType, bucket: str, min_age_seconds: int) -> Callable[[random.Random], str | None]:
+    swept: list[str] = []
+
+    def run(_: random.Random) -> str | None:
+        closed = sweeper.sweep(sweeper.S3, bucket, datetime.now(UTC), min_age_seconds, 72)
+        swept.extend(closed)
+        return f"sweeper sealed {len(closed)}" if closed else "sweeper ran"
+
+    return run
+
+
+def poll(check: Callable[[], Any], timeout: float, interval: float = 0.5) -> Iterator[Any]:
+    """Yield ``check()`` until it is truthy or ``timeout`` passes (the last value is yielded either way)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        yield value
+        if value or time.monotonic() >= deadline:
+            return
+        time.sleep(interval)
