@@ -348,11 +348,12 @@ def moto_clients(moto: MotoServer) -> tuple[Any, Any]:
     return session.client("s3", endpoint_url=moto.endpoint), session.resource("dynamodb", endpoint_url=moto.endpoint)
 
 
-def daemon_settings(bucket: str, proxy: FaultProxy) -> dict[str, str]:
+def daemon_settings(bucket: str, proxy: FaultProxy | None) -> dict[str, str]:
+    """The daemon's environment: S3 through ``proxy``, small batches, a short window and a short deadline."""
     return {
         "DICOM_BUCKET": bucket,
         **CREDENTIALS,
-        "AWS_ENDPOINT_URL": proxy.endpoint,
+        **({"AWS_ENDPOINT_URL": proxy.endpoint} if proxy else {}),
         "BATCH_WINDOW_SECONDS": "1",
         "BATCH_MAX_FILES": "25",
         "DIMSE_TIMEOUT": "6",

@@ -45,7 +45,7 @@ def test_objects_stored_after_the_sweeper_sealed_their_batch_get_a_manifest_of_t
     closed_by: str,
 ) -> None:
     daemon = s3_daemon(BATCH_WINDOW_SECONDS="6" if closed_by == "window" else "600")
-    sweeper = load_app("sweeper", monkeypatch, {"DICOM_BUCKET": bucket})
+    sweeper = load_app("sweeper", monkeypatch, {"DICOM_BUCKET": bucket, "BATCH_WINDOW_SECONDS": "6"})
     files = [make_instance(tmp_path, pixel_bytes=2048) for _ in range(8)]
     acknowledged = [str(read(f).SOPInstanceUID) for f in files]
 
