@@ -20,7 +20,7 @@ import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -29,13 +29,20 @@ import boto3
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
 
-from batch_contract.layout import BATCHES_PREFIX, MANIFESTS_PREFIX, batch_id_from_manifest_key, batch_id_from_prefix
+from batch_contract.layout import (
+    BATCHES_PREFIX,
+    MANIFESTS_PREFIX,
+    batch_id_from_manifest_key,
+    batch_id_from_prefix,
+    batch_id_time_part,
+)
 from tests.support.corpus import CT_IMAGE_STORAGE, make_instance
 from tests.support.daemon import Daemon, start_daemon
 from tests.support.moto import CREDENTIALS, MotoServer
 from tests.support.s3_faults import HANG, INTERNAL_ERROR, SLOW_DOWN, FaultProxy
 
 SUCCESS = 0x0000
+_RECENT_SECONDS = 600
 EVENT = Path(__file__).resolve().parents[1] / "statemachine" / "events" / "manifest-created.json"
 
 
@@ -297,7 +304,10 @@ class EventBridge:
 
     def _run(self) -> None:
         while not self._stop.wait(0.3):
-            for key in manifest_keys(self._s3, self._bucket):
+            # Every manifest of this run names a batch opened minutes ago at most (the sweeper's minimum age is
+            # seconds here), so the listing starts there instead of growing with the run.
+            since = datetime.now(UTC) - timedelta(seconds=_RECENT_SECONDS)
+            for key in manifest_keys(self._s3, self._bucket, since):
                 if key in self.seen:
                     continue
                 self.seen.add(key)
@@ -319,12 +329,10 @@ class EventBridge:
         ]  # fmt: skip
 
 
-def manifest_keys(s3: Any, bucket: str) -> list[str]:
-    return [
-        entry["Key"]
-        for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=MANIFESTS_PREFIX)
-        for entry in page.get("Contents", [])
-    ]
+def manifest_keys(s3: Any, bucket: str, since: datetime | None = None) -> list[str]:
+    after = {"StartAfter": f"{MANIFESTS_PREFIX}{batch_id_time_part(since)}"} if since else {}
+    pages = s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=MANIFESTS_PREFIX, **after)
+    return [entry["Key"] for page in pages for entry in page.get("Contents", [])]
 
 
 def batch_ids(s3: Any, bucket: str) -> set[str]:

@@ -61,7 +61,16 @@ pytestmark = pytest.mark.integration
 SOAK_SECONDS = float(os.environ.get("SOAK_SECONDS", "0"))
 SEED = int(os.environ.get("SOAK_SEED", "20261201"))
 SHORT = Plan(seed=SEED, send_seconds=45, instances=300)
-SOAK = Plan(seed=SEED, send_seconds=SOAK_SECONDS, instances=None, pause_seconds=0.5, drain_seconds=180)
+# The soak at a modality's pace (about five instances a second), with the daemon killed or stopped every minute or so.
+SOAK = Plan(
+    seed=SEED,
+    send_seconds=SOAK_SECONDS,
+    instances=None,
+    pause_seconds=3.0,
+    daemon_fault_every=(20.0, 90.0),
+    sweep_every=(5.0, 20.0),
+    drain_seconds=240,
+)
 RATES = Rates(
     throttling=0.08,
     server_error=0.05,
