@@ -246,6 +246,8 @@ def test_every_acknowledged_instance_reaches_one_truthful_end_state(
             if not instance.get("reason"):
                 violations.append(f"{sop}: failed without a reason")
             failed_reasons[_reason_kind(instance.get("reason") or "")] += 1
+        else:
+            violations.append(f"{sop}: ended {state}, neither imported nor failed")
         if listed[sop] == 0:
             violations.append(f"{sop}: acknowledged, listed in no manifest")
     for sop in sorted(ledger.given_up - ledger.acknowledged):
