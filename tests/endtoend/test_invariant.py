@@ -85,6 +85,7 @@ RATES = Rates(
 # The sweeper seals a batch once its newest object is older than this: the daemon's window (1 s) plus its upload
 # deadline (0.75 x DIMSE_TIMEOUT) and shutdown grace, as the stack's setting must exceed them.
 SWEEP_MIN_AGE_SECONDS = 12
+RETRY_TIME_SCALE = 0.05
 
 
 @dataclass
@@ -146,8 +147,11 @@ def whole_path(moto: MotoServer, monkeypatch: pytest.MonkeyPatch) -> Iterator[Wh
             return boto_client_for(region=region, service=service, state_credentials=state_credentials)
 
         monkeypatch.setattr(lambda_eval_utils, "boto_client_for", client_for)
-        # Step Functions' retry intervals are taken, not slept: the run is about outcomes, not about waiting.
-        monkeypatch.setattr(retrier_decl, "time", SimpleNamespace(sleep=lambda _: None))
+        # Step Functions' retry intervals pass RETRY_TIME_SCALE times as fast: the definition's backoff still
+        # decides the order of things (a job's late output against the retries that wait for it), in seconds.
+        monkeypatch.setattr(
+            retrier_decl, "time", SimpleNamespace(sleep=lambda seconds: time.sleep(seconds * RETRY_TIME_SCALE))
+        )
         definition = ASL.read_text()
         for placeholder in FUNCTIONS:
             definition = definition.replace("${" + placeholder + "}", function_arn(placeholder))
