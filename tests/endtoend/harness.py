@@ -248,7 +248,7 @@ class Receivers:
     def fault(self, rng: random.Random) -> str:
         with self._lock:
             daemon = self.current
-            kind = rng.choice(["SIGKILL", "SIGTERM"])
+            kind = "SIGKILL" if len(self.started) % 2 else "SIGTERM"
             daemon.signal(signal.SIGKILL if kind == "SIGKILL" else signal.SIGTERM)
             daemon.wait(60)
             self.current = self._start(daemon.port)
@@ -370,13 +370,18 @@ def daemon_settings(bucket: str, proxy: FaultProxy | None) -> dict[str, str]:
     }
 
 
-def sweeper_run(sweeper: ModuleType, bucket: str, min_age_seconds: int) -> Callable[[random.Random], str | None]:
-    swept: list[str] = []
+def sweeper_run(
+    sweeper: ModuleType, bucket: str, min_age_seconds: int, eager: bool = False
+) -> Callable[[random.Random], str | None]:
+    """The sweeper's own ``sweep``; ``eager`` runs sometimes use a minimum age shorter than the daemon's window
+    and its upload deadline, as a misconfigured stack would, so that it seals batches a live daemon still fills."""
 
-    def run(_: random.Random) -> str | None:
-        closed = sweeper.sweep(sweeper.S3, bucket, datetime.now(UTC), min_age_seconds, 72)
-        swept.extend(closed)
-        return f"sweeper sealed {len(closed)}" if closed else "sweeper ran"
+    def run(rng: random.Random) -> str | None:
+        min_age = rng.choice([1, 2, min_age_seconds]) if eager else min_age_seconds
+        closed = sweeper.sweep(sweeper.S3, bucket, datetime.now(UTC), min_age, 72)
+        if not closed:
+            return "sweeper ran"
+        return "sweeper sealed a batch too early" if min_age < min_age_seconds else "sweeper sealed a batch"
 
     return run
 

@@ -197,7 +197,8 @@ def test_every_acknowledged_instance_reaches_one_truthful_end_state(
         (tmp_path / "sent").mkdir()
         chaos.every("daemon", plan.daemon_fault_every, receivers.fault)
         chaos.every("s3", plan.s3_fault_every, s3_fault(proxy))
-        chaos.every("sweeper", plan.sweep_every, sweeper_run(path.sweeper, path.bucket, SWEEP_MIN_AGE_SECONDS))
+        eager_sweeper = sweeper_run(path.sweeper, path.bucket, SWEEP_MIN_AGE_SECONDS, eager=True)
+        chaos.every("sweeper", plan.sweep_every, eager_sweeper)
         started = time.monotonic()
         modality.start()
         while time.monotonic() - started < plan.send_seconds:
