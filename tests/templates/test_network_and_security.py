@@ -183,14 +183,15 @@ def test_pass_role_only_to_healthimaging(template: dict[str, Any]) -> None:
 
 def test_receivers_put_only_under_their_prefixes(template: dict[str, Any]) -> None:
     statements = [s for role, s in _role_statements(template) if role == "ReceiverTaskRole"]
-    puts = [s for s in statements if "s3:PutObject" in _actions(s)]
-    assert puts and all(
+    objects = [s for s in statements if {"s3:PutObject", "s3:GetObject"} & set(_actions(s))]
+    assert objects and all(
         resource in ({"Fn::Sub": "${DicomBucket.Arn}/batches/*"}, {"Fn::Sub": "${DicomBucket.Arn}/manifests/*"})
-        for statement in puts
+        for statement in objects
         for resource in statement["Resource"]
     )
     granted = {action for statement in statements for action in _actions(statement)}
-    assert granted == {"s3:ListBucket", "s3:PutObject", "s3:AbortMultipartUpload", "kms:GenerateDataKey", "kms:Decrypt"}
+    assert granted == {"s3:ListBucket", "s3:PutObject", "s3:AbortMultipartUpload", "s3:GetObject",
+                       "kms:GenerateDataKey", "kms:Decrypt"}  # fmt: skip
 
 
 def test_healthimaging_data_access_role(template: dict[str, Any]) -> None:
