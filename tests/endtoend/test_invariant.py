@@ -135,7 +135,6 @@ def whole_path(moto: MotoServer, monkeypatch: pytest.MonkeyPatch) -> Iterator[Wh
     }
     with mock_aws(config={"stepfunctions": {"execute_state_machine": True}}):
         apps = {placeholder: load_app(name, monkeypatch, env) for placeholder, name in FUNCTIONS.items()}
-        sweeper = load_app("sweeper", monkeypatch, env)
         healthimaging = HealthImaging(s3, DATASTORE_ID, RATES, random.Random(SEED))
         healthimaging.attach(apps["StartImportFunctionArn"].MEDICAL_IMAGING)
         healthimaging.attach(apps["CheckImportFunctionArn"].MEDICAL_IMAGING)
@@ -160,6 +159,7 @@ def whole_path(moto: MotoServer, monkeypatch: pytest.MonkeyPatch) -> Iterator[Wh
         arn = sfn.create_state_machine(
             name=unique("import"), definition=definition, roleArn="arn:aws:iam::123456789012:role/sfn"
         )["stateMachineArn"]
+        sweeper = load_app("sweeper", monkeypatch, {**env, "STATE_MACHINE_ARN": arn})
         yield WholePath(s3, table, bucket, results, sfn, arn, healthimaging, sweeper, moto)
         healthimaging.stop()
 

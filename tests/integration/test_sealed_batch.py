@@ -28,6 +28,13 @@ from tests.support.waits import wait_for
 
 pytestmark = pytest.mark.integration
 
+# What the sweeper's settings read besides the bucket; only its sealing pass runs here.
+SWEEPER_ENV = {
+    "BATCH_WINDOW_SECONDS": "6",
+    "TABLE_NAME": "imports",
+    "STATE_MACHINE_ARN": "arn:aws:states:us-east-1:123456789012:stateMachine:import",
+}
+
 
 def open_batch_ids(moto: MotoServer, bucket: str) -> list[str]:
     listing = s3(moto).list_objects_v2(Bucket=bucket, Prefix=BATCHES_PREFIX, Delimiter="/")
@@ -45,7 +52,7 @@ def test_objects_stored_after_the_sweeper_sealed_their_batch_get_a_manifest_of_t
     closed_by: str,
 ) -> None:
     daemon = s3_daemon(BATCH_WINDOW_SECONDS="6" if closed_by == "window" else "600")
-    sweeper = load_app("sweeper", monkeypatch, {"DICOM_BUCKET": bucket, "BATCH_WINDOW_SECONDS": "6"})
+    sweeper = load_app("sweeper", monkeypatch, {"DICOM_BUCKET": bucket, **SWEEPER_ENV})
     files = [make_instance(tmp_path, pixel_bytes=2048) for _ in range(8)]
     acknowledged = [str(read(f).SOPInstanceUID) for f in files]
 
