@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import random
 import signal
+import subprocess
 import threading
 import time
 import uuid
@@ -42,6 +43,8 @@ from tests.support.moto import CREDENTIALS, MotoServer
 from tests.support.s3_faults import HANG, INTERNAL_ERROR, SLOW_DOWN, FaultProxy
 
 SUCCESS = 0x0000
+# ECS's stopTimeout on Fargate: a daemon not gone by then is killed.
+SHUTDOWN_LIMIT_SECONDS = 120
 _RECENT_SECONDS = 600
 EVENT = Path(__file__).resolve().parents[1] / "statemachine" / "events" / "manifest-created.json"
 
@@ -212,7 +215,10 @@ class Chaos:
 
         def loop() -> None:
             while not self._stop.wait(rng.uniform(*interval)):
-                kind = action(rng)
+                try:
+                    kind = action(rng)
+                except Exception as error:  # one failed injection must not end the faults of this kind
+                    kind = f"{name} fault not injected: {type(error).__name__}"
                 if kind:
                     self.injected[kind] += 1
 
@@ -250,7 +256,13 @@ class Receivers:
             daemon = self.current
             kind = "SIGKILL" if len(self.started) % 2 else "SIGTERM"
             daemon.signal(signal.SIGKILL if kind == "SIGKILL" else signal.SIGTERM)
-            daemon.wait(60)
+            try:
+                # The drain, then up to a minute more for the last manifests while S3 is faulted.
+                daemon.wait(SHUTDOWN_LIMIT_SECONDS)
+            except subprocess.TimeoutExpired:
+                daemon.process.kill()  # as ECS does after stopTimeout
+                daemon.wait(30)
+                kind += " (killed after the stop timeout)"
             self.current = self._start(daemon.port)
             return f"daemon {kind}"
 
