@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import re
 from collections.abc import Callable, Mapping
@@ -33,6 +34,21 @@ _ACSE_TIMEOUT_DEFAULT = f"min({_ACSE_TIMEOUT_CEILING:g}, NETWORK_TIMEOUT)"
 
 _TRUE = {"true", "yes", "1", "on"}
 _FALSE = {"false", "no", "0", "off"}
+
+
+# COMMITMENT_AFTER: what "committed" means in a Storage Commitment report.
+COMMITMENT_AFTER_STORE = "store"
+COMMITMENT_AFTER_HEALTHIMAGING = "healthimaging"
+_HOSTNAME_MAX = 253
+
+
+@dataclass(frozen=True)
+class CommitmentPeer:
+    """Where a modality's AE receives its Storage Commitment reports on a new association."""
+
+    ae_title: str
+    host: str
+    port: int
 
 
 class SettingsError(ValueError):
@@ -83,6 +99,15 @@ class Settings:
     batch_max_bytes: int = _setting("8000000000", "an S3 import batch closes at this many bytes")
     batch_window_seconds: float = _setting("60", "an S3 import batch closes after this many quiet seconds")
     shutdown_grace_seconds: float = _setting("100", "on SIGTERM, seconds in-flight associations may take to finish")
+    commitment_peers: tuple[CommitmentPeer, ...] = _setting(
+        "", "AE1=host:port,AE2=host:port: where Storage Commitment reports go when the request's association has ended"
+    )
+    commitment_after: str = _setting(
+        "store", "store: an instance is committed once durable in the store; healthimaging: once stored in HealthImaging"
+    )
+    commitment_timeout: float = _setting(
+        "600", "seconds a Storage Commitment request waits for its instances before the missing ones are failed"
+    )
 
     @property
     def effective_pdu_size(self) -> int:
@@ -238,6 +263,43 @@ def _region(raw: str) -> str | None:
     return raw
 
 
+def _commitment_after(raw: str) -> str:
+    if raw not in (COMMITMENT_AFTER_STORE, COMMITMENT_AFTER_HEALTHIMAGING):
+        raise ValueError(f"expected {COMMITMENT_AFTER_STORE} or {COMMITMENT_AFTER_HEALTHIMAGING}")
+    return raw
+
+
+def _host(raw: str) -> str:
+    if raw.startswith("[") and raw.endswith("]"):
+        return _address(raw[1:-1])
+    with contextlib.suppress(ValueError):
+        return _address(raw)
+    labels = raw.split(".")
+    # RFC 1123 host names: labels of 1-63 letters, digits and hyphens, not starting or ending with a hyphen.
+    if len(raw) > _HOSTNAME_MAX or not all(
+        0 < len(label) <= 63 and label[0] != "-" and label[-1] != "-" and all(c.isalnum() or c == "-" for c in label)
+        for label in labels
+    ) or not raw.isascii():
+        raise ValueError(f"{raw!r} is not a host name or IP address")
+    return raw
+
+
+def _commitment_peers(raw: str) -> tuple[CommitmentPeer, ...]:
+    if not raw:
+        return ()
+    peers: list[CommitmentPeer] = []
+    for entry in raw.split(","):
+        title, equals, address = entry.partition("=")
+        host, colon, port = address.strip().rpartition(":")
+        if not equals or not colon or not host:
+            raise ValueError(f"expected AE=host:port, got entry {entry.strip()!r}")
+        ae_title = parse_ae_title(title)
+        if any(peer.ae_title == ae_title for peer in peers):
+            raise ValueError(f"AE title {ae_title!r} is listed twice")
+        peers.append(CommitmentPeer(ae_title, _host(host), _integer(1, 65535)(port.strip())))
+    return tuple(peers)
+
+
 def _address(raw: str) -> str:
     try:
         ipaddress.ip_address(raw)
@@ -274,4 +336,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "batch_max_bytes": _integer(1_000_000, _IMPORT_JOB_MAX_BYTES),
     "batch_window_seconds": _seconds(1, 86_400),
     "shutdown_grace_seconds": _seconds(0, 3600),
+    "commitment_peers": _commitment_peers,
+    "commitment_after": _commitment_after,
+    "commitment_timeout": _seconds(1, 86_400),
 }

@@ -1,0 +1,75 @@
+"""Deciding, per referenced instance, whether the archive has taken it over: committed, failed with a reason, or
+still awaited; past the request's deadline whatever is still awaited fails. Never optimistic: only evidence that
+the object is durable (or stored in HealthImaging) makes it committed."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import Protocol
+
+from scp.commitment.ledger import Ledger
+from scp.commitment.pending import COMMITTED
+from scp.commitment.request import Reference
+
+
+class FailureReason(IntEnum):
+    """Failure Reason (0008,1197) values of the Failed SOP Sequence (PS3.3 C.14.1.1)."""
+
+    PROCESSING_FAILURE = 0x0110
+    NO_SUCH_OBJECT_INSTANCE = 0x0112
+    CLASS_INSTANCE_CONFLICT = 0x0119
+
+
+@dataclass(frozen=True)
+class Verdict:
+    outcome: int | None  # COMMITTED, a FailureReason, or None while awaited
+    seen: bool = False  # awaited, but the archive has the instance in hand (stored, still being forwarded)
+
+
+AWAITED = Verdict(None)
+AWAITED_SEEN = Verdict(None, seen=True)
+COMMITTED_VERDICT = Verdict(COMMITTED)
+
+
+class Evidence(Protocol):
+    def judge(self, references: Sequence[Reference]) -> list[Verdict]:
+        """One verdict per reference, in order."""
+
+
+class ObjectCheck(Protocol):
+    def holds(self, location: str, reference: Reference) -> bool | None:
+        """Whether the store's object at ``location`` is ``reference``; None when the store cannot tell now."""
+
+
+class StoreEvidence:
+    """COMMITMENT_AFTER=store: committed once the ledger knows the instance under the requested SOP class and
+    the store still holds its object."""
+
+    def __init__(self, ledger: Ledger, check: ObjectCheck) -> None:
+        self._ledger = ledger
+        self._check = check
+
+    def judge(self, references: Sequence[Reference]) -> list[Verdict]:
+        entries = self._ledger.lookup(reference.sop_instance_uid for reference in references)
+        verdicts = []
+        for reference in references:
+            entry = entries.get(reference.sop_instance_uid)
+            if entry is None:
+                verdicts.append(AWAITED)
+            elif entry.sop_class_uid != reference.sop_class_uid:
+                verdicts.append(Verdict(FailureReason.CLASS_INSTANCE_CONFLICT))
+            else:
+                holds = self._check.holds(entry.location, reference)
+                verdicts.append(COMMITTED_VERDICT if holds else AWAITED_SEEN)
+        return verdicts
+
+
+def at_deadline(verdict: Verdict) -> int:
+    """The outcome of a reference still awaited when its request's deadline has passed."""
+    if verdict.outcome is not None:
+        return verdict.outcome
+    # Never received: no such object. Received but not (yet) confirmed durable or stored in HealthImaging: the
+    # archive failed to process it in time.
+    return FailureReason.PROCESSING_FAILURE if verdict.seen else FailureReason.NO_SUCH_OBJECT_INSTANCE

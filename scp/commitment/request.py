@@ -1,0 +1,130 @@
+"""Reading an N-ACTION-RQ (Request Storage Commitment, PS3.4 J.3.2) into a checked request, or why it is refused."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import IntEnum
+
+from pydicom.dataset import Dataset
+from pydicom.sequence import Sequence
+from pynetdicom.dsutils import decode
+
+from scp import dimse
+from scp.commitment import REQUEST_STORAGE_COMMITMENT, STORAGE_COMMITMENT_INSTANCE, STORAGE_COMMITMENT_PUSH_MODEL
+from scp.uids import is_valid_uid
+
+# A request names every instance of a study or two; 10,000 covers the largest CT and tomosynthesis studies, and a
+# modality with more splits them over several requests. The data set cap follows: about 130 bytes per item.
+MAX_REFERENCES = 10_000
+MAX_DATA_SET_BYTES = 2 * 1024 * 1024
+
+_IMPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2"
+_TRANSACTION_UID = 0x00081195
+_REFERENCED_SOP_SEQUENCE = 0x00081199
+_REFERENCED_SOP_CLASS_UID = 0x00081150
+_REFERENCED_SOP_INSTANCE_UID = 0x00081155
+
+
+class ActionStatus(IntEnum):
+    """N-ACTION-RSP failure statuses (PS3.7 10.1.4.1.10, C)."""
+
+    INVALID_ARGUMENT_VALUE = 0x0115
+    INVALID_OBJECT_INSTANCE = 0x0117
+    NO_SUCH_SOP_CLASS = 0x0118
+    NO_SUCH_ACTION = 0x0123
+    RESOURCE_LIMITATION = 0x0213
+    PROCESSING_FAILURE = 0x0110
+
+
+class Refused(Exception):
+    """The N-ACTION is answered with ``status``: the SCP is not processing it (PS3.4 J.3.2.1.3)."""
+
+    def __init__(self, status: ActionStatus, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Reference:
+    sop_class_uid: str
+    sop_instance_uid: str
+
+
+@dataclass(frozen=True)
+class CommitmentRequest:
+    transaction_uid: str
+    references: tuple[Reference, ...]
+
+
+class ActionData:
+    """An N-ACTION's data set as its fragments arrive, held in memory up to ``MAX_DATA_SET_BYTES``; beyond that
+    the rest is read and dropped, and the request is refused once complete."""
+
+    def __init__(self) -> None:
+        self._data = bytearray()
+        self.oversized = False
+
+    def append(self, fragment: memoryview | bytes) -> None:
+        if self.oversized:
+            return
+        if len(self._data) + len(fragment) > MAX_DATA_SET_BYTES:
+            self.oversized = True
+            self._data = bytearray()
+            return
+        self._data += fragment
+
+    def data(self) -> bytes:
+        return bytes(self._data)
+
+
+def check_command(command: dimse.Command) -> None:
+    """The command names the commitment SOP Class, its well-known instance and the one action it has."""
+    if command.requested_sop_class_uid != STORAGE_COMMITMENT_PUSH_MODEL:
+        raise Refused(ActionStatus.NO_SUCH_SOP_CLASS, "Requested SOP Class UID is not Storage Commitment Push Model")
+    if command.requested_sop_instance_uid != STORAGE_COMMITMENT_INSTANCE:
+        raise Refused(ActionStatus.INVALID_OBJECT_INSTANCE, "Requested SOP Instance UID is not 1.2.840.10008.1.20.1.1")
+    if command.action_type_id != REQUEST_STORAGE_COMMITMENT:
+        raise Refused(ActionStatus.NO_SUCH_ACTION, "Action Type ID is not 1 (Request Storage Commitment)")
+
+
+def parse_request(action: ActionData | None, transfer_syntax: str) -> CommitmentRequest:
+    """The Transaction UID and the Referenced SOP Sequence of an N-ACTION's data set, every UID checked."""
+    if action is None:
+        raise Refused(ActionStatus.INVALID_ARGUMENT_VALUE, "N-ACTION without Action Information")
+    if action.oversized:
+        raise Refused(ActionStatus.RESOURCE_LIMITATION, f"request data set over {MAX_DATA_SET_BYTES} bytes")
+    try:
+        # The commitment context is accepted in the little endian syntaxes only (scp/negotiation.py).
+        dataset = decode(action.data(), transfer_syntax == _IMPLICIT_VR_LITTLE_ENDIAN, True)
+        return _request(dataset)
+    except Refused:
+        raise
+    except Exception as error:  # noqa: BLE001 - any decoding failure is the peer's malformed data set
+        raise Refused(ActionStatus.INVALID_ARGUMENT_VALUE, f"undecodable request data set: {type(error).__name__}") from None
+
+
+def _request(dataset: Dataset) -> CommitmentRequest:
+    transaction = dataset.get(_TRANSACTION_UID)
+    transaction_uid = str(transaction.value) if transaction is not None and transaction.value else ""
+    if not is_valid_uid(transaction_uid):
+        raise Refused(ActionStatus.INVALID_ARGUMENT_VALUE, "Transaction UID missing or not a valid UID")
+    sequence = dataset.get(_REFERENCED_SOP_SEQUENCE)
+    items = sequence.value if sequence is not None else None
+    if not isinstance(items, Sequence) or not items:
+        raise Refused(ActionStatus.INVALID_ARGUMENT_VALUE, "Referenced SOP Sequence missing or empty")
+    if len(items) > MAX_REFERENCES:
+        raise Refused(ActionStatus.RESOURCE_LIMITATION, f"over {MAX_REFERENCES} instances in one request")
+    references = []
+    for position, item in enumerate(items, start=1):
+        uids = []
+        for tag, name in ((_REFERENCED_SOP_CLASS_UID, "Class"), (_REFERENCED_SOP_INSTANCE_UID, "Instance")):
+            element = item.get(tag)
+            uid = str(element.value) if element is not None and element.value else ""
+            if not is_valid_uid(uid):
+                raise Refused(
+                    ActionStatus.INVALID_ARGUMENT_VALUE, f"item {position}: Referenced SOP {name} UID missing or invalid"
+                )
+            uids.append(uid)
+        references.append(Reference(*uids))
+    return CommitmentRequest(transaction_uid, tuple(references))
