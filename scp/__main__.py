@@ -10,6 +10,7 @@ import sys
 from collections.abc import Sequence
 
 from scp import __version__, logs, server
+from scp.commitment.startup import start_commitment
 from scp.config import Settings, SettingsError
 from scp.handlers import StoreHandler
 from scp.metrics import Metrics
@@ -29,7 +30,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dicom-store-scp",
         description="DICOM Store SCP for AWS HealthImaging: receives C-STORE and C-ECHO, stores every object "
-        "durably on local disk or in S3 before acknowledging it.",
+        "durably on local disk or in S3 before acknowledging it, and answers Storage Commitment requests.",
         epilog=f"Every setting is an environment variable:\n{settings}\n\n"
         "Exit codes: 0 clean stop (or healthy), 1 failure (or unhealthy), 2 invalid configuration.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -65,6 +66,9 @@ def _stop_this_process() -> None:
     """Wake the main thread's sigwait as SIGTERM would (a signal to the process, not to the calling thread)."""
     os.kill(os.getpid(), signal.SIGTERM)
 
+# A report being delivered on a new association gets this long to finish; ECS allows 120 s after SIGTERM in all.
+_COMMITMENT_STOP_SECONDS = 5.0
+
 
 def serve(settings: Settings) -> int:
     # Block the stop signals before any thread exists (threads inherit the mask), then take them with sigwait:
@@ -77,7 +81,10 @@ def serve(settings: Settings) -> int:
     try:
         leftovers = spool.prepare()
         store = build_store(settings, metrics)
-        listener = server.start(settings, StoreHandler(store, spool, metrics), metrics, _stop_this_process)
+        commitment, store = start_commitment(settings, store)
+        listener = server.start(
+            settings, StoreHandler(store, spool, metrics), metrics, _stop_this_process, commitment
+        )
     except OSError as error:
         LOG.error("cannot start", extra={"error": str(error)})
         return EXIT_FAILURE
@@ -96,6 +103,7 @@ def serve(settings: Settings) -> int:
     signal.sigwait(_STOP_SIGNALS)
     LOG.info("stopping: no new associations", extra={"grace_seconds": settings.shutdown_grace_seconds})
     aborted = server.drain(listener, settings.shutdown_grace_seconds)
+    commitment.stop(_COMMITMENT_STOP_SECONDS)  # what is still pending is answered after the next start
     store.close()
     metrics.stop()  # after the store: closing the last batch is counted too
     LOG.info("stopped", extra={"associations_aborted": aborted})

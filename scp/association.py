@@ -9,6 +9,7 @@ and what it is answered is the handlers' job (scp/handlers.py); this module only
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import socket
 import struct
@@ -18,7 +19,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from pynetdicom.dsutils import encode
+
 from scp import dimse
+from scp.commitment import STORAGE_COMMITMENT_INSTANCE, STORAGE_COMMITMENT_PUSH_MODEL
+from scp.commitment.report import Report
+from scp.commitment.request import ActionData
+from scp.commitment.service import ChannelClosed, CommitmentService
 from scp.config import Settings
 from scp.handlers import PendingStore, StoreHandler, handle_echo
 from scp.logs import printable
@@ -63,6 +70,7 @@ class _Message:
     command: dimse.Command | None = None
     store: PendingStore | None = None
     receive_file: ReceiveFile | None = None  # the store's, held here for the per-fragment write
+    action: ActionData | None = None  # an N-ACTION's data set, bounded
 
 
 class Registry:
@@ -106,6 +114,7 @@ class Association:
         registry: Registry,
         metrics: Metrics,
         on_end: Callable[[], None] = lambda: None,
+        commitment: CommitmentService | None = None,
     ) -> None:
         self._socket = sock
         self._peer = f"{address[0]}:{address[1]}"
@@ -115,6 +124,10 @@ class Association:
         self._registry = registry
         self._metrics = metrics
         self._on_end = on_end
+        self._commitment = commitment
+        self._report_channel: _ReportChannel | None = None
+        self._peer_maximum_length = 0
+        self._ended = False  # released or aborted: nothing more may be sent from another thread
         self._reader = PduReader(sock)
         self._send_lock = threading.Lock()
         self._contexts: dict[int, tuple[str, str]] = {}
@@ -148,6 +161,10 @@ class Association:
             self._abort(AbortReason.NOT_SPECIFIED)
             LOG.exception("association failed", extra={**self._who(), "error": type(error).__name__})
         finally:
+            with self._send_lock:
+                self._ended = True
+            if self._commitment is not None and self._report_channel is not None:
+                self._commitment.channel_closed(self._report_channel)
             self._discard_message()
             self._registry.remove(self)
             self._metrics.association_ended(self)
@@ -194,6 +211,7 @@ class Association:
             LOG.warning("association rejected", extra={**self._who(), "reason": reason, "code": list(code)})
             return
         self._contexts = accepted.contexts
+        self._peer_maximum_length = accepted.peer_maximum_length
         self._send(accepted.reply)
         if self._calling != HEALTHCHECK_AE_TITLE:
             self._metrics.association_accepted(self)
@@ -220,7 +238,9 @@ class Association:
             if pdu_type == PduType.P_DATA_TF:
                 self._p_data(body)
             elif pdu_type == PduType.RELEASE_RQ:
-                self._send(release_rp())
+                with self._send_lock:
+                    self._ended = True  # a report being decided goes on a new association instead
+                self._send(release_rp(), after_end=True)
                 self._discard_message()
                 self._log_end(self._level(), "association released")
                 return
@@ -265,6 +285,11 @@ class Association:
             raise ProtocolError(
                 AbortReason.UNEXPECTED_PDU_PARAMETER, "data set fragment without a command expecting it"
             )
+        if message.action is not None:
+            message.action.append(data)
+            if header & _LAST_FRAGMENT:
+                self._answer_action(message)
+            return
         if message.receive_file is not None:
             message.receive_file.write(data)
         if header & _LAST_FRAGMENT:
@@ -279,12 +304,75 @@ class Association:
         if command.command_field == dimse.C_ECHO_RQ and not command.has_data_set:
             self._respond(message, handle_echo())
             return
+        if self._is_commitment(message.context_id):
+            self._commitment_command(message, command)
+            return
         if command.command_field != dimse.C_STORE_RQ or not command.has_data_set:
             raise ProtocolError(
                 AbortReason.UNEXPECTED_PDU_PARAMETER, f"unsupported command 0x{command.command_field:04X}"
             )
         message.store = self._handler.begin(command, self._contexts[message.context_id], self._calling)
         message.receive_file = message.store.receive_file
+
+    # -- Storage Commitment (PS3.4 J) ----------------------------------------------------------------------------
+
+    def _is_commitment(self, context_id: int) -> bool:
+        return self._commitment is not None and self._contexts[context_id][0] == STORAGE_COMMITMENT_PUSH_MODEL
+
+    def _commitment_command(self, message: _Message, command: dimse.Command) -> None:
+        if command.command_field == dimse.N_ACTION_RQ:
+            message.action = ActionData() if command.has_data_set else None
+            if not command.has_data_set:
+                self._answer_action(message)
+            return
+        if command.command_field == dimse.N_EVENT_REPORT_RSP and not command.has_data_set:
+            self._message = None
+            assert self._commitment is not None
+            channel = self._report_channel
+            if channel is None or not self._commitment.report_answered(channel, command.message_id, command.status):
+                fields = {**self._who(), "message_id": command.message_id}
+                LOG.warning("unexpected N-EVENT-REPORT response", extra=fields)
+            return
+        raise ProtocolError(
+            AbortReason.UNEXPECTED_PDU_PARAMETER, f"unsupported command 0x{command.command_field:04X} for commitment"
+        )
+
+    def _answer_action(self, message: _Message) -> None:
+        assert message.command is not None and self._commitment is not None
+        transfer_syntax = self._contexts[message.context_id][1]
+        answer = self._commitment.handle_action(
+            message.command, transfer_syntax, message.action, self._calling, self._who()
+        )
+        self._message = None
+        response = dimse.action_response(message.command, answer.status, answer.comment)
+        sent = False
+        try:
+            self._send(p_data(message.context_id, _COMMAND_FRAGMENT | _LAST_FRAGMENT, response))
+            sent = True
+        finally:
+            if answer.transaction_uid is not None:
+                if sent and self._report_channel is None:
+                    self._report_channel = _ReportChannel(self, message.context_id, transfer_syntax)
+                self._commitment.responded(answer.transaction_uid, self._report_channel if sent else None)
+
+    def send_message(self, context_id: int, command: bytes, data_set: bytes) -> None:
+        """Send one DIMSE message from another thread, in P-DATA-TF PDUs the peer accepts (PS3.8 D.1)."""
+        largest = self._peer_maximum_length or self._settings.effective_pdu_size
+        chunk = max(largest - 6, 1)  # the PDV item's length field and message control header
+        pdus = [p_data(context_id, _COMMAND_FRAGMENT | _LAST_FRAGMENT, command)]
+        for start in range(0, len(data_set), chunk):
+            last = _LAST_FRAGMENT if start + chunk >= len(data_set) else 0
+            pdus.append(p_data(context_id, last, data_set[start : start + chunk]))
+        with self._send_lock:
+            # One message's fragments are never interleaved with another message of ours (PS3.7 8.1).
+            if self._ended or self._aborted_by_us:
+                raise PeerClosed("association ended")
+            self._socket.settimeout(self._settings.network_timeout)
+            try:
+                for pdu in pdus:
+                    self._socket.sendall(pdu)
+            except OSError as error:
+                raise PeerClosed(str(error)) from None
 
     def _store(self, message: _Message) -> None:
         assert message.store is not None
@@ -307,12 +395,12 @@ class Association:
             LOG.warning("incomplete objects discarded", extra={**self._who(), "objects": 1})
         message.store.discard()
 
-    def _send(self, data: bytes) -> None:
+    def _send(self, data: bytes, after_end: bool = False) -> None:
         # The deadline of the whole send: a socket timeout bounds all of sendall, not each partial write
         # (Python 3.5+), so a peer that stops reading holds this thread NETWORK_TIMEOUT at most.
         seconds = self._settings.network_timeout
         with self._send_lock:
-            if self._aborted_by_us:
+            if self._aborted_by_us or (self._ended and not after_end):
                 raise PeerClosed("association aborted")
             self._socket.settimeout(seconds)
             try:
@@ -352,3 +440,30 @@ class Association:
 
     def _log_end(self, level: int, message: str, **fields: Any) -> None:
         LOG.log(level, message, extra={**self._who(), **fields})
+
+
+class _ReportChannel:
+    """The association's side of a Storage Commitment report sent on it (PS3.4 J.3.3)."""
+
+    def __init__(self, association: Association, context_id: int, transfer_syntax: str) -> None:
+        self._association = association
+        self._context_id = context_id
+        self._implicit = transfer_syntax == "1.2.840.10008.1.2"
+        self._message_ids = itertools.count(1)
+        self._lock = threading.Lock()
+
+    def next_message_id(self) -> int:
+        with self._lock:
+            return (next(self._message_ids) - 1) % 0xFFFF + 1  # US, never 0
+
+    def send_event_report(self, report: Report, message_id: int) -> None:
+        command = dimse.event_report_request(
+            message_id, STORAGE_COMMITMENT_PUSH_MODEL, STORAGE_COMMITMENT_INSTANCE, report.event_type
+        )
+        data_set = encode(report.event_information, self._implicit, True)
+        if data_set is None:
+            raise ChannelClosed("the report cannot be encoded in the association's transfer syntax")
+        try:
+            self._association.send_message(self._context_id, command, data_set)
+        except PeerClosed as closed:
+            raise ChannelClosed(str(closed)) from None

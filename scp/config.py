@@ -103,7 +103,7 @@ class Settings:
         "", "AE1=host:port,AE2=host:port: where Storage Commitment reports go when the request's association has ended"
     )
     commitment_after: str = _setting(
-        "store", "store: an instance is committed once durable in the store; healthimaging: once stored in HealthImaging"
+        "store", "store: committed means durable in the store; healthimaging: stored in HealthImaging by StoreDICOM"
     )
     commitment_timeout: float = _setting(
         "600", "seconds a Storage Commitment request waits for its instances before the missing ones are failed"

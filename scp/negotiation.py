@@ -19,10 +19,12 @@ from pynetdicom.pdu_primitives import (
     ImplementationClassUIDNotification,
     ImplementationVersionNameNotification,
     MaximumLengthNotification,
+    SCP_SCU_RoleSelectionNegotiation,
 )
 from pynetdicom.presentation import PresentationContext
 
 from scp import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
+from scp.commitment import STORAGE_COMMITMENT_PUSH_MODEL
 from scp.config import Settings
 from scp.contexts import IMPORTABLE_TRANSFER_SYNTAXES, VERIFICATION_SOP_CLASS, is_standard_uid, storage_sop_classes
 from scp.uids import is_valid_uid
@@ -46,6 +48,7 @@ PROTOCOL_VERSION_NOT_SUPPORTED = (1, 2, 2)
 LOCAL_LIMIT_EXCEEDED = (2, 3, 2)
 
 _ACCEPTANCE = 0
+_USER_REJECTION = 1
 _ABSTRACT_SYNTAX_NOT_SUPPORTED = 3
 _TRANSFER_SYNTAXES_NOT_SUPPORTED = 4
 
@@ -69,6 +72,7 @@ class _Negotiated:
     application_context: str
     contexts: dict[int, tuple[str, str]]
     reply_items: bytes  # the A-ASSOCIATE-AC's variable items
+    peer_maximum_length: int = 0  # the largest P-DATA-TF the requestor receives; 0: no limit (PS3.8 D.1)
 
 
 @dataclass(frozen=True)
@@ -96,6 +100,7 @@ class Accepted:
 
     contexts: dict[int, tuple[str, str]]
     reply: bytes
+    peer_maximum_length: int = 0
 
 
 class Policy:
@@ -112,6 +117,7 @@ class Policy:
         storage = settings.supported_sop_class_uids or storage_sop_classes()
         self._syntaxes: dict[str, tuple[str, ...]] = {uid: IMPORTABLE_TRANSFER_SYNTAXES for uid in storage}
         self._syntaxes[VERIFICATION_SOP_CLASS] = VERIFICATION_SYNTAXES
+        self._syntaxes[STORAGE_COMMITMENT_PUSH_MODEL] = VERIFICATION_SYNTAXES  # little endian, as request.py reads
         # Without an explicit list, private SOP classes (and ones newer than our registry) are stored too:
         # modalities send them (vendor raw data, protocols), and HealthImaging imports any SOP class.
         self._accept_private = not settings.supported_sop_class_uids
@@ -150,7 +156,9 @@ class Policy:
         negotiated = self._negotiation(request)
         # PS3.8 9.3.3: the A-ASSOCIATE-AC echoes the request's fixed fields (its AE titles among them).
         body = request.header + negotiated.reply_items
-        return Accepted(negotiated.contexts, struct.pack(">BBL", 0x02, 0, len(body)) + body)
+        return Accepted(
+            negotiated.contexts, struct.pack(">BBL", 0x02, 0, len(body)) + body, negotiated.peer_maximum_length
+        )
 
     def _negotiation(self, request: AssociationRequest) -> _Negotiated:
         items = request.items
@@ -179,7 +187,8 @@ class Policy:
             raise ProtocolError(
                 AbortReason.INVALID_PDU_PARAMETER_VALUE, f"undecodable A-ASSOCIATE-RQ: {error}"
             ) from None
-        contexts, results = self._choose(primitive)
+        roles, refused_roles = _commitment_roles(primitive)
+        contexts, results = self._choose(primitive, refused_roles)
         reply = A_ASSOCIATE()
         reply.application_context_name = APPLICATION_CONTEXT
         reply.calling_ae_title = primitive.calling_ae_title
@@ -187,16 +196,19 @@ class Policy:
         reply.result = 0x00
         reply.result_source = 0x01
         reply.presentation_context_definition_results_list = results
-        reply.user_information = self._user_information()
+        reply.user_information = self._user_information() + roles
         encoded = A_ASSOCIATE_AC()
         encoded.from_primitive(reply)
         return _Negotiated(
             application_context=str(primitive.application_context_name),
             contexts=contexts,
             reply_items=bytes(encoded.encode())[6 + _FIXED_FIELDS :],
+            peer_maximum_length=_peer_maximum_length(primitive),
         )
 
-    def _choose(self, primitive: A_ASSOCIATE) -> tuple[dict[int, tuple[str, str]], list[PresentationContext]]:
+    def _choose(
+        self, primitive: A_ASSOCIATE, refused_roles: set[str]
+    ) -> tuple[dict[int, tuple[str, str]], list[PresentationContext]]:
         """Negotiate every proposed context: of the transfer syntaxes proposed, the first in our order of
         preference wins (see ``IMPORTABLE_TRANSFER_SYNTAXES``)."""
         results: list[PresentationContext] = []
@@ -210,7 +222,9 @@ class Policy:
                 ours = IMPORTABLE_TRANSFER_SYNTAXES
             offered = {str(ts) for ts in proposed.transfer_syntax}
             chosen = next((ts for ts in ours or () if ts in offered), None)
-            if ours is None:
+            if abstract in refused_roles:
+                context.result = _USER_REJECTION
+            elif ours is None:
                 context.result = _ABSTRACT_SYNTAX_NOT_SUPPORTED
             elif chosen is None:
                 context.result = _TRANSFER_SYNTAXES_NOT_SUPPORTED
@@ -267,6 +281,38 @@ def check_items(items: bytes) -> None:
                 )
             seen.add(context_id)
         offset += 4 + length
+
+
+# -- Storage Commitment: SCP/SCU role selection (PS3.7 D.3.3.4) and the requestor's PDU size ---------------------
+
+
+def _commitment_roles(primitive: A_ASSOCIATE) -> tuple[list[Any], set[str]]:
+    """Our answers to the requestor's role selection items, and the SOP classes whose contexts it leaves us no role
+    in. Only the default roles serve: the requestor as SCU (N-ACTION, then N-EVENT-REPORT on the same
+    association), this SCP as SCP. A proposed SCU role is accepted, a proposed SCP role declined (this SCP never
+    requests commitment); a requestor that declines the SCU role has its commitment context rejected."""
+    replies: list[Any] = []
+    refused: set[str] = set()
+    for item in primitive.user_information:
+        if not isinstance(item, SCP_SCU_RoleSelectionNegotiation):
+            continue
+        if str(item.sop_class_uid) != STORAGE_COMMITMENT_PUSH_MODEL:
+            continue  # PS3.7 D.3.3.4: an item left unanswered keeps the default roles; we serve no other roles
+        reply = SCP_SCU_RoleSelectionNegotiation()
+        reply.sop_class_uid = item.sop_class_uid
+        reply.scu_role = bool(item.scu_role)
+        reply.scp_role = False
+        replies.append(reply)
+        if not item.scu_role:
+            refused.add(STORAGE_COMMITMENT_PUSH_MODEL)
+    return replies, refused
+
+
+def _peer_maximum_length(primitive: A_ASSOCIATE) -> int:
+    for item in primitive.user_information:
+        if isinstance(item, MaximumLengthNotification):
+            return int(item.maximum_length_received or 0)
+    return 0
 
 
 def _ae_title(raw: bytes) -> str:

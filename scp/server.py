@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable
 
 from scp.association import Association, Registry
+from scp.commitment.service import CommitmentService
 from scp.config import Settings
 from scp.handlers import StoreHandler
 from scp.metrics import Metrics
@@ -54,8 +55,10 @@ class Listener:
         metrics: Metrics,
         on_failure: Callable[[], None] = lambda: None,
         spawn: Callable[[Callable[[], None], str], None] = _start_thread,
+        commitment: CommitmentService | None = None,
     ) -> None:
         self._settings = settings
+        self._commitment = commitment
         self._metrics = metrics
         self._policy = Policy(settings)
         self._handler = handler
@@ -129,6 +132,7 @@ class Listener:
             association = Association(
                 connection, address, self._settings, self._policy, self._handler, self.registry,
                 self._metrics, on_end=functools.partial(self._connection_ended, slot),
+                commitment=self._commitment,
             )  # fmt: skip
             self._spawn(association.run, f"association-{peer}")
         except Exception as error:  # noqa: BLE001 - e.g. no thread to be had: this connection only
@@ -172,10 +176,14 @@ class Listener:
 
 
 def start(
-    settings: Settings, handler: StoreHandler, metrics: Metrics, on_failure: Callable[[], None]
+    settings: Settings,
+    handler: StoreHandler,
+    metrics: Metrics,
+    on_failure: Callable[[], None],
+    commitment: CommitmentService | None = None,
 ) -> Listener:
     """Listen on the configured address and serve associations on background threads."""
-    listener = Listener(settings, handler, metrics, on_failure)
+    listener = Listener(settings, handler, metrics, on_failure, commitment=commitment)
     listener.start()
     return listener
 

@@ -11,7 +11,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from scp.storage import ReceivedInstance, Store, StoredInstance
+from scp.instances import ReceivedInstance, StoredInstance
+from scp.storage import Store
 
 LOG = logging.getLogger(__name__)
 
@@ -64,9 +65,9 @@ class Ledger:
         with self._lock:
             for start in range(0, len(wanted), _LOOKUP_CHUNK):
                 chunk = wanted[start : start + _LOOKUP_CHUNK]
+                placeholders = ",".join("?" * len(chunk))  # only "?" marks; the UIDs are bound parameters
                 rows = self._connection.execute(
-                    "SELECT sop_instance_uid, sop_class_uid, location FROM stored"
-                    f" WHERE sop_instance_uid IN ({','.join('?' * len(chunk))})",
+                    f"SELECT sop_instance_uid, sop_class_uid, location FROM stored WHERE sop_instance_uid IN ({placeholders})",  # noqa: S608, E501
                     chunk,
                 ).fetchall()
                 found.update((row[0], Entry(row[1], row[2])) for row in rows)

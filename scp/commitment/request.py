@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import IntEnum
+from io import BytesIO
 
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
@@ -96,12 +97,13 @@ def parse_request(action: ActionData | None, transfer_syntax: str) -> Commitment
         raise Refused(ActionStatus.RESOURCE_LIMITATION, f"request data set over {MAX_DATA_SET_BYTES} bytes")
     try:
         # The commitment context is accepted in the little endian syntaxes only (scp/negotiation.py).
-        dataset = decode(action.data(), transfer_syntax == _IMPLICIT_VR_LITTLE_ENDIAN, True)
+        dataset = decode(BytesIO(action.data()), transfer_syntax == _IMPLICIT_VR_LITTLE_ENDIAN, True)
         return _request(dataset)
     except Refused:
         raise
     except Exception as error:  # noqa: BLE001 - any decoding failure is the peer's malformed data set
-        raise Refused(ActionStatus.INVALID_ARGUMENT_VALUE, f"undecodable request data set: {type(error).__name__}") from None
+        reason = f"undecodable request data set: {type(error).__name__}"
+        raise Refused(ActionStatus.INVALID_ARGUMENT_VALUE, reason) from None
 
 
 def _request(dataset: Dataset) -> CommitmentRequest:
@@ -122,9 +124,8 @@ def _request(dataset: Dataset) -> CommitmentRequest:
             element = item.get(tag)
             uid = str(element.value) if element is not None and element.value else ""
             if not is_valid_uid(uid):
-                raise Refused(
-                    ActionStatus.INVALID_ARGUMENT_VALUE, f"item {position}: Referenced SOP {name} UID missing or invalid"
-                )
+                reason = f"item {position}: Referenced SOP {name} UID missing or invalid"
+                raise Refused(ActionStatus.INVALID_ARGUMENT_VALUE, reason)
             uids.append(uid)
         references.append(Reference(*uids))
     return CommitmentRequest(transaction_uid, tuple(references))

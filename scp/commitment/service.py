@@ -37,8 +37,11 @@ class ChannelClosed(Exception):
 class ReportChannel(Protocol):
     """The association an N-ACTION came on, while it is open."""
 
-    def send_event_report(self, report: Report) -> int:
-        """Send the N-EVENT-REPORT-RQ; return its Message ID. Raises ``ChannelClosed``."""
+    def next_message_id(self) -> int:
+        """A Message ID for a request of ours on this association."""
+
+    def send_event_report(self, report: Report, message_id: int) -> None:
+        """Send the N-EVENT-REPORT-RQ. Raises ``ChannelClosed``."""
 
 
 @dataclass(frozen=True)
@@ -127,11 +130,10 @@ class CommitmentService:
 
     def report_answered(self, channel: ReportChannel, message_id: int, status: int | None) -> bool:
         """An N-EVENT-REPORT-RSP arrived on ``channel``; False if it answers nothing we sent."""
+        key = (channel, message_id)
         with self._lock:
-            found = next(
-                (uid for uid, sent in self._in_flight.items() if sent.channel is channel and sent.message_id == message_id),
-                None,
-            )
+            answered = (uid for uid, sent in self._in_flight.items() if (sent.channel, sent.message_id) == key)
+            found = next(answered, None)
             sent = self._in_flight.pop(found) if found is not None else None
             if found is not None:
                 self._channels.pop(found, None)
@@ -217,14 +219,16 @@ class CommitmentService:
         with self._lock:
             channel = self._channels.get(uid)
         if channel is not None:
+            message_id = channel.next_message_id()
+            with self._lock:  # before sending: the response may arrive before send returns
+                self._in_flight[uid] = _InFlight(channel, message_id, report)
             try:
-                message_id = channel.send_event_report(report)
+                channel.send_event_report(report, message_id)
             except ChannelClosed:
                 with self._lock:
                     self._channels.pop(uid, None)
+                    self._in_flight.pop(uid, None)
             else:
-                with self._lock:
-                    self._in_flight[uid] = _InFlight(channel, message_id, report)
                 return
         peer = self._peers.get(request.calling_ae_title)
         if peer is None:
