@@ -40,6 +40,8 @@ _FALSE = {"false", "no", "0", "off"}
 COMMITMENT_AFTER_STORE = "store"
 COMMITMENT_AFTER_HEALTHIMAGING = "healthimaging"
 _HOSTNAME_MAX = 253
+# RFC 1123 host names: labels of 1-63 letters, digits and hyphens, not starting or ending with a hyphen.
+_HOST_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
 
 
 @dataclass(frozen=True)
@@ -274,12 +276,7 @@ def _host(raw: str) -> str:
         return _address(raw[1:-1])
     with contextlib.suppress(ValueError):
         return _address(raw)
-    labels = raw.split(".")
-    # RFC 1123 host names: labels of 1-63 letters, digits and hyphens, not starting or ending with a hyphen.
-    if len(raw) > _HOSTNAME_MAX or not all(
-        0 < len(label) <= 63 and label[0] != "-" and label[-1] != "-" and all(c.isalnum() or c == "-" for c in label)
-        for label in labels
-    ) or not raw.isascii():
+    if len(raw) > _HOSTNAME_MAX or not all(_HOST_LABEL.fullmatch(label) for label in raw.split(".")):
         raise ValueError(f"{raw!r} is not a host name or IP address")
     return raw
 

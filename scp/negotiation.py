@@ -298,13 +298,14 @@ def _commitment_roles(primitive: A_ASSOCIATE) -> tuple[list[Any], set[str]]:
             continue
         if str(item.sop_class_uid) != STORAGE_COMMITMENT_PUSH_MODEL:
             continue  # PS3.7 D.3.3.4: an item left unanswered keeps the default roles; we serve no other roles
+        if not item.scu_role:
+            refused.add(STORAGE_COMMITMENT_PUSH_MODEL)  # its context is rejected; no roles left to answer
+            continue
         reply = SCP_SCU_RoleSelectionNegotiation()
         reply.sop_class_uid = item.sop_class_uid
-        reply.scu_role = bool(item.scu_role)
+        reply.scu_role = True
         reply.scp_role = False
         replies.append(reply)
-        if not item.scu_role:
-            refused.add(STORAGE_COMMITMENT_PUSH_MODEL)
     return replies, refused
 
 

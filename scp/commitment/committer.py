@@ -66,6 +66,48 @@ class StoreEvidence:
         return verdicts
 
 
+# The forwarding database's words for an instance (scp/forwarding): sent and stored, stored with a warning, given
+# up on, or still being sent.
+FORWARDED_STORED = ("imported", "warning")
+FORWARDED_FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class ForwardedState:
+    sop_class_uid: str
+    status: str
+
+
+class ForwardingResults(Protocol):
+    def states(self, sop_instance_uids: Sequence[str]) -> dict[str, ForwardedState]:
+        """The StoreDICOM forwarding state of each instance it knows among ``sop_instance_uids``."""
+
+
+class HealthImagingEvidence:
+    """COMMITMENT_AFTER=healthimaging: committed once StoreDICOM forwarding has HealthImaging's confirmation that
+    it stored the instance; an instance forwarding gave up on fails at once."""
+
+    def __init__(self, results: ForwardingResults) -> None:
+        self._results = results
+
+    def judge(self, references: Sequence[Reference]) -> list[Verdict]:
+        states = self._results.states([reference.sop_instance_uid for reference in references])
+        verdicts = []
+        for reference in references:
+            state = states.get(reference.sop_instance_uid)
+            if state is None:
+                verdicts.append(AWAITED)
+            elif state.sop_class_uid != reference.sop_class_uid:
+                verdicts.append(Verdict(FailureReason.CLASS_INSTANCE_CONFLICT))
+            elif state.status in FORWARDED_STORED:
+                verdicts.append(COMMITTED_VERDICT)
+            elif state.status == FORWARDED_FAILED:
+                verdicts.append(Verdict(FailureReason.PROCESSING_FAILURE))
+            else:
+                verdicts.append(AWAITED_SEEN)
+        return verdicts
+
+
 def at_deadline(verdict: Verdict) -> int:
     """The outcome of a reference still awaited when its request's deadline has passed."""
     if verdict.outcome is not None:

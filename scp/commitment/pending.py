@@ -128,13 +128,13 @@ class PendingRequests:
             ).fetchall()
         return [PendingRequest(*row) for row in rows if row[0] not in excluded]
 
-    def references(self, transaction_uid: str) -> list[ReferenceState]:
+    def references(self, transaction_uid: str, undecided_only: bool = False) -> list[ReferenceState]:
+        query = (
+            "SELECT position, sop_class_uid, sop_instance_uid, outcome FROM request_references"
+            " WHERE transaction_uid = ? AND (outcome IS NULL OR NOT ?) ORDER BY position"
+        )
         with self._lock:
-            rows = self._connection.execute(
-                "SELECT position, sop_class_uid, sop_instance_uid, outcome FROM request_references"
-                " WHERE transaction_uid = ? ORDER BY position",
-                (transaction_uid,),
-            ).fetchall()
+            rows = self._connection.execute(query, (transaction_uid, undecided_only)).fetchall()
         return [ReferenceState(row[0], Reference(row[1], row[2]), row[3]) for row in rows]
 
     def resolve(self, transaction_uid: str, outcomes: Sequence[tuple[int, int]]) -> None:

@@ -32,9 +32,7 @@ class ReportSender:
         role = build_role(StorageCommitmentPushModel, scu_role=False, scp_role=True)
         association = ae.associate(peer.host, peer.port, ae_title=peer.ae_title, ext_neg=[role])
         if not association.is_established:
-            raise DeliveryFailed(
-                "association rejected" if association.is_rejected else "association not established"
-            )
+            raise DeliveryFailed("association rejected" if association.is_rejected else "association not established")
         try:
             accepted = [
                 context

@@ -196,8 +196,8 @@ class CommitmentService:
                 self._deliver(request, report, now)
 
     def _decide(self, request: PendingRequest, now: float) -> Report | None:
-        states = self._pending.references(request.transaction_uid)
-        undecided = [state for state in states if state.outcome is None]
+        # Decided references are not judged again, so a request of 10,000 instances costs little per recheck.
+        undecided = self._pending.references(request.transaction_uid, undecided_only=True)
         if undecided:
             verdicts = self._evidence.judge([state.reference for state in undecided])
             expired = now >= request.deadline
@@ -210,7 +210,7 @@ class CommitmentService:
             if len(decided) < len(undecided):
                 self._pending.wait_until(request.transaction_uid, min(request.deadline, now + _RECHECK_SECONDS))
                 return None
-            states = self._pending.references(request.transaction_uid)
+        states = self._pending.references(request.transaction_uid)
         outcomes = [(state.reference, state.outcome) for state in states if state.outcome is not None]
         return build_report(request.transaction_uid, outcomes)
 

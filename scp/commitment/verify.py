@@ -31,8 +31,10 @@ class LocalFiles:
         except FileNotFoundError:
             return False
         except Exception as error:  # noqa: BLE001 - any unreadable file meta means it is not (or no longer) that object
-            LOG.warning("commitment check cannot read a stored file", extra={"location": location,
-                                                                              "error": type(error).__name__})
+            LOG.warning(
+                "commitment check cannot read a stored file",
+                extra={"location": location, "error": type(error).__name__},
+            )
             return False
         return bool(
             meta.get("MediaStorageSOPInstanceUID") == reference.sop_instance_uid

@@ -76,7 +76,7 @@ def test_a_stored_instance_named_under_another_sop_class_is_a_class_instance_con
 ) -> None:
     modality = Modality(daemon)
     sent = instances(tmp_path, 1)
-    (_, instance_uid), = references(sent)
+    ((_, instance_uid),) = references(sent)
     association = modality.associate()
     try:
         modality.store(association, sent)

@@ -133,3 +133,26 @@ def test_aws_region_and_proxy_protocol() -> None:
     with pytest.raises(SettingsError) as raised:
         Settings.from_env({"AWS_REGION": "Europe", "PROXY_PROTOCOL": "v2"})
     assert [problem.split(":")[0] for problem in raised.value.problems] == ["PROXY_PROTOCOL", "AWS_REGION"]
+
+
+def test_commitment_peers_map_ae_titles_to_addresses() -> None:
+    settings = Settings.from_env({"COMMITMENT_PEERS": "CT1=10.0.0.5:104, MR1=[fd00::7]:11112,US1=us-1.example:4242"})
+    assert [(p.ae_title, p.host, p.port) for p in settings.commitment_peers] == [
+        ("CT1", "10.0.0.5", 104),
+        ("MR1", "fd00::7", 11112),
+        ("US1", "us-1.example", 4242),
+    ]
+
+
+@pytest.mark.parametrize(
+    "value", ["CT1", "CT1=10.0.0.5", "CT1=10.0.0.5:0", "=10.0.0.5:104", "CT1=-bad-:104", "CT1=a:1,CT1=b:2", "CT1=a/b:1"]
+)
+def test_invalid_commitment_peers(value: str) -> None:
+    with pytest.raises(SettingsError, match="COMMITMENT_PEERS"):
+        Settings.from_env({"COMMITMENT_PEERS": value})
+
+
+def test_commitment_after_and_timeout_are_validated() -> None:
+    with pytest.raises(SettingsError) as raised:
+        Settings.from_env({"COMMITMENT_AFTER": "import", "COMMITMENT_TIMEOUT": "0"})
+    assert {p.split(":")[0] for p in raised.value.problems} == {"COMMITMENT_AFTER", "COMMITMENT_TIMEOUT"}
