@@ -7,12 +7,14 @@ import signal
 from collections.abc import Iterator
 from pathlib import Path
 
+import boto3
 import pytest
 from pydicom.uid import generate_uid
 
 from tests.support.commitment import (
     CLASS_INSTANCE_CONFLICT,
     NO_SUCH_OBJECT,
+    PROCESSING_FAILURE,
     EventReceiver,
     Modality,
     action_information,
@@ -21,6 +23,7 @@ from tests.support.commitment import (
 )
 from tests.support.corpus import CT_IMAGE_STORAGE, SECONDARY_CAPTURE
 from tests.support.daemon import Daemon, start_daemon
+from tests.support.moto import MotoServer
 from tests.support.waits import wait_for
 
 REPORT_WAIT = 30
@@ -171,3 +174,46 @@ def test_bad_requests_get_a_failure_status_and_one_log_line_and_the_daemon_goes_
     refusals = daemon.log_messages("commitment request refused")
     assert [entry["status"] for entry in refusals] == ["0x0115", "0x0115", "0x0213", "0x0123", "0x0115"]
     assert daemon.echo_ok()
+
+
+def test_a_report_larger_than_the_modality_pdu_arrives_whole(daemon_factory: object) -> None:
+    daemon = daemon_factory(COMMITMENT_TIMEOUT="1")  # type: ignore[operator]
+    modality = Modality(daemon)
+    never_sent = [(CT_IMAGE_STORAGE, generate_uid()) for _ in range(1500)]  # about 150 KB of Failed SOP Sequence
+    association = modality.associate()
+    try:
+        assert modality.request(association, action_information(never_sent)) == 0x0000
+        report = modality.reports.get(timeout=REPORT_WAIT)
+        wait_for(lambda: daemon.log_messages("commitment reported"), 10, "the report's response")
+    finally:
+        association.release()
+    assert association.requestor.maximum_length == 16382  # pynetdicom's default: the report spans ten PDUs
+    assert report.failed == [(*reference, NO_SUCH_OBJECT) for reference in never_sent]
+
+
+def test_s3_mode_commits_what_s3_holds_and_fails_what_it_no_longer_does(
+    daemon_factory: object, tmp_path: Path, moto: MotoServer
+) -> None:
+    client = boto3.client(
+        "s3", endpoint_url=moto.endpoint, region_name="us-east-1",
+        aws_access_key_id="testing", aws_secret_access_key="testing",
+    )  # fmt: skip
+    bucket = f"commitment-{generate_uid()[-12:].replace('.', '')}"
+    client.create_bucket(Bucket=bucket)
+    daemon = daemon_factory(DICOM_BUCKET=bucket, COMMITMENT_TIMEOUT="3", **moto.env())  # type: ignore[operator]
+    modality = Modality(daemon)
+    kept, expired = instances(tmp_path, 2)
+    association = modality.associate()
+    try:
+        modality.store(association, [kept, expired])
+        ((_, expired_uid),) = references([expired])
+        [key] = [o["Key"] for o in client.list_objects_v2(Bucket=bucket)["Contents"] if expired_uid in o["Key"]]
+        client.delete_object(Bucket=bucket, Key=key)  # as a lifecycle rule would, before commitment is asked
+        assert modality.request(association, action_information(references([kept, expired]))) == 0x0000
+        report = modality.reports.get(timeout=REPORT_WAIT)
+        wait_for(lambda: daemon.log_messages("commitment reported"), 10, "the report's response")
+    finally:
+        association.release()
+    assert report.event_type == 2
+    assert report.committed == references([kept])
+    assert report.failed == [(*references([expired])[0], PROCESSING_FAILURE)]
