@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import signal
+import sqlite3
 import sys
 from collections.abc import Sequence
 
@@ -85,7 +86,7 @@ def serve(settings: Settings) -> int:
         listener = server.start(
             settings, StoreHandler(store, spool, metrics), metrics, _stop_this_process, commitment
         )
-    except OSError as error:
+    except (OSError, sqlite3.Error) as error:  # sqlite3: the commitment databases under STORAGE_DIR
         LOG.error("cannot start", extra={"error": str(error)})
         return EXIT_FAILURE
     metrics.start()

@@ -9,6 +9,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -28,6 +29,7 @@ _RECHECK_SECONDS = 1.0  # how often awaited instances are looked for; a store wa
 _RETRY_FIRST_SECONDS = 10.0
 _RETRY_MAX_SECONDS = 600.0
 _SUCCESS = 0x0000
+_DELIVERY_THREADS = 4
 
 
 class ChannelClosed(Exception):
@@ -80,6 +82,8 @@ class CommitmentService:
         self._held: set[str] = set()  # accepted, N-ACTION-RSP not yet sent: no report may overtake it
         self._channels: dict[str, ReportChannel] = {}
         self._in_flight: dict[str, _InFlight] = {}
+        self._delivering: set[str] = set()  # on a delivery thread now
+        self._deliveries = ThreadPoolExecutor(_DELIVERY_THREADS, thread_name_prefix="commitment-delivery")
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="commitment", daemon=True)
@@ -169,7 +173,20 @@ class CommitmentService:
         """Pending requests stay in the database and are answered after the next start."""
         self._stopping.set()
         self._wake.set()
+        deadline = time.monotonic() + timeout
         self._thread.join(timeout)
+        self._deliveries.shutdown(wait=False, cancel_futures=True)
+        while time.monotonic() < deadline:
+            with self._lock:
+                if not self._delivering:
+                    break
+            time.sleep(0.05)
+        with self._lock:
+            delivering = bool(self._delivering)
+        if delivering:
+            # Cut short by the exit: the request is still pending on disk and is reported again after the restart.
+            LOG.warning("commitment delivery still running at exit", extra={"deliveries": len(self._delivering)})
+            return
         self._pending.close()
 
     # -- the loop ----------------------------------------------------------------------------------------------
@@ -187,7 +204,7 @@ class CommitmentService:
         """Judge and, where decided, report every request that is due; one pass."""
         now = self._clock()
         with self._lock:
-            busy = self._held | set(self._in_flight)
+            busy = self._held | set(self._in_flight) | self._delivering
         for request in self._pending.due(now, exclude=busy):
             if self._stopping.is_set():
                 return
@@ -240,18 +257,30 @@ class CommitmentService:
                        "setting": "COMMITMENT_PEERS", "retry_in_seconds": _RETRY_MAX_SECONDS},
             )  # fmt: skip
             return
+        with self._lock:
+            self._delivering.add(uid)
+        self._deliveries.submit(self._deliver_to_peer, request, peer, report)
+
+    def _deliver_to_peer(self, request: PendingRequest, peer: CommitmentPeer, report: Report) -> None:
+        """On a delivery thread: a peer that does not answer holds up only its own reports."""
+        uid = request.transaction_uid
         try:
             status = self._sender.deliver(peer, report)
         except (DeliveryFailed, OSError, RuntimeError) as error:
             delay = min(_RETRY_MAX_SECONDS, _RETRY_FIRST_SECONDS * 2**request.attempts)
-            self._pending.retry_later(uid, now + delay, str(error))
+            self._pending.retry_later(uid, self._clock() + delay, str(error))
             LOG.warning(
                 "commitment report not delivered",
                 extra={"transaction_uid": uid, "peer": f"{peer.ae_title}@{peer.host}:{peer.port}",
                        "error": printable(error), "retry_in_seconds": delay},
             )  # fmt: skip
-            return
-        self._finish(report, status, f"new association to {peer.ae_title}@{peer.host}:{peer.port}", self._clock())
+        except Exception as error:
+            LOG.exception("commitment delivery failed", extra={"transaction_uid": uid, "error": type(error).__name__})
+        else:
+            self._finish(report, status, f"new association to {peer.ae_title}@{peer.host}:{peer.port}", self._clock())
+        finally:
+            with self._lock:
+                self._delivering.discard(uid)
 
     def _finish(self, report: Report, status: int | None, via: str, now: float) -> None:
         self._pending.reported(report.transaction_uid, report.event_type, now)
