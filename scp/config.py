@@ -163,6 +163,9 @@ def _cross_checks(values: dict[str, Any], env: Mapping[str, str]) -> list[str]:
             f"ACSE_TIMEOUT: {values['acse_timeout']:g} exceeds NETWORK_TIMEOUT ({network}); set NETWORK_TIMEOUT to "
             f"at least {values['acse_timeout']:g}, or ACSE_TIMEOUT to at most {values['network_timeout']:g}"
         )
+    if values["commitment_after"] == COMMITMENT_AFTER_HEALTHIMAGING:
+        # HealthImaging's confirmation comes from StoreDICOM forwarding's results, which this daemon does not keep.
+        problems.append("COMMITMENT_AFTER: healthimaging needs StoreDICOM forwarding, which is not configured")
     return problems
 
 

@@ -156,3 +156,8 @@ def test_commitment_after_and_timeout_are_validated() -> None:
     with pytest.raises(SettingsError) as raised:
         Settings.from_env({"COMMITMENT_AFTER": "import", "COMMITMENT_TIMEOUT": "0"})
     assert {p.split(":")[0] for p in raised.value.problems} == {"COMMITMENT_AFTER", "COMMITMENT_TIMEOUT"}
+
+
+def test_commitment_after_healthimaging_needs_forwarding() -> None:
+    with pytest.raises(SettingsError, match="COMMITMENT_AFTER: healthimaging needs StoreDICOM forwarding"):
+        Settings.from_env({"COMMITMENT_AFTER": "healthimaging"})
