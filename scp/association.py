@@ -9,7 +9,6 @@ and what it is answered is the handlers' job (scp/handlers.py); this module only
 from __future__ import annotations
 
 import contextlib
-import itertools
 import logging
 import socket
 import struct
@@ -19,13 +18,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from pynetdicom.dsutils import encode
-
 from scp import dimse
-from scp.commitment import STORAGE_COMMITMENT_INSTANCE, STORAGE_COMMITMENT_PUSH_MODEL
-from scp.commitment.report import Report
+from scp.commitment import STORAGE_COMMITMENT_PUSH_MODEL
+from scp.commitment.channel import AssociationChannel
 from scp.commitment.request import ActionData
-from scp.commitment.service import ChannelClosed, CommitmentService
+from scp.commitment.service import CommitmentService
 from scp.config import Settings
 from scp.handlers import PendingStore, StoreHandler, handle_echo
 from scp.logs import printable
@@ -125,7 +122,7 @@ class Association:
         self._metrics = metrics
         self._on_end = on_end
         self._commitment = commitment
-        self._report_channel: _ReportChannel | None = None
+        self._report_channel: AssociationChannel | None = None
         self._peer_maximum_length = 0
         self._ended = False  # released or aborted: nothing more may be sent from another thread
         self._reader = PduReader(sock)
@@ -352,17 +349,15 @@ class Association:
         finally:
             if answer.transaction_uid is not None:
                 if sent and self._report_channel is None:
-                    self._report_channel = _ReportChannel(self, message.context_id, transfer_syntax)
+                    # PS3.8 D.1: the requestor's maximum bounds our PDUs; 0 means it set none.
+                    largest = self._peer_maximum_length or self._settings.effective_pdu_size
+                    self._report_channel = AssociationChannel(
+                        self._send_message, message.context_id, transfer_syntax, largest
+                    )
                 self._commitment.responded(answer.transaction_uid, self._report_channel if sent else None)
 
-    def send_message(self, context_id: int, command: bytes, data_set: bytes) -> None:
-        """Send one DIMSE message from another thread, in P-DATA-TF PDUs the peer accepts (PS3.8 D.1)."""
-        largest = self._peer_maximum_length or self._settings.effective_pdu_size
-        chunk = max(largest - 6, 1)  # the PDV item's length field and message control header
-        pdus = [p_data(context_id, _COMMAND_FRAGMENT | _LAST_FRAGMENT, command)]
-        for start in range(0, len(data_set), chunk):
-            last = _LAST_FRAGMENT if start + chunk >= len(data_set) else 0
-            pdus.append(p_data(context_id, last, data_set[start : start + chunk]))
+    def _send_message(self, pdus: list[bytes]) -> None:
+        """Send one DIMSE message of ours from another thread (a commitment report)."""
         with self._send_lock:
             # One message's fragments are never interleaved with another message of ours (PS3.7 8.1).
             if self._ended or self._aborted_by_us:
@@ -440,30 +435,3 @@ class Association:
 
     def _log_end(self, level: int, message: str, **fields: Any) -> None:
         LOG.log(level, message, extra={**self._who(), **fields})
-
-
-class _ReportChannel:
-    """The association's side of a Storage Commitment report sent on it (PS3.4 J.3.3)."""
-
-    def __init__(self, association: Association, context_id: int, transfer_syntax: str) -> None:
-        self._association = association
-        self._context_id = context_id
-        self._implicit = transfer_syntax == "1.2.840.10008.1.2"
-        self._message_ids = itertools.count(1)
-        self._lock = threading.Lock()
-
-    def next_message_id(self) -> int:
-        with self._lock:
-            return (next(self._message_ids) - 1) % 0xFFFF + 1  # US, never 0
-
-    def send_event_report(self, report: Report, message_id: int) -> None:
-        command = dimse.event_report_request(
-            message_id, STORAGE_COMMITMENT_PUSH_MODEL, STORAGE_COMMITMENT_INSTANCE, report.event_type
-        )
-        data_set = encode(report.event_information, self._implicit, True)
-        if data_set is None:
-            raise ChannelClosed("the report cannot be encoded in the association's transfer syntax")
-        try:
-            self._association.send_message(self._context_id, command, data_set)
-        except PeerClosed as closed:
-            raise ChannelClosed(str(closed)) from None

@@ -2,7 +2,8 @@
 
 ``request`` reads and checks an N-ACTION, ``pending`` keeps requests durably until reported, ``ledger`` records
 where each stored instance went, ``verify`` and ``committer`` decide per instance, ``report`` builds the
-N-EVENT-REPORT and ``sender`` delivers it on a new association; ``service`` runs them together.
+N-EVENT-REPORT, ``channel`` sends it on the request's association and ``sender`` on a new one; ``service`` runs
+them together.
 """
 
 STORAGE_COMMITMENT_PUSH_MODEL = "1.2.840.10008.1.20.1"

@@ -12,6 +12,7 @@ from pynetdicom.dsutils import encode
 
 from scp import dimse
 from scp.commitment import STORAGE_COMMITMENT_INSTANCE, STORAGE_COMMITMENT_PUSH_MODEL
+from scp.commitment.channel import message_pdus
 from scp.commitment.committer import (
     AWAITED,
     AWAITED_SEEN,
@@ -303,3 +304,17 @@ def test_a_request_waits_for_its_instances_until_the_deadline_then_reports_the_m
     assert not service.report_answered(channel, message_id, 0x0000)  # answers nothing pending any more
     ledger.close()
     pending.close()
+
+
+def test_a_message_is_cut_into_pdus_within_the_peer_maximum_command_first() -> None:
+    command, data_set = bytes(range(100)), bytes(50_000)
+    pdus = message_pdus(3, command, data_set, 16_384)
+    fragments = []
+    for pdu in pdus:
+        assert pdu[0] == 0x04 and int.from_bytes(pdu[2:6], "big") <= 16_384
+        length, context_id, header = int.from_bytes(pdu[6:10], "big"), pdu[10], pdu[11]
+        assert context_id == 3 and length == len(pdu) - 10
+        fragments.append((header, pdu[12:]))
+    assert [header for header, _ in fragments] == [0x03, 0x00, 0x00, 0x00, 0x02]
+    assert fragments[0][1] == command
+    assert b"".join(piece for _, piece in fragments[1:]) == data_set
