@@ -15,6 +15,9 @@ from scp.commitment.request import CommitmentRequest, Reference
 
 DATABASE_NAME = "requests.sqlite"
 COMMITTED = 0  # a resolved reference's outcome; any other value is its Failure Reason (PS3.3 C.14.1.1)
+# Instances awaiting commitment across every pending request: what peers may make the daemon look for, and keep
+# on disk, at once (five full requests of 10,000).
+MAX_PENDING_INSTANCES = 50_000
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS requests (
@@ -48,12 +51,14 @@ class Added(Enum):
     NEW = "new"
     REPEATED = "repeated"  # the same request again while it is still pending: one report answers both
     REUSED = "reused"  # PS3.4 J.3.3.1.2: a Transaction UID is not used for another request, nor after its report
+    FULL = "full"  # MAX_PENDING_INSTANCES would be exceeded: not recorded
 
 
 @dataclass(frozen=True)
 class PendingRequest:
     transaction_uid: str
     calling_ae_title: str
+    received_at: float
     deadline: float
     attempts: int
 
@@ -103,6 +108,10 @@ class PendingRequests:
             if known is not None:
                 same = known[0] == fingerprint and known[1] == _PENDING
                 return Added.REPEATED if same else Added.REUSED
+            # A reported request's references are deleted, so these are the pending requests' instances.
+            (awaiting,) = self._connection.execute("SELECT COUNT(*) FROM request_references").fetchone()
+            if awaiting + len(request.references) > MAX_PENDING_INSTANCES:
+                return Added.FULL
             self._connection.execute(
                 "INSERT INTO requests (transaction_uid, calling_ae_title, fingerprint, received_at, deadline, state,"
                 " next_attempt_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
@@ -122,7 +131,7 @@ class PendingRequests:
         excluded = set(exclude)
         with self._lock:
             rows = self._connection.execute(
-                "SELECT transaction_uid, calling_ae_title, deadline, attempts FROM requests"
+                "SELECT transaction_uid, calling_ae_title, received_at, deadline, attempts FROM requests"
                 " WHERE state = 'pending' AND next_attempt_at <= ? ORDER BY next_attempt_at",
                 (now,),
             ).fetchall()

@@ -25,7 +25,12 @@ from scp.status import Status
 
 LOG = logging.getLogger(__name__)
 
-_RECHECK_SECONDS = 1.0  # how often awaited instances are looked for; a store wakes the loop at once besides
+# How often awaited instances are looked for: every second while a study is likely still arriving, then less
+# often, so that requests waiting out a long COMMITMENT_TIMEOUT cost little.
+_RECHECK_SECONDS = 1.0
+_RECHECK_LATE_SECONDS = 10.0
+_ARRIVING_SECONDS = 60.0
+_PASS_GAP_SECONDS = 0.2  # stores wake the loop; at hundreds per second it still makes at most five passes
 _RETRY_FIRST_SECONDS = 10.0
 _RETRY_MAX_SECONDS = 600.0
 _SUCCESS = 0x0000
@@ -106,6 +111,11 @@ class CommitmentService:
         except sqlite3.Error as error:
             LOG.error("commitment request not recorded", extra={**log_fields, "error": str(error)})
             return ActionAnswer(ActionStatus.PROCESSING_FAILURE, "commitment requests cannot be recorded")
+        if added is Added.FULL:
+            return self._refuse(
+                ActionStatus.RESOURCE_LIMITATION, "too many instances awaiting commitment; retry later", log_fields,
+                request.transaction_uid,
+            )  # fmt: skip
         if added is Added.REUSED:
             return self._refuse(
                 ActionStatus.INVALID_ARGUMENT_VALUE, "Transaction UID already used for another request", log_fields,
@@ -199,6 +209,7 @@ class CommitmentService:
                 self.process_due()
             except Exception as error:
                 LOG.exception("commitment processing failed", extra={"error": type(error).__name__})
+            self._stopping.wait(_PASS_GAP_SECONDS)
 
     def process_due(self) -> None:
         """Judge and, where decided, report every request that is due; one pass."""
@@ -225,7 +236,9 @@ class CommitmentService:
             ]
             self._pending.resolve(request.transaction_uid, [(p, o) for p, o in decided if o is not None])
             if len(decided) < len(undecided):
-                self._pending.wait_until(request.transaction_uid, min(request.deadline, now + _RECHECK_SECONDS))
+                arriving = now - request.received_at < _ARRIVING_SECONDS
+                recheck = now + (_RECHECK_SECONDS if arriving else _RECHECK_LATE_SECONDS)
+                self._pending.wait_until(request.transaction_uid, min(request.deadline, recheck))
                 return None
         states = self._pending.references(request.transaction_uid)
         outcomes = [(state.reference, state.outcome) for state in states if state.outcome is not None]

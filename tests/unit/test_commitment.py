@@ -12,6 +12,7 @@ from pynetdicom.dsutils import encode
 
 from scp import dimse
 from scp.commitment import STORAGE_COMMITMENT_INSTANCE, STORAGE_COMMITMENT_PUSH_MODEL
+from scp.commitment import pending as pending_module
 from scp.commitment.channel import message_pdus
 from scp.commitment.committer import (
     AWAITED,
@@ -318,3 +319,16 @@ def test_a_message_is_cut_into_pdus_within_the_peer_maximum_command_first() -> N
     assert [header for header, _ in fragments] == [0x03, 0x00, 0x00, 0x00, 0x02]
     assert fragments[0][1] == command
     assert b"".join(piece for _, piece in fragments[1:]) == data_set
+
+
+def test_instances_awaiting_commitment_are_capped_across_requests(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(pending_module, "MAX_PENDING_INSTANCES", 3)
+    store = PendingRequests(tmp_path / "requests.sqlite")
+    two = tuple(Reference(CT_IMAGE_STORAGE, f"1.2.{n}") for n in range(2))
+    assert store.add(CommitmentRequest("1.1", two), "CT1", 0.0, 60.0) is Added.NEW
+    assert store.add(CommitmentRequest("1.2", two), "CT1", 0.0, 60.0) is Added.FULL
+    store.reported("1.1", 1, 1.0)  # a reported request no longer counts
+    assert store.add(CommitmentRequest("1.2", two), "CT1", 0.0, 60.0) is Added.NEW
+    store.close()
