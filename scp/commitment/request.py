@@ -20,6 +20,9 @@ MAX_REFERENCES = 10_000
 MAX_DATA_SET_BYTES = 2 * 1024 * 1024
 
 _IMPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2"
+# The Item tag (FFFE,E000) in little endian. Every sequence item starts with it, so its count bounds the items
+# pydicom would build: 2 MiB of empty items is 130,000 of them, seconds of CPU and a hundred MiB to decode.
+_ITEM_TAG = b"\xfe\xff\x00\xe0"
 _TRANSACTION_UID = 0x00081195
 _REFERENCED_SOP_SEQUENCE = 0x00081199
 _REFERENCED_SOP_CLASS_UID = 0x00081150
@@ -95,9 +98,12 @@ def parse_request(action: ActionData | None, transfer_syntax: str) -> Commitment
         raise Refused(ActionStatus.INVALID_ARGUMENT_VALUE, "N-ACTION without Action Information")
     if action.oversized:
         raise Refused(ActionStatus.RESOURCE_LIMITATION, f"request data set over {MAX_DATA_SET_BYTES} bytes")
+    data = action.data()
+    if data.count(_ITEM_TAG) > MAX_REFERENCES:
+        raise Refused(ActionStatus.RESOURCE_LIMITATION, f"over {MAX_REFERENCES} sequence items in one request")
     try:
         # The commitment context is accepted in the little endian syntaxes only (scp/negotiation.py).
-        dataset = decode(BytesIO(action.data()), transfer_syntax == _IMPLICIT_VR_LITTLE_ENDIAN, True)
+        dataset = decode(BytesIO(data), transfer_syntax == _IMPLICIT_VR_LITTLE_ENDIAN, True)
         return _request(dataset)
     except Refused:
         raise
