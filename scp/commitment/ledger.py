@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 import sqlite3
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,10 +81,9 @@ class Ledger:
 class RecordingStore:
     """A Store that records each instance in the ledger once the inner store has made it durable."""
 
-    def __init__(self, inner: Store, ledger: Ledger, on_stored: Callable[[], None]) -> None:
+    def __init__(self, inner: Store, ledger: Ledger) -> None:
         self._inner = inner
         self._ledger = ledger
-        self._on_stored = on_stored
 
     def store(self, staged: Path, instance: ReceivedInstance) -> StoredInstance:
         stored = self._inner.store(staged, instance)
@@ -94,7 +93,6 @@ class RecordingStore:
             # The object is durable and its C-STORE succeeds; only a commitment request for it will be answered
             # "failed" (never optimistic), so this is a warning, not a refusal.
             LOG.warning("commitment ledger write failed", extra={"error": str(error)})
-        self._on_stored()
         return stored
 
     def close(self) -> None:

@@ -30,7 +30,7 @@ LOG = logging.getLogger(__name__)
 _RECHECK_SECONDS = 1.0
 _RECHECK_LATE_SECONDS = 10.0
 _ARRIVING_SECONDS = 60.0
-_PASS_GAP_SECONDS = 0.2  # stores wake the loop; at hundreds per second it still makes at most five passes
+_PASS_GAP_SECONDS = 0.2  # responses and ended associations wake the loop; at most five passes a second
 _RETRY_FIRST_SECONDS = 10.0
 _RETRY_MAX_SECONDS = 600.0
 _SUCCESS = 0x0000
@@ -169,10 +169,6 @@ class CommitmentService:
             self._pending.wait_until(uid, now)
         if unanswered:
             self._wake.set()
-
-    def wake(self) -> None:
-        """An instance was stored: requests awaiting it are judged now rather than at the next recheck."""
-        self._wake.set()
 
     # -- lifecycle ---------------------------------------------------------------------------------------------
 

@@ -20,7 +20,7 @@ def start_commitment(settings: Settings, store: Store) -> tuple[CommitmentServic
     service = CommitmentService(
         requests, evidence, ReportSender(settings), settings.commitment_peers, settings.commitment_timeout
     )
-    recording = ledger.RecordingStore(store, stored, service.wake)
+    recording = ledger.RecordingStore(store, stored)
     service.start()
     return service, recording
 
