@@ -36,10 +36,13 @@ def receiver() -> Iterator[EventReceiver]:
     events.close()
 
 
-def test_report_on_the_same_association_names_every_instance_committed(daemon: Daemon, tmp_path: Path) -> None:
+@pytest.mark.parametrize("propose_scu_role", [False, True], ids=["default roles", "scu role proposed"])
+def test_report_on_the_same_association_names_every_instance_committed(
+    daemon: Daemon, tmp_path: Path, propose_scu_role: bool
+) -> None:
     modality = Modality(daemon)
     sent = instances(tmp_path, 3)
-    association = modality.associate()
+    association = modality.associate(propose_scu_role=propose_scu_role)
     try:
         modality.store(association, sent)
         information = action_information(references(sent))

@@ -11,7 +11,7 @@ from typing import Any
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 from pydicom.uid import generate_uid
-from pynetdicom import AE, evt
+from pynetdicom import AE, build_role, evt
 from pynetdicom.association import Association
 from pynetdicom.sop_class import StorageCommitmentPushModel  # type: ignore[attr-defined]
 
@@ -92,12 +92,14 @@ class Modality:
         self.reports.put(received(event))
         return 0x0000, None  # pynetdicom: (status, Event Reply)
 
-    def associate(self, transfer_syntax: str = "1.2.840.10008.1.2.1") -> Association:
+    def associate(self, transfer_syntax: str = "1.2.840.10008.1.2.1", propose_scu_role: bool = False) -> Association:
+        """With ``propose_scu_role``, an SCP/SCU Role Selection item proposes this AE as SCU (PS3.7 D.3.3.4)."""
         ae = AE(ae_title=self.ae_title)
         ae.add_requested_context(CT_IMAGE_STORAGE, "1.2.840.10008.1.2.1")
         ae.add_requested_context(StorageCommitmentPushModel, transfer_syntax)
         association = ae.associate(
             "127.0.0.1", self.daemon.port, ae_title=self.daemon.ae_title,
+            ext_neg=[build_role(StorageCommitmentPushModel, scu_role=True)] if propose_scu_role else [],
             evt_handlers=[(evt.EVT_N_EVENT_REPORT, self._on_report)],
         )  # fmt: skip
         assert association.is_established
