@@ -4,6 +4,7 @@ delivered, so a restart, even after SIGKILL or a power loss, still answers every
 from __future__ import annotations
 
 import hashlib
+import os
 import sqlite3
 import threading
 from collections.abc import Iterable, Sequence
@@ -94,6 +95,10 @@ class PendingRequests:
         # power loss, not only a killed process.
         self._connection.execute("PRAGMA synchronous=FULL")
         self._connection.executescript(_SCHEMA)
+        # SQLite syncs the files, not the directory entries that name them: without this, a power loss soon after
+        # the first start could take the database (and the requests it acknowledged) with it.
+        for directory in (path.parent, path.parent.parent):
+            _fsync_directory(directory)
 
     def close(self) -> None:
         with self._lock:
@@ -188,6 +193,14 @@ class PendingRequests:
                 "SELECT state, event_type FROM requests WHERE transaction_uid = ?", (transaction_uid,)
             ).fetchone()
         return None if row is None else (str(row[0]), row[1])
+
+
+def _fsync_directory(path: Path) -> None:
+    descriptor = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 class _Transaction:
