@@ -50,7 +50,12 @@ def _parser() -> argparse.ArgumentParser:
 
 def build_store(settings: Settings, metrics: Metrics) -> Store:
     if settings.dicom_bucket is None:
-        return LocalStore(settings.storage_dir)
+        local = LocalStore(settings.storage_dir)
+        if settings.datastore_id is None:
+            return local
+        from scp.forwarding.startup import start_forwarding  # botocore loads only when forwarding
+
+        return start_forwarding(local, settings, metrics)
     from scp.storage.s3 import S3Store, s3_client  # boto3 loads only when S3 is configured
 
     store = S3Store(s3_client(settings), settings, metrics)
@@ -125,8 +130,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     words = list(sys.argv[1:] if argv is None else argv)
     if words[:1] == ["status"]:
         # A client of the import table, not of the daemon's settings: it has options of its own.
+        from scp.forwarding import local_status
         from scp.import_status import command
 
+        if local_status.applies(words[1:], os.environ):  # no table: a standalone gateway's own results
+            return local_status.main(words[1:], os.environ)
         return command.main(words[1:], os.environ)
     arguments = _parser().parse_args(words)
     try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import re
+import urllib.parse
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -31,6 +32,8 @@ _IMPORT_JOB_MAX_BYTES = 10_000_000_000
 # PS3.8 9.1.2's ARTIM timer: 30 s, unless the network timeout is shorter, which it then follows.
 _ACSE_TIMEOUT_CEILING = 30.0
 _ACSE_TIMEOUT_DEFAULT = f"min({_ACSE_TIMEOUT_CEILING:g}, NETWORK_TIMEOUT)"
+
+_DATASTORE_ID_LENGTH = 32
 
 _TRUE = {"true", "yes", "1", "on"}
 _FALSE = {"false", "no", "0", "off"}
@@ -101,6 +104,12 @@ class Settings:
     batch_max_bytes: int = _setting("8000000000", "an S3 import batch closes at this many bytes")
     batch_window_seconds: float = _setting("60", "an S3 import batch closes after this many quiet seconds")
     shutdown_grace_seconds: float = _setting("100", "on SIGTERM, seconds in-flight associations may take to finish")
+    datastore_id: str | None = _setting(
+        "", "HealthImaging data store that every stored object is also sent to with StoreDICOM; unset sends nothing"
+    )
+    healthimaging_dicomweb_url: str | None = _setting(
+        "", "StoreDICOM endpoint; empty means https://dicom-medical-imaging.<region>.amazonaws.com"
+    )
     commitment_peers: tuple[CommitmentPeer, ...] = _setting(
         "", "AE1=host:port,AE2=host:port: where Storage Commitment reports go when the request's association has ended"
     )
@@ -163,9 +172,11 @@ def _cross_checks(values: dict[str, Any], env: Mapping[str, str]) -> list[str]:
             f"ACSE_TIMEOUT: {values['acse_timeout']:g} exceeds NETWORK_TIMEOUT ({network}); set NETWORK_TIMEOUT to "
             f"at least {values['acse_timeout']:g}, or ACSE_TIMEOUT to at most {values['network_timeout']:g}"
         )
-    if values["commitment_after"] == COMMITMENT_AFTER_HEALTHIMAGING:
-        # HealthImaging's confirmation comes from StoreDICOM forwarding's results, which this daemon does not keep.
-        problems.append("COMMITMENT_AFTER: healthimaging needs StoreDICOM forwarding, which is not configured")
+    if values["datastore_id"] and values["dicom_bucket"]:
+        problems.append("DATASTORE_ID: StoreDICOM forwarding sends from the local store; unset DICOM_BUCKET or it")
+    if values["commitment_after"] == COMMITMENT_AFTER_HEALTHIMAGING and not values["datastore_id"]:
+        # HealthImaging's confirmation comes from StoreDICOM forwarding's results.
+        problems.append("COMMITMENT_AFTER: healthimaging needs StoreDICOM forwarding; set DATASTORE_ID")
     return problems
 
 
@@ -268,6 +279,26 @@ def _region(raw: str) -> str | None:
     return raw
 
 
+def _datastore_id(raw: str) -> str | None:
+    if not raw:
+        return None
+    # HealthImaging data store ids: 32 characters of lower-case letters and digits (its API reference).
+    if len(raw) != _DATASTORE_ID_LENGTH or not all(c.isdigit() or "a" <= c <= "z" for c in raw):
+        raise ValueError(f"expected a data store id ({_DATASTORE_ID_LENGTH} lower-case letters and digits)")
+    return raw
+
+
+def _dicomweb_url(raw: str) -> str | None:
+    if not raw:
+        return None
+    parsed = urllib.parse.urlsplit(raw)
+    if parsed.scheme not in ("https", "http") or not parsed.hostname or parsed.query or parsed.fragment:
+        raise ValueError("expected an http(s) URL of a host, with no query")
+    if parsed.path.strip("/"):
+        raise ValueError("expected the endpoint only; /datastore/<id>/studies is added")
+    return raw.rstrip("/")
+
+
 def _commitment_after(raw: str) -> str:
     if raw not in (COMMITMENT_AFTER_STORE, COMMITMENT_AFTER_HEALTHIMAGING):
         raise ValueError(f"expected {COMMITMENT_AFTER_STORE} or {COMMITMENT_AFTER_HEALTHIMAGING}")
@@ -336,6 +367,8 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "batch_max_bytes": _integer(1_000_000, _IMPORT_JOB_MAX_BYTES),
     "batch_window_seconds": _seconds(1, 86_400),
     "shutdown_grace_seconds": _seconds(0, 3600),
+    "datastore_id": _datastore_id,
+    "healthimaging_dicomweb_url": _dicomweb_url,
     "commitment_peers": _commitment_peers,
     "commitment_after": _commitment_after,
     "commitment_timeout": _seconds(1, 86_400),

@@ -46,7 +46,20 @@ METRICS = (
     MetricSpec("BatchesClosed", "Count", None, "S3 import batches closed (manifest written)"),
     MetricSpec("S3UploadRetries", "Count", None, "S3 uploads retried after a transient error"),
 )
-_SPECS = {spec.name: spec for spec in METRICS}
+# Written only by a daemon that forwards to StoreDICOM (DATASTORE_ID set).
+FORWARD_METRICS = (
+    MetricSpec("ForwardStored", "Count", None, "instances StoreDICOM stored in HealthImaging"),
+    MetricSpec("ForwardLatency", "Milliseconds", None, "time from the stored object to stored in HealthImaging"),
+    MetricSpec("ForwardFailed", "Count", None, "instances recorded failed: refused by StoreDICOM or past the deadline"),
+    MetricSpec(
+        "ForwardRetries", "Count", None, "instances to send again after throttling, a server error or no answer"
+    ),
+    MetricSpec("ForwardDuplicates", "Count", None, "stores in HealthImaging of an instance it may already have had"),
+    MetricSpec("ForwardBacklog", "Count", None, "instances waiting to be stored in HealthImaging, at the last count"),
+)
+_SPECS = {spec.name: spec for spec in METRICS + FORWARD_METRICS}
+# Gauges and samples: written as they are, not as the interval's count.
+_NOT_COUNTS = ("ActiveAssociations", "StoreLatency", "ForwardLatency", "ForwardBacklog")
 
 
 def write_stdout(line: str) -> None:
@@ -73,6 +86,9 @@ class Metrics:
         self._failures: Counter[str] = Counter()
         self._latencies: list[float] = []
         self._latencies_seen = 0
+        self._forward_latencies: list[float] = []
+        self._backlog = 0
+        self._forwarding = False
         self._open: set[object] = set()
         self._peak_open = 0
         self._stop = threading.Event()
@@ -121,6 +137,31 @@ class Metrics:
         with self._lock:
             self._counts["S3UploadRetries"] += 1
 
+    # -- StoreDICOM forwarding -----------------------------------------------------------------------------------
+
+    def forwarding_enabled(self) -> None:
+        with self._lock:
+            self._forwarding = True
+
+    def forward_stored(self, milliseconds: float, duplicates: int) -> None:
+        with self._lock:
+            self._counts["ForwardStored"] += 1
+            self._counts["ForwardDuplicates"] += duplicates
+            if len(self._forward_latencies) < _LATENCY_SAMPLES_MAX:
+                self._forward_latencies.append(milliseconds)
+
+    def forward_failed(self) -> None:
+        with self._lock:
+            self._counts["ForwardFailed"] += 1
+
+    def forward_retried(self) -> None:
+        with self._lock:
+            self._counts["ForwardRetries"] += 1
+
+    def forward_backlog(self, instances: int) -> None:
+        with self._lock:
+            self._backlog = instances
+
     # -- writing -----------------------------------------------------------------------------------------------
 
     def start(self) -> None:
@@ -147,16 +188,27 @@ class Metrics:
             latencies, self._latencies = self._latencies, []
             self._latencies_seen = 0
             peak, self._peak_open = self._peak_open, len(self._open)
+            forward_latencies, self._forward_latencies = self._forward_latencies, []
+            backlog = self._backlog
+            forwarding = self._forwarding
         timestamp = int(self._clock() * 1000)
         totals: dict[str, float | list[float]] = {
-            spec.name: counts[spec.name] for spec in METRICS if spec.name not in ("ActiveAssociations", "StoreLatency")
+            spec.name: counts[spec.name]
+            for spec in METRICS + (FORWARD_METRICS if forwarding else ())
+            if spec.name not in _NOT_COUNTS
         }
         totals["ActiveAssociations"] = peak
+        if forwarding:
+            totals["ForwardBacklog"] = backlog
         chunks = [latencies[start : start + _VALUES_PER_LINE] for start in range(0, len(latencies), _VALUES_PER_LINE)]
         if chunks:
             totals["StoreLatency"] = chunks.pop(0)
         documents = [_document(timestamp, totals)]
         documents += [_document(timestamp, {"StoreLatency": chunk}) for chunk in chunks]
+        forward_chunks = [
+            forward_latencies[i : i + _VALUES_PER_LINE] for i in range(0, len(forward_latencies), _VALUES_PER_LINE)
+        ]
+        documents += [_document(timestamp, {"ForwardLatency": chunk}) for chunk in forward_chunks]
         documents += [_document(timestamp, {"AssociationsRejected": n}, "Reason", r) for r, n in rejected.items()]
         documents += [_document(timestamp, {"StoreFailures": n}, "Status", s) for s, n in failures.items()]
         return documents

@@ -1,0 +1,303 @@
+"""The forwarder: worker threads that send what the outbox holds to StoreDICOM and record each answer.
+
+Nothing here is on the receive path: a C-STORE only adds a row and wakes a worker. Throttling (HTTP 429), server
+errors and lost connections pause every worker with exponential backoff and full jitter, and the instances are
+sent again later; an instance HealthImaging refuses, or one still not stored after ``DEADLINE_SECONDS``, is
+recorded failed with its reason.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from scp.forwarding.results import FAILED, IMPORTED, WARNING, Pending, Results
+from scp.forwarding.stow import MAXIMUM_REQUEST_BYTES, Answer, Body, StowClient, StowError
+from scp.metrics import Metrics
+
+LOG = logging.getLogger(__name__)
+
+# The guide's throttling table (throttling-limits.html) lists 50 tps, burst 100, for the DICOMweb retrieve
+# representations and, in the copies published so far, no row for StoreDICOM; the forwarder stays well below
+# that and slows down further whenever HealthImaging answers 429. Several instances share one request (the
+# guide allows 1 GB per request), so the request rate, not the instance rate, is what the throttle meters.
+REQUESTS_PER_SECOND = 20.0
+REQUEST_BURST = 20
+WORKERS = 4
+INSTANCES_PER_REQUEST = 32
+BYTES_PER_REQUEST = 128 * 1024 * 1024
+# An instance not stored within a day of its receipt is recorded failed with the last error seen: a day covers
+# any outage HealthImaging has had, and the status command must not say "on its way" forever.
+DEADLINE_SECONDS = 24 * 3600.0
+_FIRST_BACKOFF_SECONDS = 0.5
+_MAX_BACKOFF_SECONDS = 60.0
+_IDLE_WAIT_SECONDS = 1.0
+_SUMMARY_SECONDS = 60.0
+# HTTP answers that say "not now" rather than "never": throttled, timed out, or HealthImaging's own fault.
+_RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
+# Answers about the caller, not the instance: credentials, permissions, a data store that does not exist. They
+# apply to every instance alike, so nothing is failed for them before the deadline; they are logged as errors.
+_CONFIGURATION_STATUSES = frozenset({401, 403, 404})
+
+
+@dataclass(frozen=True)
+class Limits:
+    requests_per_second: float = REQUESTS_PER_SECOND
+    burst: int = REQUEST_BURST
+    workers: int = WORKERS
+    instances_per_request: int = INSTANCES_PER_REQUEST
+    bytes_per_request: int = BYTES_PER_REQUEST
+    deadline_seconds: float = DEADLINE_SECONDS
+
+
+class Forwarder:
+    def __init__(
+        self,
+        results: Results,
+        new_client: Callable[[], StowClient],
+        metrics: Metrics,
+        limits: Limits = Limits(),
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._results = results
+        self._new_client = new_client
+        self._metrics = metrics
+        self._limits = limits
+        self._clock = clock
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._lock = threading.Lock()
+        self._in_flight: set[str] = set()
+        self._tokens = float(limits.burst)
+        self._tokens_at = time.monotonic()
+        self._paused_until = 0.0
+        self._failures_in_a_row = 0
+        self._failing_since: float | None = None
+        self._last_summary = 0.0
+        self._retried_since_summary = 0
+        self._threads: list[threading.Thread] = []
+
+    def start(self) -> None:
+        backlog = self._results.backlog()
+        self._metrics.forward_backlog(backlog)
+        if backlog:
+            LOG.info("StoreDICOM forwarding resumes", extra={"instances": backlog})
+        for number in range(self._limits.workers):
+            thread = threading.Thread(target=self._run, name=f"forward-{number}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def stop(self, timeout: float) -> None:
+        """Stop taking work; requests in flight get ``timeout`` to finish, the rest resume after a restart."""
+        self._stopping.set()
+        self._wake.set()
+        deadline = time.monotonic() + timeout
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        left = self._results.backlog()
+        LOG.info("StoreDICOM forwarding stopped", extra={"instances_waiting": left})
+
+    # -- the workers -------------------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        client = self._new_client()
+        try:
+            while not self._stopping.is_set():
+                batch = self._claim()
+                if not batch:
+                    self._idle()
+                    continue
+                try:
+                    self._send(client, batch)
+                except Exception:  # a worker must outlive any one request; the rows stay due
+                    LOG.exception("StoreDICOM request failed unexpectedly")
+                    self._retry(batch, "unexpected error in the forwarder", pause=True)
+                finally:
+                    with self._lock:
+                        self._in_flight.difference_update(p.sop_instance_uid for p in batch)
+        finally:
+            client.close()
+
+    def _idle(self) -> None:
+        next_due = self._results.next_due()
+        wait = _IDLE_WAIT_SECONDS if next_due is None else min(_IDLE_WAIT_SECONDS, next_due - self._clock())
+        if wait > 0:
+            self._wake.wait(wait)
+            self._wake.clear()
+
+    def _claim(self) -> list[Pending]:
+        if not self._wait_for_turn():
+            return []
+        with self._lock:
+            due = self._results.due(self._clock(), self._limits.instances_per_request, self._in_flight)
+            batch: list[Pending] = []
+            size = 0
+            for pending in due:
+                if batch and size + pending.size > self._limits.bytes_per_request:
+                    break
+                batch.append(pending)
+                size += pending.size
+            self._in_flight.update(p.sop_instance_uid for p in batch)
+        if not batch:
+            self._give_back_token()
+        return batch
+
+    def _wait_for_turn(self) -> bool:
+        """Take one request token (and respect a pause); False if stopping."""
+        while not self._stopping.is_set():
+            with self._lock:
+                now = time.monotonic()
+                self._tokens = min(
+                    float(self._limits.burst),
+                    self._tokens + (now - self._tokens_at) * self._limits.requests_per_second,
+                )
+                self._tokens_at = now
+                wait = max(self._paused_until - now, 0.0)
+                if not wait and self._tokens >= 1:
+                    self._tokens -= 1
+                    return True
+                wait = wait or (1 - self._tokens) / self._limits.requests_per_second
+            self._stopping.wait(wait)
+        return False
+
+    def _give_back_token(self) -> None:
+        with self._lock:
+            self._tokens = min(float(self._limits.burst), self._tokens + 1)
+
+    # -- one request -------------------------------------------------------------------------------------------
+
+    def _send(self, client: StowClient, batch: Sequence[Pending]) -> None:
+        sendable = []
+        for pending in batch:
+            if pending.size > MAXIMUM_REQUEST_BYTES:
+                self._fail(pending, f"larger than StoreDICOM's {MAXIMUM_REQUEST_BYTES:,} bytes per request")
+            elif not pending.location.is_file():
+                self._fail(pending, "the stored file is no longer in the local store")
+            else:
+                sendable.append(pending)
+        if not sendable:
+            return
+        try:
+            with Body([p.location for p in sendable]) as body:
+                self._results.sending(sendable)
+                answer = client.store(body)
+        except StowError as error:
+            self._retry(sendable, str(error), pause=True)
+            return
+        except OSError as error:
+            self._retry(sendable, f"reading the stored file failed: {error.strerror or error}", pause=False)
+            return
+        for pending in sendable:
+            self._results.answered(pending)
+        self._apply(client, sendable, answer)
+
+    def _apply(self, client: StowClient, batch: Sequence[Pending], answer: Answer) -> None:
+        if answer.status in _RETRY_STATUSES:
+            self._retry(batch, f"StoreDICOM answered HTTP {answer.status}", pause=True)
+            return
+        if answer.status in _CONFIGURATION_STATUSES:
+            LOG.error(
+                "StoreDICOM refused the request: check the credentials, their medical-imaging:StoreDICOM "
+                "permission and DATASTORE_ID",
+                extra={"http_status": answer.status, "answer": answer.message},
+            )
+            self._retry(batch, f"StoreDICOM answered HTTP {answer.status}: {answer.message}", pause=True)
+            return
+        if not answer.outcomes and 400 <= answer.status < 500:
+            if len(batch) > 1:
+                # The answer does not say which instance it is about: ask for each on its own.
+                for pending in batch:
+                    self._send(client, [pending])
+                return
+            self._fail(batch[0], f"StoreDICOM refused it: HTTP {answer.status} {answer.message}".rstrip())
+            return
+        if not answer.outcomes and 200 <= answer.status < 300:
+            # PS3.18 10.5.3: 200 means every instance was stored, even if the answer lists none of them.
+            for pending in batch:
+                self._stored(pending, IMPORTED, None, None)
+            self._recovered()
+            return
+        if not answer.outcomes:
+            self._retry(batch, f"StoreDICOM answered HTTP {answer.status}: {answer.message}", pause=True)
+            return
+        for pending in batch:
+            outcome = answer.outcomes.get(pending.sop_instance_uid)
+            if outcome is None:
+                self._retry([pending], "StoreDICOM's answer did not name the instance", pause=False)
+            elif outcome.stored:
+                self._stored(pending, WARNING if outcome.code else IMPORTED, outcome.image_set_id, outcome.reason)
+            elif outcome.retryable:
+                self._retry([pending], outcome.reason or "StoreDICOM out of resources", pause=True)
+            else:
+                self._fail(pending, outcome.reason or "StoreDICOM failure")
+        self._recovered()
+
+    # -- outcomes ----------------------------------------------------------------------------------------------
+
+    def _stored(self, pending: Pending, status: str, image_set_id: str | None, reason: str | None) -> None:
+        now = self._clock()
+        duplicates = self._results.stored(pending, status, image_set_id, reason, now)
+        self._metrics.forward_stored(round((now - pending.enqueued_at) * 1000, 1), duplicates)
+        if status == WARNING:
+            LOG.warning(
+                "stored in HealthImaging with a warning",
+                extra={"sop_instance_uid": pending.sop_instance_uid, "reason": reason},
+            )
+
+    def _fail(self, pending: Pending, reason: str) -> None:
+        self._results.failed(pending, reason, self._clock())
+        self._metrics.forward_failed()
+        LOG.warning(
+            "not stored in HealthImaging",
+            extra={"sop_instance_uid": pending.sop_instance_uid, "status": FAILED, "reason": reason},
+        )
+
+    def _retry(self, batch: Sequence[Pending], error: str, pause: bool) -> None:
+        now = self._clock()
+        for pending in batch:
+            if now - pending.enqueued_at >= self._limits.deadline_seconds:
+                hours = self._limits.deadline_seconds / 3600
+                self._fail(pending, f"not stored in HealthImaging within {hours:g} h; last error: {error}")
+                continue
+            self._results.retry_later(pending, error, now + _backoff(pending.attempts + 1))
+            self._metrics.forward_retried()
+        with self._lock:
+            self._retried_since_summary += len(batch)
+            if pause:
+                self._failures_in_a_row += 1
+                self._paused_until = max(self._paused_until, time.monotonic() + _backoff(self._failures_in_a_row))
+                if self._failing_since is None:
+                    self._failing_since = now
+            summary_due = time.monotonic() - self._last_summary >= _SUMMARY_SECONDS
+            if summary_due:
+                self._last_summary = time.monotonic()
+                retried, self._retried_since_summary = self._retried_since_summary, 0
+        if summary_due:
+            # One line per interval, however many instances wait: a long outage must not flood the log.
+            backlog = self._results.backlog()
+            self._metrics.forward_backlog(backlog)
+            LOG.warning(
+                "StoreDICOM failing; instances wait in the local store and are sent again",
+                extra={"error": error, "instances_retried": retried, "instances_waiting": backlog},
+            )
+
+    def _recovered(self) -> None:
+        with self._lock:
+            self._failures_in_a_row = 0
+            was_failing, self._failing_since = self._failing_since, None
+        self._metrics.forward_backlog(self._results.backlog())
+        if was_failing is not None:
+            LOG.info("StoreDICOM answering again", extra={"failing_seconds": round(self._clock() - was_failing, 1)})
+
+
+def _backoff(attempt: int) -> float:
+    """Exponential backoff with full jitter (AWS Architecture Blog, "Exponential Backoff And Jitter")."""
+    ceiling = min(_MAX_BACKOFF_SECONDS, _FIRST_BACKOFF_SECONDS * 2 ** min(attempt, 16))
+    return random.uniform(_FIRST_BACKOFF_SECONDS / 2, ceiling)  # noqa: S311 - spreading retries, not security

@@ -1,0 +1,268 @@
+"""The forwarding database (SQLite on local disk): the outbox of stored objects and each instance's StoreDICOM result.
+
+One row per SOP Instance UID. A row is written, and committed durably, before the C-STORE is acknowledged; from
+then on it is either still ``forwarding`` or in one of the import path's end states (``imported``, ``warning``,
+``failed``), so a restart at any moment resumes from here and nothing acknowledged is nowhere.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from scp.storage import ReceivedInstance
+
+# The import workflow's status words for an instance item (docs/import-workflow.rst), and the one of our own.
+FORWARDING = "forwarding"
+IMPORTED = "imported"
+WARNING = "warning"
+FAILED = "failed"
+END_STATES = (IMPORTED, WARNING, FAILED)
+
+DATABASE_NAME = "forwarding.sqlite"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS instances (
+    sop_instance_uid TEXT PRIMARY KEY,
+    sop_class_uid TEXT NOT NULL,
+    study_instance_uid TEXT NOT NULL,
+    series_instance_uid TEXT NOT NULL,
+    calling_ae_title TEXT NOT NULL,
+    location TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    received_at TEXT NOT NULL,
+    enqueued_at REAL NOT NULL,
+    status TEXT NOT NULL,
+    generation INTEGER NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at REAL NOT NULL,
+    unanswered INTEGER NOT NULL DEFAULT 0,
+    deliveries INTEGER NOT NULL DEFAULT 0,
+    duplicates INTEGER NOT NULL DEFAULT 0,
+    image_set_id TEXT,
+    reason TEXT,
+    last_error TEXT,
+    stored_at TEXT
+);
+CREATE INDEX IF NOT EXISTS due ON instances (next_attempt_at) WHERE status = 'forwarding';
+CREATE INDEX IF NOT EXISTS by_study ON instances (study_instance_uid);
+"""
+
+
+@dataclass(frozen=True)
+class Pending:
+    """An instance that is due to be sent: what to send, and which receipt of it (``generation``)."""
+
+    sop_instance_uid: str
+    sop_class_uid: str
+    study_instance_uid: str
+    location: Path
+    size: int
+    generation: int
+    attempts: int
+    enqueued_at: float
+
+
+@dataclass(frozen=True)
+class Row:
+    """One instance as the status command reports it."""
+
+    sop_instance_uid: str
+    study_instance_uid: str
+    series_instance_uid: str
+    calling_ae_title: str
+    received_at: str
+    status: str
+    attempts: int
+    duplicates: int
+    image_set_id: str | None
+    reason: str | None
+    last_error: str | None
+
+
+def database_path(storage_dir: Path) -> Path:
+    # Beside the receive spool, outside the <Study>/<Series> tree, so no UID can collide with it.
+    return storage_dir / ".forwarding" / DATABASE_NAME
+
+
+class Results:
+    """Thread-safe access to the forwarding database; every write is committed with a full sync."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._lock = threading.Lock()
+        # One connection shared under a lock: SQLite serialises writers anyway, and one connection keeps its
+        # page cache warm for the receive path's inserts.
+        self._connection = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
+        self._connection.execute("PRAGMA journal_mode=WAL")
+        # FULL: a commit is on disk (the WAL fsync'd) when it returns, so a row written before the C-STORE
+        # response survives a power loss, not only a killed process.
+        self._connection.execute("PRAGMA synchronous=FULL")
+        self._connection.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._connection.close()
+
+    # -- the receive path ------------------------------------------------------------------------------------
+
+    def enqueue(self, instance: ReceivedInstance, location: Path, now: float) -> None:
+        """Record a durably stored object as due now; a receipt of an instance already known starts it over."""
+        with self._lock:
+            self._connection.execute(
+                """
+                INSERT INTO instances (sop_instance_uid, sop_class_uid, study_instance_uid, series_instance_uid,
+                    calling_ae_title, location, size, received_at, enqueued_at, status, generation, next_attempt_at)
+                VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 1, ?)
+                ON CONFLICT (sop_instance_uid) DO UPDATE SET
+                    sop_class_uid = excluded.sop_class_uid, study_instance_uid = excluded.study_instance_uid,
+                    series_instance_uid = excluded.series_instance_uid,
+                    calling_ae_title = excluded.calling_ae_title, location = excluded.location,
+                    size = excluded.size, received_at = excluded.received_at, enqueued_at = excluded.enqueued_at,
+                    status = excluded.status, generation = generation + 1, attempts = 0,
+                    next_attempt_at = excluded.next_attempt_at, unanswered = 0, image_set_id = NULL,
+                    reason = NULL, last_error = NULL, stored_at = NULL
+                """,
+                (
+                    instance.sop_instance_uid,
+                    instance.sop_class_uid,
+                    instance.study_instance_uid,
+                    instance.series_instance_uid,
+                    instance.calling_ae_title,
+                    str(location),
+                    instance.size,
+                    _iso(instance.received_at.timestamp()),
+                    now,
+                    FORWARDING,
+                    now,
+                ),
+            )
+
+    # -- the forwarder -----------------------------------------------------------------------------------------
+
+    def due(self, now: float, limit: int, exclude: Iterable[str] = ()) -> list[Pending]:
+        """Instances due by ``now``, oldest first, leaving out those already being sent."""
+        excluded = set(exclude)
+        with self._lock:
+            rows = self._connection.execute(
+                """
+                SELECT sop_instance_uid, sop_class_uid, study_instance_uid, location, size, generation, attempts,
+                    enqueued_at
+                FROM instances WHERE status = 'forwarding' AND next_attempt_at <= ?
+                ORDER BY next_attempt_at LIMIT ?
+                """,
+                (now, limit + len(excluded)),
+            ).fetchall()
+        found = [Pending(r[0], r[1], r[2], Path(r[3]), r[4], r[5], r[6], r[7]) for r in rows if r[0] not in excluded]
+        return found[:limit]
+
+    def next_due(self) -> float | None:
+        with self._lock:
+            row = self._connection.execute(
+                "SELECT MIN(next_attempt_at) FROM instances WHERE status = 'forwarding'"
+            ).fetchone()
+        return None if row[0] is None else float(row[0])
+
+    def backlog(self) -> int:
+        with self._lock:
+            row = self._connection.execute("SELECT COUNT(*) FROM instances WHERE status = 'forwarding'").fetchone()
+        return int(row[0])
+
+    def sending(self, pending: Sequence[Pending]) -> None:
+        """Count a request before it leaves: if we never learn its answer, it may have stored the instance."""
+        with self._lock, self._transaction():
+            self._connection.executemany(
+                "UPDATE instances SET attempts = attempts + 1, unanswered = unanswered + 1 "
+                "WHERE sop_instance_uid = ? AND generation = ?",
+                [(p.sop_instance_uid, p.generation) for p in pending],
+            )
+
+    def answered(self, pending: Pending) -> None:
+        """HealthImaging answered the request that carried ``pending`` (whatever it said)."""
+        with self._lock:
+            self._connection.execute(
+                "UPDATE instances SET unanswered = MAX(unanswered - 1, 0) WHERE sop_instance_uid = ? "
+                "AND generation = ?",
+                (pending.sop_instance_uid, pending.generation),
+            )
+
+    def stored(self, pending: Pending, status: str, image_set_id: str | None, reason: str | None, now: float) -> int:
+        """HealthImaging stored the instance (``imported``, or ``warning`` with its reason); returns how many of
+        its stores were duplicates: earlier requests whose answer never came, or an earlier confirmed store."""
+        assert status in (IMPORTED, WARNING)
+        with self._lock, self._transaction():
+            row = self._connection.execute(
+                "SELECT unanswered, deliveries FROM instances WHERE sop_instance_uid = ? AND generation = ?",
+                (pending.sop_instance_uid, pending.generation),
+            ).fetchone()
+            if row is None:
+                return 0  # received again meanwhile: the newer receipt is sent on its own
+            # Requests still unanswered (this one was answered) may have stored it too, as may an earlier receipt.
+            duplicates = int(row[0]) + (1 if row[1] else 0)
+            self._connection.execute(
+                """
+                UPDATE instances SET status = ?, image_set_id = ?, reason = ?, last_error = NULL, unanswered = 0,
+                    deliveries = deliveries + 1, duplicates = duplicates + ?, stored_at = ?
+                WHERE sop_instance_uid = ? AND generation = ?
+                """,
+                (status, image_set_id, reason, duplicates, _iso(now), pending.sop_instance_uid, pending.generation),
+            )
+        return duplicates
+
+    def failed(self, pending: Pending, reason: str, now: float) -> None:
+        with self._lock:
+            self._connection.execute(
+                "UPDATE instances SET status = 'failed', reason = ?, stored_at = ? "
+                "WHERE sop_instance_uid = ? AND generation = ?",
+                (reason, _iso(now), pending.sop_instance_uid, pending.generation),
+            )
+
+    def retry_later(self, pending: Pending, error: str, at: float) -> None:
+        with self._lock:
+            self._connection.execute(
+                "UPDATE instances SET next_attempt_at = ?, last_error = ? WHERE sop_instance_uid = ? "
+                "AND generation = ? AND status = 'forwarding'",
+                (at, error, pending.sop_instance_uid, pending.generation),
+            )
+
+    def _transaction(self) -> _Transaction:
+        return _Transaction(self._connection)
+
+
+class _Transaction:
+    """BEGIN IMMEDIATE ... COMMIT, rolled back on an error (the connection runs in autocommit mode)."""
+
+    def __init__(self, connection: sqlite3.Connection) -> None:
+        self._connection = connection
+
+    def __enter__(self) -> None:
+        self._connection.execute("BEGIN IMMEDIATE")
+
+    def __exit__(self, kind: object, error: object, traceback: object) -> None:
+        self._connection.execute("COMMIT" if kind is None else "ROLLBACK")
+
+
+def study_rows(path: Path, study_uid: str) -> list[Row]:
+    """For the status command: reads the database read-only, never creates or changes it."""
+    connection = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        rows = connection.execute(
+            """
+            SELECT sop_instance_uid, study_instance_uid, series_instance_uid, calling_ae_title, received_at,
+                status, attempts, duplicates, image_set_id, reason, last_error
+            FROM instances WHERE study_instance_uid = ? ORDER BY series_instance_uid, sop_instance_uid
+            """,
+            (study_uid,),
+        ).fetchall()
+    finally:
+        connection.close()
+    return [Row(*row) for row in rows]
+
+
+def _iso(timestamp: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(timestamp)) + f".{int(timestamp * 1000) % 1000:03d}Z"

@@ -1,0 +1,47 @@
+"""Wiring for ``DATASTORE_ID``: the forwarding database, the StoreDICOM client and the forwarder, around a store."""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+
+import botocore.session
+
+from scp.config import Settings
+from scp.forwarding.forwarder import Forwarder
+from scp.forwarding.outbox import ForwardingStore
+from scp.forwarding.results import Results, database_path
+from scp.forwarding.stow import StowClient, endpoint
+from scp.metrics import Metrics
+from scp.storage import Store
+
+LOG = logging.getLogger(__name__)
+
+
+class ForwardingUnavailable(OSError):
+    """Forwarding cannot start (no Region, no credentials, no database); the daemon does not start either."""
+
+
+def start_forwarding(inner: Store, settings: Settings, metrics: Metrics) -> ForwardingStore:
+    assert settings.datastore_id
+    session = botocore.session.get_session()
+    region = session.get_config_variable("region")
+    if not region:
+        raise ForwardingUnavailable("StoreDICOM forwarding needs an AWS Region: set AWS_REGION or AWS_DEFAULT_REGION")
+    credentials = session.get_credentials()
+    if credentials is None:
+        raise ForwardingUnavailable("StoreDICOM forwarding needs AWS credentials (the standard AWS chain found none)")
+    base_url = endpoint(settings.healthimaging_dicomweb_url, region)
+    try:
+        results = Results(database_path(settings.storage_dir))
+    except sqlite3.Error as error:
+        raise ForwardingUnavailable(f"forwarding database cannot be opened: {error}") from error
+    datastore_id = settings.datastore_id
+    forwarder = Forwarder(results, lambda: StowClient(base_url, datastore_id, region, credentials), metrics)
+    metrics.forwarding_enabled()
+    forwarder.start()
+    LOG.info(
+        "forwarding to HealthImaging with StoreDICOM",
+        extra={"datastore_id": datastore_id, "endpoint": base_url, "region": region, "database": str(results.path)},
+    )
+    return ForwardingStore(inner, results, forwarder)
