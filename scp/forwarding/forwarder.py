@@ -33,8 +33,8 @@ BYTES_PER_REQUEST = 128 * 1024 * 1024
 # An instance not stored within a day of its receipt is recorded failed with the last error seen: a day covers
 # any outage HealthImaging has had, and the status command must not say "on its way" forever.
 DEADLINE_SECONDS = 24 * 3600.0
-_FIRST_BACKOFF_SECONDS = 0.5
-_MAX_BACKOFF_SECONDS = 60.0
+FIRST_BACKOFF_SECONDS = 0.5
+_MAX_BACKOFF_SECONDS = 15.0
 _IDLE_WAIT_SECONDS = 1.0
 _SUMMARY_SECONDS = 60.0
 # HTTP answers that say "not now" rather than "never": throttled, timed out, or HealthImaging's own fault.
@@ -52,6 +52,7 @@ class Limits:
     instances_per_request: int = INSTANCES_PER_REQUEST
     bytes_per_request: int = BYTES_PER_REQUEST
     deadline_seconds: float = DEADLINE_SECONDS
+    first_backoff_seconds: float = FIRST_BACKOFF_SECONDS
 
 
 class Forwarder:
@@ -118,7 +119,7 @@ class Forwarder:
                     self._send(client, batch)
                 except Exception:  # a worker must outlive any one request; the rows stay due
                     LOG.exception("StoreDICOM request failed unexpectedly")
-                    self._retry(batch, "unexpected error in the forwarder", pause=True)
+                    self._retry(batch, "unexpected error in the forwarder", pause=True, answered=False)
                 finally:
                     with self._lock:
                         self._in_flight.difference_update(p.sop_instance_uid for p in batch)
@@ -177,9 +178,11 @@ class Forwarder:
         sendable = []
         for pending in batch:
             if pending.size > MAXIMUM_REQUEST_BYTES:
-                self._fail(pending, f"larger than StoreDICOM's {MAXIMUM_REQUEST_BYTES:,} bytes per request")
+                self._fail(
+                    pending, f"larger than StoreDICOM's {MAXIMUM_REQUEST_BYTES:,} bytes per request", answered=False
+                )
             elif not pending.location.is_file():
-                self._fail(pending, "the stored file is no longer in the local store")
+                self._fail(pending, "the stored file is no longer in the local store", answered=False)
             else:
                 sendable.append(pending)
         if not sendable:
@@ -189,18 +192,19 @@ class Forwarder:
                 self._results.sending(sendable)
                 answer = client.store(body)
         except StowError as error:
-            self._retry(sendable, str(error), pause=True)
+            self._retry(sendable, str(error), pause=True, answered=False)
             return
         except OSError as error:
-            self._retry(sendable, f"reading the stored file failed: {error.strerror or error}", pause=False)
+            reason = f"reading the stored file failed: {error.strerror or error}"
+            self._retry(sendable, reason, pause=False, answered=False)
             return
-        for pending in sendable:
-            self._results.answered(pending)
         self._apply(client, sendable, answer)
 
     def _apply(self, client: StowClient, batch: Sequence[Pending], answer: Answer) -> None:
         if answer.status in _RETRY_STATUSES:
-            self._retry(batch, f"StoreDICOM answered HTTP {answer.status}", pause=True)
+            # A throttled request was not processed; after a server error or a timeout it may have been.
+            error = f"StoreDICOM answered HTTP {answer.status}"
+            self._retry(batch, error, pause=True, answered=answer.status == 429)
             return
         if answer.status in _CONFIGURATION_STATUSES:
             LOG.error(
@@ -208,15 +212,18 @@ class Forwarder:
                 "permission and DATASTORE_ID",
                 extra={"http_status": answer.status, "answer": answer.message},
             )
-            self._retry(batch, f"StoreDICOM answered HTTP {answer.status}: {answer.message}", pause=True)
+            self._retry(batch, f"StoreDICOM answered HTTP {answer.status}: {answer.message}", pause=True, answered=True)
             return
         if not answer.outcomes and 400 <= answer.status < 500:
             if len(batch) > 1:
                 # The answer does not say which instance it is about: ask for each on its own.
+                self._results.refused(batch)
                 for pending in batch:
                     self._send(client, [pending])
                 return
-            self._fail(batch[0], f"StoreDICOM refused it: HTTP {answer.status} {answer.message}".rstrip())
+            self._fail(
+                batch[0], f"StoreDICOM refused it: HTTP {answer.status} {answer.message}".rstrip(), answered=True
+            )
             return
         if not answer.outcomes and 200 <= answer.status < 300:
             # PS3.18 10.5.3: 200 means every instance was stored, even if the answer lists none of them.
@@ -225,18 +232,19 @@ class Forwarder:
             self._recovered()
             return
         if not answer.outcomes:
-            self._retry(batch, f"StoreDICOM answered HTTP {answer.status}: {answer.message}", pause=True)
+            self._retry(batch, f"StoreDICOM answered HTTP {answer.status}: {answer.message}", pause=True, answered=True)
             return
         for pending in batch:
             outcome = answer.outcomes.get(pending.sop_instance_uid)
             if outcome is None:
-                self._retry([pending], "StoreDICOM's answer did not name the instance", pause=False)
+                # Not named is not "not stored": the request counts as one whose answer about it was lost.
+                self._retry([pending], "StoreDICOM's answer did not name the instance", pause=False, answered=False)
             elif outcome.stored:
                 self._stored(pending, WARNING if outcome.code else IMPORTED, outcome.image_set_id, outcome.reason)
             elif outcome.retryable:
-                self._retry([pending], outcome.reason or "StoreDICOM out of resources", pause=True)
+                self._retry([pending], outcome.reason or "StoreDICOM out of resources", pause=True, answered=True)
             else:
-                self._fail(pending, outcome.reason or "StoreDICOM failure")
+                self._fail(pending, outcome.reason or "StoreDICOM failure", answered=True)
         self._recovered()
 
     # -- outcomes ----------------------------------------------------------------------------------------------
@@ -251,28 +259,28 @@ class Forwarder:
                 extra={"sop_instance_uid": pending.sop_instance_uid, "reason": reason},
             )
 
-    def _fail(self, pending: Pending, reason: str) -> None:
-        self._results.failed(pending, reason, self._clock())
+    def _fail(self, pending: Pending, reason: str, answered: bool) -> None:
+        self._results.failed(pending, reason, self._clock(), answered)
         self._metrics.forward_failed()
         LOG.warning(
             "not stored in HealthImaging",
             extra={"sop_instance_uid": pending.sop_instance_uid, "status": FAILED, "reason": reason},
         )
 
-    def _retry(self, batch: Sequence[Pending], error: str, pause: bool) -> None:
+    def _retry(self, batch: Sequence[Pending], error: str, pause: bool, answered: bool) -> None:
         now = self._clock()
         for pending in batch:
             if now - pending.enqueued_at >= self._limits.deadline_seconds:
-                hours = self._limits.deadline_seconds / 3600
-                self._fail(pending, f"not stored in HealthImaging within {hours:g} h; last error: {error}")
+                within = _span(self._limits.deadline_seconds)
+                self._fail(pending, f"not stored in HealthImaging within {within}; last error: {error}", answered)
                 continue
-            self._results.retry_later(pending, error, now + _backoff(pending.attempts + 1))
+            self._results.retry_later(pending, error, now + self._backoff(pending.attempts + 1), answered)
             self._metrics.forward_retried()
         with self._lock:
             self._retried_since_summary += len(batch)
             if pause:
                 self._failures_in_a_row += 1
-                self._paused_until = max(self._paused_until, time.monotonic() + _backoff(self._failures_in_a_row))
+                self._paused_until = max(self._paused_until, time.monotonic() + self._backoff(self._failures_in_a_row))
                 if self._failing_since is None:
                     self._failing_since = now
             summary_due = time.monotonic() - self._last_summary >= _SUMMARY_SECONDS
@@ -288,6 +296,12 @@ class Forwarder:
                 extra={"error": error, "instances_retried": retried, "instances_waiting": backlog},
             )
 
+    def _backoff(self, attempt: int) -> float:
+        """Exponential backoff with full jitter (AWS Architecture Blog, "Exponential Backoff And Jitter")."""
+        first = self._limits.first_backoff_seconds
+        ceiling = min(_MAX_BACKOFF_SECONDS, first * 2 ** min(attempt, 16))
+        return random.uniform(first / 2, ceiling)  # noqa: S311 - spreading retries, not security
+
     def _recovered(self) -> None:
         with self._lock:
             self._failures_in_a_row = 0
@@ -297,7 +311,5 @@ class Forwarder:
             LOG.info("StoreDICOM answering again", extra={"failing_seconds": round(self._clock() - was_failing, 1)})
 
 
-def _backoff(attempt: int) -> float:
-    """Exponential backoff with full jitter (AWS Architecture Blog, "Exponential Backoff And Jitter")."""
-    ceiling = min(_MAX_BACKOFF_SECONDS, _FIRST_BACKOFF_SECONDS * 2 ** min(attempt, 16))
-    return random.uniform(_FIRST_BACKOFF_SECONDS / 2, ceiling)  # noqa: S311 - spreading retries, not security
+def _span(seconds: float) -> str:
+    return f"{seconds / 3600:g} h" if seconds >= 3600 else f"{seconds:g} s"

@@ -182,13 +182,13 @@ class Results:
                 [(p.sop_instance_uid, p.generation) for p in pending],
             )
 
-    def answered(self, pending: Pending) -> None:
-        """HealthImaging answered the request that carried ``pending`` (whatever it said)."""
-        with self._lock:
-            self._connection.execute(
-                "UPDATE instances SET unanswered = MAX(unanswered - 1, 0) WHERE sop_instance_uid = ? "
-                "AND generation = ?",
-                (pending.sop_instance_uid, pending.generation),
+    def refused(self, pending: Sequence[Pending]) -> None:
+        """HealthImaging answered the request that carried ``pending`` without storing any of them."""
+        with self._lock, self._transaction():
+            self._connection.executemany(
+                "UPDATE instances SET unanswered = MAX(unanswered - 1, 0) "
+                "WHERE sop_instance_uid = ? AND generation = ?",
+                [(p.sop_instance_uid, p.generation) for p in pending],
             )
 
     def stored(self, pending: Pending, status: str, image_set_id: str | None, reason: str | None, now: float) -> int:
@@ -202,8 +202,10 @@ class Results:
             ).fetchone()
             if row is None:
                 return 0  # received again meanwhile: the newer receipt is sent on its own
-            # Requests still unanswered (this one was answered) may have stored it too, as may an earlier receipt.
-            duplicates = int(row[0]) + (1 if row[1] else 0)
+            # This request was counted unanswered when it left; the others still unanswered may have stored it
+            # too (their answers were lost: a timeout, or the process killed), as may an earlier receipt. The
+            # count and the outcome change in one transaction, so a kill between them cannot hide a duplicate.
+            duplicates = max(int(row[0]) - 1, 0) + (1 if row[1] else 0)
             self._connection.execute(
                 """
                 UPDATE instances SET status = ?, image_set_id = ?, reason = ?, last_error = NULL, unanswered = 0,
@@ -214,20 +216,22 @@ class Results:
             )
         return duplicates
 
-    def failed(self, pending: Pending, reason: str, now: float) -> None:
+    def failed(self, pending: Pending, reason: str, now: float, answered: bool) -> None:
+        """Not stored, for good; ``answered``: HealthImaging answered the request that carried it."""
         with self._lock:
             self._connection.execute(
-                "UPDATE instances SET status = 'failed', reason = ?, stored_at = ? "
-                "WHERE sop_instance_uid = ? AND generation = ?",
-                (reason, _iso(now), pending.sop_instance_uid, pending.generation),
+                "UPDATE instances SET status = 'failed', reason = ?, stored_at = ?, "
+                "unanswered = MAX(unanswered - ?, 0) WHERE sop_instance_uid = ? AND generation = ?",
+                (reason, _iso(now), int(answered), pending.sop_instance_uid, pending.generation),
             )
 
-    def retry_later(self, pending: Pending, error: str, at: float) -> None:
+    def retry_later(self, pending: Pending, error: str, at: float, answered: bool) -> None:
+        """Not stored yet; due again at ``at``. ``answered``: HealthImaging said so (it did not store it)."""
         with self._lock:
             self._connection.execute(
-                "UPDATE instances SET next_attempt_at = ?, last_error = ? WHERE sop_instance_uid = ? "
-                "AND generation = ? AND status = 'forwarding'",
-                (at, error, pending.sop_instance_uid, pending.generation),
+                "UPDATE instances SET next_attempt_at = ?, last_error = ?, unanswered = MAX(unanswered - ?, 0) "
+                "WHERE sop_instance_uid = ? AND generation = ? AND status = 'forwarding'",
+                (at, error, int(answered), pending.sop_instance_uid, pending.generation),
             )
 
     def _transaction(self) -> _Transaction:

@@ -182,6 +182,7 @@ class Body:
 
     def __init__(self, parts: Sequence[Path]) -> None:
         assert parts
+        self.paths = list(parts)
         self._files: list[BinaryIO] = []
         try:
             for part in parts:

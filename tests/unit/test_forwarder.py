@@ -1,0 +1,109 @@
+"""The forwarder's decisions, with a scripted StoreDICOM: splitting an unexplained refusal, the deadline, and
+refusals about the caller that must not fail any instance."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from scp.forwarding.forwarder import Forwarder, Limits
+from scp.forwarding.results import Results, study_rows
+from scp.forwarding.stow import Answer, Body, Outcome, StowError
+from scp.metrics import Metrics
+from scp.storage import ReceivedInstance
+from tests.support.waits import wait_for
+
+STUDY = "1.2.3"
+
+
+class ScriptedStow:
+    """Answers each request with ``answer(uids in the request)``; records what it was sent."""
+
+    def __init__(self, answer: Callable[[list[str]], Answer]) -> None:
+        self.answer = answer
+        self.requests: list[list[str]] = []
+
+    def store(self, body: Body) -> Answer:
+        uids = [path.stem for path in body.paths]
+        self.requests.append(uids)
+        return self.answer(uids)
+
+    def close(self) -> None:
+        pass
+
+
+def stored(uids: list[str]) -> Answer:
+    return Answer(200, {uid: Outcome(stored=True, code=None, reason=None) for uid in uids}, "")
+
+
+def run(tmp_path: Path, stow: ScriptedStow, uids: list[str], limits: Limits) -> Results:
+    results = Results(tmp_path / "db.sqlite")
+    for uid in uids:
+        path = tmp_path / f"{uid}.dcm"
+        path.write_bytes(b"DICM" + uid.encode())
+        received = ReceivedInstance(
+            "1.2.840.10008.5.1.4.1.1.2", uid, STUDY, "1.2.3.4", "1.2.840.10008.1.2.1", "CT01", 10, datetime.now(UTC)
+        )
+        results.enqueue(received, path, now=time.time())
+    forwarder = Forwarder(results, lambda: stow, Metrics(write=lambda line: None), limits)  # type: ignore[arg-type,return-value]
+    forwarder.start()
+    try:
+        wait_for(lambda: results.backlog() == 0, 20, "every instance in an end state")
+    finally:
+        forwarder.stop(5)
+    return results
+
+
+FAST = Limits(requests_per_second=1000, burst=1000, workers=1, first_backoff_seconds=0.01)
+
+
+def states(tmp_path: Path) -> dict[str, tuple[str, str | None]]:
+    return {row.sop_instance_uid: (row.status, row.reason) for row in study_rows(tmp_path / "db.sqlite", STUDY)}
+
+
+def test_an_unexplained_refusal_of_several_is_asked_again_one_by_one(tmp_path: Path) -> None:
+    def answer(uids: list[str]) -> Answer:
+        if "1.2" in uids:
+            return Answer(400, {}, "ValidationException: bad instance")
+        return stored(uids)
+
+    stow = ScriptedStow(answer)
+    # Enqueued before the forwarder starts, so the first request carries all three.
+    run(tmp_path, stow, ["1.1", "1.2", "1.3"], FAST)
+    assert stow.requests[0] == ["1.1", "1.2", "1.3"]
+    assert sorted(stow.requests[1:]) == [["1.1"], ["1.2"], ["1.3"]]
+    found = states(tmp_path)
+    assert found["1.1"] == ("imported", None) and found["1.3"] == ("imported", None)
+    assert found["1.2"] == ("failed", "StoreDICOM refused it: HTTP 400 ValidationException: bad instance")
+
+
+def test_an_instance_still_not_stored_at_the_deadline_is_failed_with_the_last_error(tmp_path: Path) -> None:
+    def answer(uids: list[str]) -> Answer:
+        raise StowError("StoreDICOM did not answer in time")
+
+    run(tmp_path, ScriptedStow(answer), ["1.1"], replace(FAST, deadline_seconds=0.2))
+    status, reason = states(tmp_path)["1.1"]
+    assert status == "failed"
+    assert reason == "not stored in HealthImaging within 0.2 s; last error: StoreDICOM did not answer in time"
+
+
+def test_refused_credentials_fail_nothing_before_the_deadline_and_say_what_to_check(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    calls = 0
+
+    def answer(uids: list[str]) -> Answer:
+        nonlocal calls
+        calls += 1
+        return Answer(403, {}, "AccessDeniedException") if calls <= 2 else stored(uids)
+
+    with caplog.at_level(logging.ERROR, logger="scp.forwarding.forwarder"):
+        run(tmp_path, ScriptedStow(answer), ["1.1"], FAST)
+    assert states(tmp_path)["1.1"] == ("imported", None)
+    assert any("medical-imaging:StoreDICOM" in record.getMessage() for record in caplog.records)
