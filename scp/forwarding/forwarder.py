@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import random
+import sqlite3
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -37,6 +38,8 @@ FIRST_BACKOFF_SECONDS = 0.5
 _MAX_BACKOFF_SECONDS = 15.0
 _IDLE_WAIT_SECONDS = 1.0
 _SUMMARY_SECONDS = 60.0
+# How old the newest rows may be when a power loss takes them (docs/forwarding.rst, "Crashes and restarts").
+CHECKPOINT_SECONDS = 1.0
 # HTTP answers that say "not now" rather than "never": throttled, timed out, or HealthImaging's own fault.
 _RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 # Answers about the caller, not the instance: credentials, permissions, a data store that does not exist. They
@@ -91,6 +94,9 @@ class Forwarder:
             thread = threading.Thread(target=self._run, name=f"forward-{number}", daemon=True)
             thread.start()
             self._threads.append(thread)
+        durability = threading.Thread(target=self._checkpoints, name="forward-checkpoint", daemon=True)
+        durability.start()
+        self._threads.append(durability)
 
     def wake(self) -> None:
         self._wake.set()
@@ -125,6 +131,13 @@ class Forwarder:
                         self._in_flight.difference_update(p.sop_instance_uid for p in batch)
         finally:
             client.close()
+
+    def _checkpoints(self) -> None:
+        while not self._stopping.wait(CHECKPOINT_SECONDS):
+            try:
+                self._results.checkpoint(self._clock())
+            except sqlite3.Error as error:
+                LOG.error("forwarding database checkpoint failed", extra={"error": str(error)})
 
     def _idle(self) -> None:
         next_due = self._results.next_due()

@@ -2,7 +2,8 @@
 
 It wraps the store the daemon already has, so the receive path is unchanged: the object is durable under its final
 name first, then its row is committed to the forwarding database, and only then does the C-STORE succeed. A crash
-between the two leaves a durable object that was never acknowledged; the modality sends it again.
+between the two leaves a durable object that was never acknowledged; the modality sends it again. A power loss
+right after the acknowledgement may lose the row, not the object: ``recovery`` records it again at the next start.
 """
 
 from __future__ import annotations
@@ -44,4 +45,5 @@ class ForwardingStore:
         """After the drain: no C-STORE adds rows any more; requests in flight get a moment, the rest resume later."""
         self._inner.close()
         self._forwarder.stop(_STOP_SECONDS)
+        self._results.stopped(self._clock())
         self._results.close()

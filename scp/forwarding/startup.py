@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import logging
 import sqlite3
+import time
 
 import botocore.session
 
 from scp.config import Settings
 from scp.forwarding.forwarder import Forwarder
 from scp.forwarding.outbox import ForwardingStore
+from scp.forwarding.recovery import boot_id, needs_recovery, recover
 from scp.forwarding.results import Results, database_path
 from scp.forwarding.stow import StowClient, endpoint
 from scp.metrics import Metrics
@@ -34,6 +36,11 @@ def start_forwarding(inner: Store, settings: Settings, metrics: Metrics) -> Forw
     base_url = endpoint(settings.healthimaging_dicomweb_url, region)
     try:
         results = Results(database_path(settings.storage_dir))
+        current_boot = boot_id()
+        since = needs_recovery(results, current_boot)
+        if since is not None:
+            recover(results, settings.storage_dir, since, time.time())
+        results.running(current_boot, time.time())
     except sqlite3.Error as error:
         raise ForwardingUnavailable(f"forwarding database cannot be opened: {error}") from error
     datastore_id = settings.datastore_id

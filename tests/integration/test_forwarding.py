@@ -212,3 +212,50 @@ def test_a_refused_instance_is_recorded_and_the_rest_go_on(tmp_path: Path, stand
     assert standin.problems == []
     assert daemon.stop() == 0
     assert len(daemon.log_messages("not stored in HealthImaging")) == 2
+
+
+def test_rows_a_power_loss_took_are_found_again_from_the_store(tmp_path: Path, standin: StowStandIn) -> None:
+    standin.answer_status = 503  # nothing reaches HealthImaging before the machine goes down
+    daemon = forwarding_daemon(tmp_path, standin)
+    study = "1.2.826.0.1.3680043.8.498.13005"
+    files = [make_instance(tmp_path, pixel_bytes=16 * 1024, study_uid=study) for _ in range(4)]
+    storescu(daemon, *files[:1])
+    wait_for(lambda: standin.requests["503"] >= 1, 30, "a first request")
+    daemon.signal(signal.SIGKILL)
+    daemon.wait(timeout=10)
+    # What a power loss leaves: the first object's row checkpointed long ago, then three objects fsync'd and
+    # acknowledged whose rows were still only in the page cache, and a different boot.
+    daemon = forwarding_daemon(tmp_path, standin)
+    storescu(daemon, *files[1:])
+    daemon.signal(signal.SIGKILL)
+    daemon.wait(timeout=10)
+    lost = [uid_of(path) for path in files[1:]]
+    database = daemon.storage_dir / ".forwarding" / "forwarding.sqlite"
+    with sqlite3.connect(database) as connection:
+        (stored_at,) = connection.execute(
+            "SELECT MIN(enqueued_at) FROM instances WHERE sop_instance_uid IN (?, ?, ?)", lost
+        ).fetchone()
+        connection.executemany("DELETE FROM instances WHERE sop_instance_uid = ?", [(uid,) for uid in lost])
+        connection.execute("UPDATE meta SET value = 'the-boot-before' WHERE key = 'boot_id'")
+        connection.execute("UPDATE meta SET value = ? WHERE key = 'durable_until'", (repr(stored_at - 1),))
+
+    standin.answer_status = None
+    restarted = start_daemon(tmp_path, storage_dir=daemon.storage_dir, **standin.daemon_settings(tmp_path))
+    (recovered,) = restarted.log_messages("forwarding outbox recovered after the machine went down")
+    assert recovered["instances_recorded"] == 3
+    acknowledged = {uid_of(path) for path in files}
+    wait_for(lambda: set(standin.arrivals()) == acknowledged, 60, "every acknowledged instance, the lost rows too")
+    wait_for(lambda: waiting(restarted) == 0, 30, "every instance in an end state")
+    code, report = status_json(restarted, study)
+    assert code == 0 and report["counts"]["imported"] == 4
+    assert {i["callingAETitle"] for i in report["instances"]} == {"STORESCU"}
+    assert restarted.stop() == 0
+
+    # A clean stop leaves nothing to recover, and a kill on a machine that stays up loses no row.
+    again = start_daemon(tmp_path, storage_dir=daemon.storage_dir, **standin.daemon_settings(tmp_path))
+    again.signal(signal.SIGKILL)
+    again.wait(timeout=10)
+    last = start_daemon(tmp_path, storage_dir=daemon.storage_dir, **standin.daemon_settings(tmp_path))
+    assert not again.log_messages("forwarding outbox recovered after the machine went down")
+    assert not last.log_messages("forwarding outbox recovered after the machine went down")
+    assert last.stop() == 0
