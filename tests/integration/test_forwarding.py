@@ -3,6 +3,7 @@ HealthImaging, the status command reading the daemon's forwarding database."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import signal
 import sqlite3
@@ -259,3 +260,31 @@ def test_rows_a_power_loss_took_are_found_again_from_the_store(tmp_path: Path, s
     assert not again.log_messages("forwarding outbox recovered after the machine went down")
     assert not last.log_messages("forwarding outbox recovered after the machine went down")
     assert last.stop() == 0
+
+
+def rss_mib(pid: int) -> float:
+    status = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
+    return int(status["VmRSS"].split()[0]) / 1024
+
+
+def test_a_large_instance_is_streamed_from_disk_in_bounded_memory(tmp_path: Path, standin: StowStandIn) -> None:
+    standin.answer_status = 503  # receive first, then measure the forwarding alone
+    daemon = forwarding_daemon(tmp_path, standin)
+    large = make_instance(tmp_path, pixel_bytes=160 * 1024 * 1024)
+    storescu(daemon, large)
+    wait_for(lambda: standin.requests["503"] >= 1, 30, "a first request")
+    baseline = rss_mib(daemon.process.pid)
+    standin.answer_status = None
+    peak = baseline
+    uid = uid_of(large)
+
+    def arrived() -> bool:
+        nonlocal peak
+        peak = max(peak, rss_mib(daemon.process.pid))
+        return uid in standin.arrivals()
+
+    wait_for(arrived, 120, "the large instance at StoreDICOM", interval=0.02)
+    assert standin.last_sha256(uid) == hashlib.sha256(stored_file(daemon, uid).read_bytes()).hexdigest()
+    assert peak < baseline + 32, (baseline, peak)
+    assert standin.problems == []
+    assert daemon.stop() == 0

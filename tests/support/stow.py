@@ -14,12 +14,13 @@ import hashlib
 import io
 import json
 import re
+import tempfile
 import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, BinaryIO
 
 import pydicom
 from botocore.auth import SigV4Auth
@@ -30,6 +31,8 @@ ACCESS_KEY = "AKIDSTANDIN"
 SECRET_KEY = "standin-secret-key"
 REGION = "eu-west-2"
 DATASTORE_ID = "0123456789abcdef0123456789abcdef"
+_CHUNK = 1024 * 1024
+_KEEP_BYTES = 16 * 1024 * 1024  # instances up to this size are kept whole for byte comparison
 _AUTHORIZATION = re.compile(
     r"AWS4-HMAC-SHA256 Credential=(?P<key>[^/]+)/(?P<date>[0-9]{8})/(?P<region>[^/]+)/(?P<service>[^/]+)/aws4_request,"
     r"\s*SignedHeaders=(?P<headers>[a-z0-9;-]+),\s*Signature=(?P<signature>[0-9a-f]{64})"
@@ -38,11 +41,12 @@ _AUTHORIZATION = re.compile(
 
 @dataclass
 class Received:
-    """One instance as it arrived: its exact bytes and the request that carried it."""
+    """One instance as it arrived: its SHA-256, its exact bytes (unless large), and the request that carried it."""
 
     sop_instance_uid: str
     study_instance_uid: str
-    data: bytes
+    sha256: str
+    data: bytes | None
     request_number: int
 
 
@@ -115,9 +119,13 @@ class StowStandIn:
         with self.lock:
             return Counter(item.sop_instance_uid for item in self.received)
 
-    def last_bytes(self, sop_instance_uid: str) -> bytes:
+    def last_bytes(self, sop_instance_uid: str) -> bytes | None:
         with self.lock:
             return [item.data for item in self.received if item.sop_instance_uid == sop_instance_uid][-1]
+
+    def last_sha256(self, sop_instance_uid: str) -> str:
+        with self.lock:
+            return [item.sha256 for item in self.received if item.sop_instance_uid == sop_instance_uid][-1]
 
     @staticmethod
     def image_set_id(study_instance_uid: str) -> str:
@@ -129,16 +137,25 @@ class StowStandIn:
         length = int(request.headers.get("Content-Length") or -1)
         if length < 0:
             return self._problem("no Content-Length")
-        body = request.rfile.read(length)
-        if len(body) != length:
-            return 400, b""  # the client went away mid-body: nothing arrived
-        problem = self._check_signature(request, body) or self._check_path(request.path)
-        if problem:
-            return self._problem(problem)
-        try:
-            instances = self._instances(request.headers.get("Content-Type", ""), body)
-        except ValueError as error:
-            return self._problem(str(error))
+        # The body goes to a temporary file while it is hashed: a large instance never sits in memory here.
+        with tempfile.TemporaryFile() as spool:
+            digest = hashlib.sha256()
+            remaining = length
+            while remaining:
+                chunk = request.rfile.read(min(_CHUNK, remaining))
+                if not chunk:
+                    return 400, b""  # the client went away mid-body: nothing arrived
+                spool.write(chunk)
+                digest.update(chunk)
+                remaining -= len(chunk)
+            spool.seek(0)
+            problem = self._check_signature(request, digest.hexdigest(), spool) or self._check_path(request.path)
+            if problem:
+                return self._problem(problem)
+            try:
+                instances = self._instances(request.headers.get("Content-Type", ""), spool, digest.hexdigest())
+            except ValueError as error:
+                return self._problem(str(error))
         if self.latency_seconds:
             time.sleep(self.latency_seconds)
         with self.lock:
@@ -146,12 +163,12 @@ class StowStandIn:
                 self.requests[str(self.answer_status)] += 1
                 code = "ThrottlingException" if self.answer_status == 429 else "ServiceUnavailableException"
                 return self.answer_status, f'{{"__type": "{code}", "message": "stand-in"}}'.encode()
-            if any(dataset.SOPInstanceUID in self.refuse_http for dataset, _ in instances):
+            if any(dataset.SOPInstanceUID in self.refuse_http for dataset, _, _ in instances):
                 self.requests["400"] += 1
                 return 400, b'{"__type": "ValidationException", "message": "stand-in refuses this instance"}'
             number = sum(self.requests.values())
             referenced, failed = [], []
-            for dataset, data in instances:
+            for dataset, sha256, data in instances:
                 uid = str(dataset.SOPInstanceUID)
                 reference: dict[str, Any] = {
                     "00081150": {"vr": "UI", "Value": [str(dataset.SOPClassUID)]},
@@ -161,7 +178,7 @@ class StowStandIn:
                     failed.append({**reference, "00081197": {"vr": "US", "Value": [self.refuse_dicom[uid]]}})
                     continue
                 study = str(dataset.StudyInstanceUID)
-                self.received.append(Received(uid, study, data, number))
+                self.received.append(Received(uid, study, sha256, data, number))
                 reference["00081190"] = {
                     "vr": "UR",
                     "Value": [
@@ -172,7 +189,7 @@ class StowStandIn:
                 if uid in self.warn:
                     reference["00081196"] = {"vr": "US", "Value": [self.warn[uid]]}
                 referenced.append(reference)
-            warned = any(str(dataset.SOPInstanceUID) in self.warn for dataset, _ in instances)
+            warned = any(str(dataset.SOPInstanceUID) in self.warn for dataset, _, _ in instances)
             status = 200 if not failed and not warned else 202
             if not referenced:
                 status = 409
@@ -195,7 +212,7 @@ class StowStandIn:
         expected = f"/datastore/{self.datastore_id}/studies"
         return None if path == expected else f"path {path!r} is not {expected!r}"
 
-    def _check_signature(self, request: BaseHTTPRequestHandler, body: bytes) -> str | None:
+    def _check_signature(self, request: BaseHTTPRequestHandler, body_sha256: str, body: BinaryIO) -> str | None:
         match = _AUTHORIZATION.fullmatch(request.headers.get("Authorization", ""))
         if not match:
             return f"no SigV4 Authorization header: {request.headers.get('Authorization')!r}"
@@ -204,7 +221,7 @@ class StowStandIn:
         amz_date = request.headers.get("X-Amz-Date", "")
         if not amz_date.startswith(match["date"]):
             return "X-Amz-Date does not match the credential scope's date"
-        if request.headers.get("X-Amz-Content-SHA256") != hashlib.sha256(body).hexdigest():
+        if request.headers.get("X-Amz-Content-SHA256") != body_sha256:
             return "X-Amz-Content-SHA256 is not the body's hash"
         signed = match["headers"].split(";")
         if not {"host", "x-amz-date", "content-type", "x-amz-content-sha256"} <= set(signed):
@@ -214,31 +231,39 @@ class StowStandIn:
         replay = AWSRequest(method="POST", url=f"http://{host}{request.path}", headers=headers, data=body)
         replay.context["timestamp"] = amz_date
         auth = SigV4Auth(Credentials(ACCESS_KEY, SECRET_KEY), "medical-imaging", self.region)
+        # botocore hashes the body again, reading the file in chunks: the signature covers what arrived.
         expected = auth.signature(auth.string_to_sign(replay, auth.canonical_request(replay)), replay)
+        body.seek(0)
         return None if expected == match["signature"] else "SigV4 signature does not match"
 
-    def _instances(self, content_type: str, body: bytes) -> list[tuple[Any, bytes]]:
+    def _instances(self, content_type: str, body: BinaryIO, body_sha256: str) -> list[tuple[Any, str, bytes | None]]:
         self.content_types[content_type.split(";")[0].strip()] += 1
         if content_type.strip() == "application/dicom":
-            parts = [body]
-        elif content_type.startswith("multipart/related"):
-            if 'type="application/dicom"' not in content_type:
-                raise ValueError(f"multipart/related without type=application/dicom: {content_type!r}")
-            parts = _multipart(content_type, body)
-        else:
+            size = body.seek(0, io.SEEK_END)
+            body.seek(0)
+            data = body.read() if size <= _KEEP_BYTES else None
+            body.seek(0)
+            return [(self._dataset(body), body_sha256, data)]
+        if not content_type.startswith("multipart/related"):
             raise ValueError(f"Content-Type {content_type!r} is neither application/dicom nor multipart/related")
-        instances = []
-        for data in parts:
-            try:
-                dataset = pydicom.dcmread(io.BytesIO(data))
-                uid = dataset.SOPInstanceUID
-                _ = dataset.StudyInstanceUID, dataset.SeriesInstanceUID, dataset.SOPClassUID
-            except Exception as error:
-                raise ValueError(f"a part is not a DICOM Part-10 instance: {error}") from None
-            if dataset.file_meta.MediaStorageSOPInstanceUID != uid:
-                raise ValueError("file meta and data set name different instances")
-            instances.append((dataset, data))
-        return instances
+        if 'type="application/dicom"' not in content_type:
+            raise ValueError(f"multipart/related without type=application/dicom: {content_type!r}")
+        return [
+            (self._dataset(io.BytesIO(part)), hashlib.sha256(part).hexdigest(), part)
+            for part in _multipart(content_type, body.read())
+        ]
+
+    @staticmethod
+    def _dataset(source: BinaryIO) -> Any:
+        try:
+            dataset = pydicom.dcmread(source, stop_before_pixels=True)
+            uid = dataset.SOPInstanceUID
+            _ = dataset.StudyInstanceUID, dataset.SeriesInstanceUID, dataset.SOPClassUID
+        except Exception as error:
+            raise ValueError(f"a part is not a DICOM Part-10 instance: {error}") from None
+        if dataset.file_meta.MediaStorageSOPInstanceUID != uid:
+            raise ValueError("file meta and data set name different instances")
+        return dataset
 
 
 def _multipart(content_type: str, body: bytes) -> list[bytes]:
