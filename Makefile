@@ -211,6 +211,10 @@ bench: $(INSTALLED) dcmtk ## Ingest benchmark against DCMTK storescp, Orthanc, p
 	$(BIN)/pip install --quiet -e '.[dev,bench]'
 	$(BIN)/python -m bench
 
+.PHONY: bench-forwarding
+bench-forwarding: $(INSTALLED) dcmtk ## StoreDICOM forwarding: acknowledgement-to-stored latency and receive rate
+	$(BIN)/python -m bench.forwarding
+
 # ---------------------------------------------------------------------------------------------------------------
 # Housekeeping
 

@@ -37,6 +37,7 @@ DEADLINE_SECONDS = 24 * 3600.0
 FIRST_BACKOFF_SECONDS = 0.5
 _MAX_BACKOFF_SECONDS = 15.0
 _IDLE_WAIT_SECONDS = 1.0
+_MINIMUM_WAIT_SECONDS = 0.01
 _SUMMARY_SECONDS = 60.0
 # How old the newest rows may be when a power loss takes them (docs/forwarding.rst, "Crashes and restarts").
 CHECKPOINT_SECONDS = 1.0
@@ -72,7 +73,9 @@ class Forwarder:
         self._metrics = metrics
         self._limits = limits
         self._clock = clock
-        self._wake = threading.Event()
+        # Woken by every stored object; a counter, so a wake while a worker is busy is not lost.
+        self._work = threading.Condition()
+        self._wakes = 0
         self._stopping = threading.Event()
         self._lock = threading.Lock()
         self._in_flight: set[str] = set()
@@ -99,12 +102,14 @@ class Forwarder:
         self._threads.append(durability)
 
     def wake(self) -> None:
-        self._wake.set()
+        with self._work:
+            self._wakes += 1
+            self._work.notify_all()
 
     def stop(self, timeout: float) -> None:
         """Stop taking work; requests in flight get ``timeout`` to finish, the rest resume after a restart."""
         self._stopping.set()
-        self._wake.set()
+        self.wake()
         deadline = time.monotonic() + timeout
         for thread in self._threads:
             thread.join(max(0.0, deadline - time.monotonic()))
@@ -117,9 +122,10 @@ class Forwarder:
         client = self._new_client()
         try:
             while not self._stopping.is_set():
+                seen = self._wakes
                 batch = self._claim()
                 if not batch:
-                    self._idle()
+                    self._idle(seen)
                     continue
                 try:
                     self._send(client, batch)
@@ -139,16 +145,18 @@ class Forwarder:
             except sqlite3.Error as error:
                 LOG.error("forwarding database checkpoint failed", extra={"error": str(error)})
 
-    def _idle(self) -> None:
-        next_due = self._results.next_due()
-        wait = _IDLE_WAIT_SECONDS if next_due is None else min(_IDLE_WAIT_SECONDS, next_due - self._clock())
-        if wait > 0:
-            self._wake.wait(wait)
-            self._wake.clear()
+    def _idle(self, seen: int) -> None:
+        """Wait until an instance not being sent is due, or a new one arrives (``wake``) after ``seen``."""
+        with self._lock:
+            upcoming = self._results.due(float("inf"), 1, self._in_flight)
+        wait = _IDLE_WAIT_SECONDS
+        if upcoming:
+            wait = min(wait, max(upcoming[0].next_attempt_at - self._clock(), _MINIMUM_WAIT_SECONDS))
+        with self._work:
+            self._work.wait_for(lambda: self._wakes != seen or self._stopping.is_set(), wait)
 
     def _claim(self) -> list[Pending]:
-        if not self._wait_for_turn():
-            return []
+        """Take what is due (and not being sent), then wait for a request token to send it."""
         with self._lock:
             due = self._results.due(self._clock(), self._limits.instances_per_request, self._in_flight)
             batch: list[Pending] = []
@@ -159,8 +167,10 @@ class Forwarder:
                 batch.append(pending)
                 size += pending.size
             self._in_flight.update(p.sop_instance_uid for p in batch)
-        if not batch:
-            self._give_back_token()
+        if batch and not self._wait_for_turn():
+            with self._lock:
+                self._in_flight.difference_update(p.sop_instance_uid for p in batch)
+            return []
         return batch
 
     def _wait_for_turn(self) -> bool:
@@ -180,10 +190,6 @@ class Forwarder:
                 wait = wait or (1 - self._tokens) / self._limits.requests_per_second
             self._stopping.wait(wait)
         return False
-
-    def _give_back_token(self) -> None:
-        with self._lock:
-            self._tokens = min(float(self._limits.burst), self._tokens + 1)
 
     # -- one request -------------------------------------------------------------------------------------------
 

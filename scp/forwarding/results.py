@@ -70,6 +70,7 @@ class Pending:
     generation: int
     attempts: int
     enqueued_at: float
+    next_attempt_at: float
 
 
 @dataclass(frozen=True)
@@ -195,21 +196,14 @@ class Results:
             rows = self._connection.execute(
                 """
                 SELECT sop_instance_uid, sop_class_uid, study_instance_uid, location, size, generation, attempts,
-                    enqueued_at
+                    enqueued_at, next_attempt_at
                 FROM instances WHERE status = 'forwarding' AND next_attempt_at <= ?
                 ORDER BY next_attempt_at LIMIT ?
                 """,
                 (now, limit + len(excluded)),
             ).fetchall()
-        found = [Pending(r[0], r[1], r[2], Path(r[3]), r[4], r[5], r[6], r[7]) for r in rows if r[0] not in excluded]
+        found = [Pending(r[0], r[1], r[2], Path(r[3]), *r[4:]) for r in rows if r[0] not in excluded]
         return found[:limit]
-
-    def next_due(self) -> float | None:
-        with self._lock:
-            row = self._connection.execute(
-                "SELECT MIN(next_attempt_at) FROM instances WHERE status = 'forwarding'"
-            ).fetchone()
-        return None if row[0] is None else float(row[0])
 
     def backlog(self) -> int:
         with self._lock:

@@ -33,7 +33,7 @@ def test_rows_are_due_oldest_first_and_survive_reopening(tmp_path: Path) -> None
     assert [p.sop_instance_uid for p in results.due(now=200, limit=10, exclude={"1.1"})] == ["1.2", "1.3"]
     results.close()
     reopened = Results(path)
-    assert reopened.backlog() == 3 and reopened.next_due() == 100.0
+    assert reopened.backlog() == 3 and reopened.due(float("inf"), 1)[0].next_attempt_at == 100.0
 
 
 def test_end_states_and_reasons_are_what_the_status_command_reads(tmp_path: Path) -> None:
@@ -46,7 +46,7 @@ def test_end_states_and_reasons_are_what_the_status_command_reads(tmp_path: Path
     results.stored(second, WARNING, "abc", "warning 0xB000", now=2.0)
     results.failed(third, "StoreDICOM failure 0xA900", now=2.0, answered=True)
     results.retry_later(fourth, "StoreDICOM answered HTTP 503", at=50.0, answered=False)
-    assert results.backlog() == 1 and results.next_due() == 50.0
+    assert results.backlog() == 1 and results.due(float("inf"), 1)[0].next_attempt_at == 50.0
     rows = {row.sop_instance_uid: row for row in study_rows(tmp_path / "db.sqlite", STUDY)}
     assert [rows[uid].status for uid in ("1.1", "1.2", "1.3", "1.4")] == [IMPORTED, WARNING, FAILED, FORWARDING]
     assert rows["1.1"].image_set_id == "abc" and rows["1.1"].attempts == 1
