@@ -73,9 +73,11 @@ class Forwarder:
         self._metrics = metrics
         self._limits = limits
         self._clock = clock
-        # Woken by every stored object; a counter, so a wake while a worker is busy is not lost.
+        # Woken by every stored object: one idle worker at most, and a flag, so a wake while every worker is busy
+        # is not lost and costs the receive path nothing more.
         self._work = threading.Condition()
-        self._wakes = 0
+        self._new_work = False
+        self._idle_workers = 0
         self._stopping = threading.Event()
         self._lock = threading.Lock()
         self._in_flight: set[str] = set()
@@ -103,13 +105,15 @@ class Forwarder:
 
     def wake(self) -> None:
         with self._work:
-            self._wakes += 1
-            self._work.notify_all()
+            self._new_work = True
+            if self._idle_workers:
+                self._work.notify()
 
     def stop(self, timeout: float) -> None:
         """Stop taking work; requests in flight get ``timeout`` to finish, the rest resume after a restart."""
         self._stopping.set()
-        self.wake()
+        with self._work:
+            self._work.notify_all()
         deadline = time.monotonic() + timeout
         for thread in self._threads:
             thread.join(max(0.0, deadline - time.monotonic()))
@@ -122,10 +126,9 @@ class Forwarder:
         client = self._new_client()
         try:
             while not self._stopping.is_set():
-                seen = self._wakes
                 batch = self._claim()
                 if not batch:
-                    self._idle(seen)
+                    self._idle()
                     continue
                 try:
                     self._send(client, batch)
@@ -145,15 +148,25 @@ class Forwarder:
             except sqlite3.Error as error:
                 LOG.error("forwarding database checkpoint failed", extra={"error": str(error)})
 
-    def _idle(self, seen: int) -> None:
-        """Wait until an instance not being sent is due, or a new one arrives (``wake``) after ``seen``."""
+    def _idle(self) -> None:
+        """Wait until an instance not being sent is due, or a new one is stored (``wake``)."""
+        with self._work:
+            if self._new_work:
+                self._new_work = False
+                return
         with self._lock:
             upcoming = self._results.due(float("inf"), 1, self._in_flight)
         wait = _IDLE_WAIT_SECONDS
         if upcoming:
             wait = min(wait, max(upcoming[0].next_attempt_at - self._clock(), _MINIMUM_WAIT_SECONDS))
         with self._work:
-            self._work.wait_for(lambda: self._wakes != seen or self._stopping.is_set(), wait)
+            if self._new_work or self._stopping.is_set():
+                self._new_work = False
+                return
+            self._idle_workers += 1
+            self._work.wait(wait)
+            self._idle_workers -= 1
+            self._new_work = False
 
     def _claim(self) -> list[Pending]:
         """Take what is due (and not being sent), then wait for a request token to send it."""

@@ -110,8 +110,14 @@ class Results:
         # 0.7 ms median on this product's test disk); ``checkpoint`` and ``recovery`` cover a power loss instead.
         self._connection.execute("PRAGMA synchronous=NORMAL")
         self._connection.executescript(_SCHEMA)
+        # Checkpoints fsync; on a connection of their own they never hold up the receive path's inserts (a
+        # passive checkpoint does not block writers).
+        self._checkpointer = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
+        self._checkpoint_lock = threading.Lock()
 
     def close(self) -> None:
+        with self._checkpoint_lock:
+            self._checkpointer.close()
         with self._lock:
             self._connection.close()
 
@@ -133,8 +139,9 @@ class Results:
 
     def checkpoint(self, now: float) -> None:
         """Make every commit so far durable (the WAL is fsync'd before a checkpoint), then record when."""
+        with self._checkpoint_lock:
+            self._checkpointer.execute("PRAGMA wal_checkpoint(PASSIVE)")
         with self._lock:
-            self._connection.execute("PRAGMA wal_checkpoint(PASSIVE)")
             # Becomes durable itself with the next checkpoint: what is read back after a power loss is a time
             # before which every row is on disk.
             self._connection.execute("UPDATE meta SET value = ? WHERE key = 'durable_until'", (repr(now),))
@@ -143,8 +150,8 @@ class Results:
         with self._lock:
             self._connection.execute("UPDATE meta SET value = '1' WHERE key = 'clean'")
         self.checkpoint(now)
-        with self._lock:
-            self._connection.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        with self._checkpoint_lock:
+            self._checkpointer.execute("PRAGMA wal_checkpoint(PASSIVE)")
 
     def enqueued_at(self, sop_instance_uid: str) -> float | None:
         with self._lock:

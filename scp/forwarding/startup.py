@@ -29,7 +29,7 @@ def start_forwarding(inner: Store, settings: Settings, metrics: Metrics) -> Forw
     session = botocore.session.get_session()
     region = session.get_config_variable("region")
     if not region:
-        raise ForwardingUnavailable("StoreDICOM forwarding needs an AWS Region: set AWS_REGION or AWS_DEFAULT_REGION")
+        raise ForwardingUnavailable("StoreDICOM forwarding needs an AWS Region: set AWS_DEFAULT_REGION")
     credentials = session.get_credentials()
     if credentials is None:
         raise ForwardingUnavailable("StoreDICOM forwarding needs AWS credentials (the standard AWS chain found none)")
