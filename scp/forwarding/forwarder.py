@@ -251,6 +251,8 @@ class Forwarder:
                 # The answer does not say which instance it is about: ask for each on its own.
                 self._results.refused(batch)
                 for pending in batch:
+                    if not self._wait_for_turn():
+                        return  # stopping: the rest stay due
                     self._send(client, [pending])
                 return
             self._fail(
