@@ -15,8 +15,9 @@ from pathlib import Path
 
 from scp.forwarding.forwarder import Forwarder
 from scp.forwarding.results import Results
+from scp.instances import ReceivedInstance, StoredInstance
 from scp.status import Status, StoreFailure
-from scp.storage import ReceivedInstance, Store, StoredInstance
+from scp.storage import Store
 
 # ECS waits at most 120 s after SIGTERM and the drain may take SHUTDOWN_GRACE_SECONDS (100 by default) of it.
 _STOP_SECONDS = 5.0

@@ -17,7 +17,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_file_meta_info
 
 from scp.forwarding.results import Results
-from scp.storage import ReceivedInstance
+from scp.instances import ReceivedInstance
 from scp.uids import is_valid_uid
 
 LOG = logging.getLogger(__name__)

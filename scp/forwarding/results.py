@@ -18,7 +18,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from scp.storage import ReceivedInstance
+from scp.instances import ReceivedInstance
 
 # The import workflow's status words for an instance item (docs/import-workflow.rst), and the one of our own.
 FORWARDING = "forwarding"

@@ -15,8 +15,8 @@ import pytest
 from scp.forwarding.forwarder import Forwarder, Limits
 from scp.forwarding.results import Results, study_rows
 from scp.forwarding.stow import Answer, Body, Outcome, StowError
+from scp.instances import ReceivedInstance
 from scp.metrics import Metrics
-from scp.storage import ReceivedInstance
 from tests.support.waits import wait_for
 
 STUDY = "1.2.3"

@@ -6,7 +6,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from scp.forwarding.results import FAILED, FORWARDING, IMPORTED, WARNING, Results, study_rows
-from scp.storage import ReceivedInstance
+from scp.instances import ReceivedInstance
 
 STUDY = "1.2.3"
 
