@@ -84,7 +84,9 @@ class Settings:
         "", "comma-separated calling AE titles allowed to connect; empty allows any"
     )
     max_pool_connections: int = _setting("50", "size of the S3 client's connection pool")
-    aws_region: str | None = _setting("", "AWS Region of the S3 client; empty follows the standard AWS chain")
+    aws_region: str | None = _setting(
+        "", "AWS Region of the S3 client and of StoreDICOM; empty follows the standard AWS chain"
+    )
     dimse_timeout: float = _setting("60", "seconds to wait for a DIMSE message")
     acse_timeout: float = _setting(
         _ACSE_TIMEOUT_DEFAULT, "seconds to wait for the association request (and PROXY header) after connecting"

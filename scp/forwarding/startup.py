@@ -27,9 +27,9 @@ class ForwardingUnavailable(OSError):
 def start_forwarding(inner: Store, settings: Settings, metrics: Metrics) -> ForwardingStore:
     assert settings.datastore_id
     session = botocore.session.get_session()
-    region = session.get_config_variable("region")
+    region = settings.aws_region or session.get_config_variable("region")
     if not region:
-        raise ForwardingUnavailable("StoreDICOM forwarding needs an AWS Region: set AWS_DEFAULT_REGION")
+        raise ForwardingUnavailable("StoreDICOM forwarding needs an AWS Region: set AWS_REGION")
     credentials = session.get_credentials()
     if credentials is None:
         raise ForwardingUnavailable("StoreDICOM forwarding needs AWS credentials (the standard AWS chain found none)")

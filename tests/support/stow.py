@@ -108,7 +108,6 @@ class StowStandIn:
             "HEALTHIMAGING_DICOMWEB_URL": self.url,
             "AWS_ACCESS_KEY_ID": ACCESS_KEY,
             "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
-            "AWS_DEFAULT_REGION": self.region,
             "AWS_REGION": self.region,
             "AWS_CONFIG_FILE": str(tmp / "no-aws-config"),
             "AWS_SHARED_CREDENTIALS_FILE": str(tmp / "no-aws-credentials"),
