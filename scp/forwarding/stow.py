@@ -92,7 +92,9 @@ def endpoint(base_url: str | None, region: str) -> str:
 class StowClient:
     """One HTTP connection, kept alive between requests; not shared between threads."""
 
-    def __init__(self, base_url: str, datastore_id: str, region: str, credentials: Any) -> None:
+    def __init__(
+        self, base_url: str, datastore_id: str, region: str, credentials: Any, stall_seconds: float = _STALL_SECONDS
+    ) -> None:
         parsed = urllib.parse.urlsplit(base_url)
         self._scheme = parsed.scheme
         self._host = parsed.hostname or ""
@@ -102,6 +104,7 @@ class StowClient:
         self._path = f"{self._base_path}/datastore/{datastore_id}/studies"
         self._region = region
         self._credentials = credentials  # botocore's, refreshed by it; frozen for each signature
+        self._stall_seconds = stall_seconds
         self._connection: http.client.HTTPConnection | None = None
 
     def close(self) -> None:
@@ -157,7 +160,7 @@ class StowClient:
                 )
             self._connection.connect()
             assert self._connection.sock is not None
-            self._connection.sock.settimeout(_STALL_SECONDS)
+            self._connection.sock.settimeout(self._stall_seconds)
             self._connection.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return self._connection
 

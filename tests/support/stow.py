@@ -55,6 +55,7 @@ class StowStandIn:
     region: str = REGION
     datastore_id: str = DATASTORE_ID
     latency_seconds: float = 0.0
+    close_without_answer: bool = False  # read the request, then drop the connection
     answer_status: int | None = None  # 503, 429, ...: answer every request with it, storing nothing
     refuse_http: set[str] = field(default_factory=set)  # a request carrying one of these gets HTTP 400
     refuse_dicom: dict[str, int] = field(default_factory=dict)  # in FailedSOPSequence with this FailureReason
@@ -77,6 +78,9 @@ class StowStandIn:
 
             def do_POST(self) -> None:
                 status, body = standin._handle(self)
+                if standin.close_without_answer:
+                    self.close_connection = True
+                    return
                 self.send_response(status)
                 self.send_header("Content-Type", "application/dicom+json")
                 self.send_header("Content-Length", str(len(body)))
