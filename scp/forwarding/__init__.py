@@ -1,5 +1,6 @@
 """StoreDICOM forwarding: every durably stored object also goes to a HealthImaging data store through STOW-RS.
 
-The local store is the outbox: ``outbox`` records each stored object before it is acknowledged, ``forwarder``
-sends what is due, ``stow`` speaks STOW-RS to HealthImaging, ``results`` keeps each instance's end state.
+``outbox`` records each stored object before it is acknowledged, in the database ``results`` keeps (each
+instance's end state too); ``forwarder`` sends what is due and ``stow`` speaks STOW-RS to HealthImaging;
+``recovery`` finds rows a power loss took; ``startup`` wires them; ``local_status`` is the status command's view.
 """
