@@ -12,6 +12,7 @@ from typing import Protocol
 from scp.commitment.ledger import Ledger
 from scp.commitment.pending import COMMITTED
 from scp.commitment.request import Reference
+from scp.forwarding.results import FAILED, IMPORTED, WARNING
 
 
 class FailureReason(IntEnum):
@@ -66,10 +67,8 @@ class StoreEvidence:
         return verdicts
 
 
-# The forwarding database's words for an instance (scp/forwarding): sent and stored, stored with a warning, given
-# up on, or still being sent.
-FORWARDED_STORED = ("imported", "warning")
-FORWARDED_FAILED = "failed"
+# Stored in HealthImaging, with or without a warning; anything else but FAILED is still on its way.
+_FORWARDED_STORED = (IMPORTED, WARNING)
 
 
 @dataclass(frozen=True)
@@ -99,9 +98,9 @@ class HealthImagingEvidence:
                 verdicts.append(AWAITED)
             elif state.sop_class_uid != reference.sop_class_uid:
                 verdicts.append(Verdict(FailureReason.CLASS_INSTANCE_CONFLICT))
-            elif state.status in FORWARDED_STORED:
+            elif state.status in _FORWARDED_STORED:
                 verdicts.append(COMMITTED_VERDICT)
-            elif state.status == FORWARDED_FAILED:
+            elif state.status == FAILED:
                 verdicts.append(Verdict(FailureReason.PROCESSING_FAILURE))
             else:
                 verdicts.append(AWAITED_SEEN)

@@ -4,25 +4,32 @@ the store wrapped so that each durable instance is recorded where commitment can
 from __future__ import annotations
 
 from scp.commitment import ledger, pending
-from scp.commitment.committer import Evidence, ObjectCheck, StoreEvidence
+from scp.commitment.committer import Evidence, HealthImagingEvidence, ObjectCheck, StoreEvidence
+from scp.commitment.forwarded import ForwardingDatabase
 from scp.commitment.sender import ReportSender
 from scp.commitment.service import CommitmentService
 from scp.commitment.verify import LocalFiles, S3Objects
-from scp.config import Settings
+from scp.config import COMMITMENT_AFTER_HEALTHIMAGING, Settings
+from scp.forwarding.results import database_path
 from scp.storage import Store
 
 
 def start_commitment(settings: Settings, store: Store) -> tuple[CommitmentService, Store]:
     """The running service, and the store the receive path must use from now on."""
     requests = pending.PendingRequests(pending.database_path(settings.storage_dir))
-    stored = ledger.Ledger(ledger.database_path(settings.storage_dir))
-    evidence: Evidence = StoreEvidence(stored, _object_check(settings))
+    evidence: Evidence
+    if settings.commitment_after == COMMITMENT_AFTER_HEALTHIMAGING:
+        # The forwarding database exists by now: the store was built, and forwarding started, before this.
+        evidence = HealthImagingEvidence(ForwardingDatabase(database_path(settings.storage_dir)))
+    else:
+        stored = ledger.Ledger(ledger.database_path(settings.storage_dir))
+        evidence = StoreEvidence(stored, _object_check(settings))
+        store = ledger.RecordingStore(store, stored)
     service = CommitmentService(
         requests, evidence, ReportSender(settings), settings.commitment_peers, settings.commitment_timeout
     )
-    recording = ledger.RecordingStore(store, stored)
     service.start()
-    return service, recording
+    return service, store
 
 
 def _object_check(settings: Settings) -> ObjectCheck:

@@ -28,6 +28,7 @@ FAILED = "failed"
 END_STATES = (IMPORTED, WARNING, FAILED)
 
 DATABASE_NAME = "forwarding.sqlite"
+_LOOKUP_CHUNK = 500  # SQLite's limit on bound parameters is 999 in older builds
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS instances (
@@ -310,6 +311,25 @@ def study_rows(path: Path, study_uid: str) -> list[Row]:
     finally:
         connection.close()
     return [Row(*row) for row in rows]
+
+
+def instance_states(path: Path, sop_instance_uids: Sequence[str]) -> dict[str, tuple[str, str]]:
+    """For Storage Commitment: (SOP Class UID, status) of each instance the database knows among
+    ``sop_instance_uids``; reads the database read-only, never creates or changes it."""
+    connection = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    found: dict[str, tuple[str, str]] = {}
+    try:
+        for start in range(0, len(sop_instance_uids), _LOOKUP_CHUNK):
+            chunk = list(sop_instance_uids[start : start + _LOOKUP_CHUNK])
+            placeholders = ",".join("?" * len(chunk))  # only "?" marks; the UIDs are bound parameters
+            rows = connection.execute(
+                f"SELECT sop_instance_uid, sop_class_uid, status FROM instances WHERE sop_instance_uid IN ({placeholders})",  # noqa: S608, E501
+                chunk,
+            ).fetchall()
+            found.update((row[0], (row[1], row[2])) for row in rows)
+    finally:
+        connection.close()
+    return found
 
 
 def _iso(timestamp: float) -> str:

@@ -24,6 +24,7 @@ from tests.support.commitment import (
 from tests.support.corpus import CT_IMAGE_STORAGE, SECONDARY_CAPTURE
 from tests.support.daemon import Daemon, start_daemon
 from tests.support.moto import MotoServer
+from tests.support.stow import StowStandIn
 from tests.support.waits import wait_for
 
 REPORT_WAIT = 30
@@ -220,3 +221,34 @@ def test_s3_mode_commits_what_s3_holds_and_fails_what_it_no_longer_does(
     assert report.event_type == 2
     assert report.committed == references([kept])
     assert report.failed == [(*references([expired])[0], PROCESSING_FAILURE)]
+
+
+def test_healthimaging_mode_commits_only_what_storedicom_stored(tmp_path: Path) -> None:
+    standin = StowStandIn().start()
+    try:
+        settings = {**standin.daemon_settings(tmp_path), "COMMITMENT_AFTER": "healthimaging", "COMMITMENT_TIMEOUT": "8"}
+        daemon = start_daemon(tmp_path, **settings)
+        modality = Modality(daemon)
+        imported, warned, refused = instances(tmp_path, 3)
+        (_, warned_uid), (_, refused_uid) = references([warned, refused])
+        standin.warn[warned_uid] = 0xB000
+        standin.refuse_dicom[refused_uid] = 0xA900
+        never_sent = (CT_IMAGE_STORAGE, generate_uid())
+        association = modality.associate()
+        try:
+            modality.store(association, [imported, warned, refused])
+            information = action_information([*references([imported, warned, refused]), never_sent])
+            assert modality.request(association, information) == 0x0000
+            report = modality.reports.get(timeout=REPORT_WAIT)
+            wait_for(lambda: daemon.log_messages("commitment reported"), 10, "the report's response")
+        finally:
+            association.release()
+            daemon.stop()
+    finally:
+        standin.stop()
+    assert report.event_type == 2
+    assert sorted(report.committed) == sorted(references([imported, warned]))
+    assert sorted(report.failed) == sorted(
+        [(*references([refused])[0], PROCESSING_FAILURE), (*never_sent, NO_SUCH_OBJECT)]
+    )
+    assert set(standin.arrivals()) == {uid for _, uid in references([imported, warned])}

@@ -161,3 +161,5 @@ def test_commitment_after_and_timeout_are_validated() -> None:
 def test_commitment_after_healthimaging_needs_forwarding() -> None:
     with pytest.raises(SettingsError, match="COMMITMENT_AFTER: healthimaging needs StoreDICOM forwarding"):
         Settings.from_env({"COMMITMENT_AFTER": "healthimaging"})
+    forwarding = {"COMMITMENT_AFTER": "healthimaging", "DATASTORE_ID": "0123456789abcdef0123456789abcdef"}
+    assert Settings.from_env(forwarding).commitment_after == "healthimaging"
