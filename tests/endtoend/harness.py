@@ -235,7 +235,7 @@ class Chaos:
 class Receivers:
     """The daemon, killed (SIGKILL) or stopped (SIGTERM) at random moments and started again on the same port."""
 
-    def __init__(self, workdir: Path, settings: dict[str, str]) -> None:
+    def __init__(self, workdir: Path, settings: dict[str, str | None]) -> None:
         self._workdir = workdir
         self._settings = settings
         self._lock = threading.Lock()
@@ -368,10 +368,15 @@ def moto_clients(moto: MotoServer) -> tuple[Any, Any]:
     return session.client("s3", endpoint_url=moto.endpoint), session.resource("dynamodb", endpoint_url=moto.endpoint)
 
 
-def daemon_settings(bucket: str, proxy: FaultProxy | None) -> dict[str, str]:
-    """The daemon's environment: S3 through ``proxy``, small batches, a short window and a short deadline."""
+def daemon_settings(bucket: str, proxy: FaultProxy | None) -> dict[str, str | None]:
+    """The daemon's environment: S3 through ``proxy``, small batches, a short window and a short deadline.
+
+    The functions' variables in this process's environment are not the receiver task's: in the stack the
+    receivers batch for the import jobs and have no DATASTORE_ID (which would turn on StoreDICOM forwarding).
+    """
     return {
         "DICOM_BUCKET": bucket,
+        "DATASTORE_ID": None,
         **CREDENTIALS,
         **({"AWS_ENDPOINT_URL": proxy.endpoint} if proxy else {}),
         "BATCH_WINDOW_SECONDS": "1",

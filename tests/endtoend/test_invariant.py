@@ -130,7 +130,7 @@ def whole_path(moto: MotoServer, monkeypatch: pytest.MonkeyPatch) -> Iterator[Wh
         "DATASTORE_ID": DATASTORE_ID,
         "DATA_ACCESS_ROLE_ARN": ROLE_ARN,
         "POLL_INTERVAL_SECONDS": "1",
-        "BATCH_WINDOW_SECONDS": daemon_settings(bucket, None)["BATCH_WINDOW_SECONDS"],
+        "BATCH_WINDOW_SECONDS": str(daemon_settings(bucket, None)["BATCH_WINDOW_SECONDS"]),
         "POWERTOOLS_METRICS_NAMESPACE": "DICOMStoreSCP",
     }
     with mock_aws(config={"stepfunctions": {"execute_state_machine": True}}):

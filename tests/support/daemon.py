@@ -92,13 +92,20 @@ class Daemon:
 
 
 def start_daemon(
-    workdir: Path, storage_dir: Path | None = None, port: int | None = None, ready: bool = True, **settings: str
+    workdir: Path,
+    storage_dir: Path | None = None,
+    port: int | None = None,
+    ready: bool = True,
+    **settings: str | None,
 ) -> Daemon:
-    """Start `python -m scp` with the given settings (environment variables) and wait for a C-ECHO."""
+    """Start `python -m scp` with the given settings (environment variables) and wait for a C-ECHO.
+
+    The daemon inherits this process's environment but AWS credentials; a setting given as None is unset.
+    """
     storage_dir = storage_dir or workdir / "storage"
     port = port or free_port()
     log_path = workdir / f"daemon-{port}-{os.getpid()}-{len(list(workdir.glob('daemon-*.log')))}.log"
-    env = {
+    given: dict[str, str | None] = {
         **{k: v for k, v in os.environ.items() if not k.startswith("AWS_")},
         "SCP_PORT": str(port),
         "BIND_ADDRESS": "127.0.0.1",
@@ -106,6 +113,7 @@ def start_daemon(
         "SHUTDOWN_GRACE_SECONDS": "20",
         **settings,
     }
+    env = {name: value for name, value in given.items() if value is not None}
     with open(log_path, "wb") as log:
         process = subprocess.Popen([sys.executable, "-m", "scp"], stdout=log, stderr=subprocess.STDOUT, env=env)
     daemon = Daemon(process, port, storage_dir, log_path, env, env.get("AE_TITLE", "STORESCP"))
