@@ -4,7 +4,6 @@ delivered, so a restart, even after SIGKILL or a power loss, still answers every
 from __future__ import annotations
 
 import hashlib
-import os
 import sqlite3
 import threading
 from collections.abc import Iterable, Sequence
@@ -13,6 +12,8 @@ from enum import Enum
 from pathlib import Path
 
 from scp.commitment.request import CommitmentRequest, Reference
+from scp.fsync import fsync_directory
+from scp.sqlite_transaction import Transaction
 
 DATABASE_NAME = "requests.sqlite"
 COMMITTED = 0  # a resolved reference's outcome; any other value is its Failure Reason (PS3.3 C.14.1.1)
@@ -98,7 +99,7 @@ class PendingRequests:
         # SQLite syncs the files, not the directory entries that name them: without this, a power loss soon after
         # the first start could take the database (and the requests it acknowledged) with it.
         for directory in (path.parent, path.parent.parent):
-            _fsync_directory(directory)
+            fsync_directory(directory)
 
     def close(self) -> None:
         with self._lock:
@@ -106,7 +107,7 @@ class PendingRequests:
 
     def add(self, request: CommitmentRequest, calling_ae_title: str, now: float, deadline: float) -> Added:
         fingerprint = _fingerprint(request)
-        with self._lock, _Transaction(self._connection):
+        with self._lock, Transaction(self._connection):
             known = self._connection.execute(
                 "SELECT fingerprint, state FROM requests WHERE transaction_uid = ?", (request.transaction_uid,)
             ).fetchone()
@@ -155,7 +156,7 @@ class PendingRequests:
         """Record decided outcomes (position, outcome); a decided reference is not judged again."""
         if not outcomes:
             return
-        with self._lock, _Transaction(self._connection):
+        with self._lock, Transaction(self._connection):
             self._connection.executemany(
                 "UPDATE request_references SET outcome = ? WHERE transaction_uid = ? AND position = ?",
                 [(outcome, transaction_uid, position) for position, outcome in outcomes],
@@ -179,7 +180,7 @@ class PendingRequests:
 
     def reported(self, transaction_uid: str, event_type: int, now: float) -> None:
         """The report was delivered: the request is finished; its Transaction UID stays known so it is not reused."""
-        with self._lock, _Transaction(self._connection):
+        with self._lock, Transaction(self._connection):
             self._connection.execute(
                 "UPDATE requests SET state = ?, event_type = ?, reported_at = ? WHERE transaction_uid = ?",
                 (_REPORTED, event_type, now, transaction_uid),
@@ -193,24 +194,3 @@ class PendingRequests:
                 "SELECT state, event_type FROM requests WHERE transaction_uid = ?", (transaction_uid,)
             ).fetchone()
         return None if row is None else (str(row[0]), row[1])
-
-
-def _fsync_directory(path: Path) -> None:
-    descriptor = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-
-
-class _Transaction:
-    """BEGIN IMMEDIATE ... COMMIT, rolled back on an error (the connection runs in autocommit mode)."""
-
-    def __init__(self, connection: sqlite3.Connection) -> None:
-        self._connection = connection
-
-    def __enter__(self) -> None:
-        self._connection.execute("BEGIN IMMEDIATE")
-
-    def __exit__(self, kind: object, error: object, traceback: object) -> None:
-        self._connection.execute("COMMIT" if kind is None else "ROLLBACK")

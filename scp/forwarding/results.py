@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from scp.instances import ReceivedInstance
+from scp.sqlite_transaction import Transaction
 
 # The import workflow's status words for an instance item (docs/import-workflow.rst), and the one of our own.
 FORWARDING = "forwarding"
@@ -279,21 +280,8 @@ class Results:
                 (at, error, int(answered), pending.sop_instance_uid, pending.generation),
             )
 
-    def _transaction(self) -> _Transaction:
-        return _Transaction(self._connection)
-
-
-class _Transaction:
-    """BEGIN IMMEDIATE ... COMMIT, rolled back on an error (the connection runs in autocommit mode)."""
-
-    def __init__(self, connection: sqlite3.Connection) -> None:
-        self._connection = connection
-
-    def __enter__(self) -> None:
-        self._connection.execute("BEGIN IMMEDIATE")
-
-    def __exit__(self, kind: object, error: object, traceback: object) -> None:
-        self._connection.execute("COMMIT" if kind is None else "ROLLBACK")
+    def _transaction(self) -> Transaction:
+        return Transaction(self._connection)
 
 
 def study_rows(path: Path, study_uid: str) -> list[Row]:

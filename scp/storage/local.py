@@ -11,6 +11,7 @@ import logging
 import os
 from pathlib import Path
 
+from scp.fsync import fsync_directory
 from scp.instances import ReceivedInstance, StoredInstance
 from scp.status import Status, StoreFailure
 
@@ -50,7 +51,7 @@ class LocalStore:
                 self._durable.clear()
                 self._make_durable(final.parent)
                 os.replace(staged, final)
-            _fsync_directory(final.parent)
+            fsync_directory(final.parent)
         except OSError as error:
             raise StoreFailure(Status.OUT_OF_RESOURCES, _describe(error)) from error
         return StoredInstance(location=str(final), replaced=replaced)
@@ -75,7 +76,7 @@ class LocalStore:
                 if not directory.is_dir():
                     raise
                 # Another association created it a moment ago, or an earlier run did: fsync its parent anyway.
-        _fsync_directory(directory.parent)
+        fsync_directory(directory.parent)
         if len(self._durable) >= _DURABLE_DIRECTORIES_MAX:
             self._durable.clear()
         self._durable.add(directory)
@@ -89,13 +90,6 @@ def _fsync_file(path: Path) -> None:
     finally:
         os.close(descriptor)
 
-
-def _fsync_directory(path: Path) -> None:
-    descriptor = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
 
 
 def _describe(error: OSError) -> str:
