@@ -290,6 +290,18 @@ class InstanceOutcome:
     server_error: bool = False
     requeued_to: str | None = None
 
+    @classmethod
+    def concluded(cls, entry: ManifestObject, status: str, reason: str) -> InstanceOutcome:
+        """An outcome we concluded for a manifest entry that the job's output did not give."""
+        return cls(
+            key=entry.key,
+            study_instance_uid=entry.study_instance_uid,
+            series_instance_uid=entry.series_instance_uid,
+            sop_instance_uid=entry.sop_instance_uid,
+            status=status,
+            reason=reason,
+        )
+
 
 def record_instance_outcome(
     table: Table, batch_id: str, job_id: str, outcome: InstanceOutcome, retention: Retention, now: datetime
@@ -447,14 +459,7 @@ def fail_unfinished_instances(
     """Fail every instance this batch still owns and has no outcome for; returns how many."""
 
     def fail_one(entry: ManifestObject) -> bool:
-        outcome = InstanceOutcome(
-            key=entry.key,
-            study_instance_uid=entry.study_instance_uid,
-            series_instance_uid=entry.series_instance_uid,
-            sop_instance_uid=entry.sop_instance_uid,
-            status=FAILED,
-            reason=reason,
-        )
+        outcome = InstanceOutcome.concluded(entry, FAILED, reason)
         return _set_if_unfinished(table, manifest.batch_id, outcome, retention, now)
 
     return sum(in_parallel(fail_one, manifest.objects))
@@ -472,14 +477,7 @@ def mark_stuck(table: Table, manifest: Manifest, job_id: str, reason: str, now: 
         return 0
 
     def mark_one(entry: ManifestObject) -> bool:
-        outcome = InstanceOutcome(
-            key=entry.key,
-            study_instance_uid=entry.study_instance_uid,
-            series_instance_uid=entry.series_instance_uid,
-            sop_instance_uid=entry.sop_instance_uid,
-            status=STUCK,
-            reason=reason,
-        )
+        outcome = InstanceOutcome.concluded(entry, STUCK, reason)
         return _set_if_unfinished(table, manifest.batch_id, outcome, None, now)
 
     marked = sum(in_parallel(mark_one, manifest.objects))
