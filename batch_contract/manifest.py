@@ -2,6 +2,11 @@
 
 The daemon writes manifests, the sweeper and the re-queue step of the workflow write them too, and the workflow
 reads them; each builds a ``Manifest`` and encodes it with ``encode_manifest``, and reads with ``parse_manifest``.
+
+With StoreDICOM forwarding in the stack, a batch splits when it closes: the objects StoreDICOM stored stay in the
+batch, whose manifest carries each one's StoreDICOM answer (``storeDICOM``) and starts no import job; the others are
+copied into a fallback batch of their own (``fallbackBatchId`` / ``fallbackFrom``), imported as any batch is. A
+manifest's entries are either all stored by StoreDICOM or none, so no instance is imported by both paths.
 """
 
 from __future__ import annotations
@@ -32,6 +37,20 @@ class ManifestError(ValueError):
 
 
 @dataclass(frozen=True)
+class StoredByStoreDICOM:
+    """StoreDICOM's answer for an instance it stored before the batch closed (docs/forwarding.rst)."""
+
+    stored_at: str
+    # Read from the answer's RetrieveURL where it names an image set; absent otherwise.
+    image_set_id: str | None
+    # The answer's Warning Reason (0008,1196) or WarningDetail for this instance, as HealthImaging gave it.
+    warning: str | None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"storedAt": self.stored_at, "imageSetId": self.image_set_id, "warning": self.warning}
+
+
+@dataclass(frozen=True)
 class ManifestObject:
     key: str
     sop_instance_uid: str
@@ -41,9 +60,10 @@ class ManifestObject:
     size: int
     calling_ae_title: str | None
     received_at: str | None
+    stored_by_storedicom: StoredByStoreDICOM | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        document: dict[str, Any] = {
             "key": self.key,
             "sopInstanceUid": self.sop_instance_uid,
             "sopClassUid": self.sop_class_uid,
@@ -53,6 +73,9 @@ class ManifestObject:
             "callingAETitle": self.calling_ae_title,
             "receivedAt": self.received_at,
         }
+        if self.stored_by_storedicom is not None:
+            document["storeDICOM"] = self.stored_by_storedicom.to_json()
+        return document
 
 
 @dataclass(frozen=True)
@@ -68,10 +91,26 @@ class Manifest:
     # The batch whose instances this one holds again: a re-queue (``requeue``) or late objects (``late``).
     requeued_from: str | None = None
     late_from: str | None = None
+    # A split batch: the one holding the objects StoreDICOM did not store, and the batch they were copied from.
+    fallback_batch_id: str | None = None
+    fallback_from: str | None = None
+
+    def __post_init__(self) -> None:
+        stored = sum(1 for item in self.objects if item.stored_by_storedicom is not None)
+        if stored not in (0, len(self.objects)):
+            raise ManifestError(
+                f"batch {self.batch_id}: {stored} of {len(self.objects)} objects stored by StoreDICOM; "
+                "a batch's objects are all stored by StoreDICOM or all imported"
+            )
 
     @property
     def prefix(self) -> str:
         return batch_prefix(self.batch_id)
+
+    @property
+    def stored_by_storedicom(self) -> bool:
+        """Every object is in HealthImaging already: the batch needs no import job."""
+        return bool(self.objects) and self.objects[0].stored_by_storedicom is not None
 
     @property
     def byte_count(self) -> int:
@@ -96,6 +135,10 @@ class Manifest:
             document["requeuedFrom"] = self.requeued_from
         if self.late_from is not None:
             document["lateFrom"] = self.late_from
+        if self.fallback_batch_id is not None:
+            document["fallbackBatchId"] = self.fallback_batch_id
+        if self.fallback_from is not None:
+            document["fallbackFrom"] = self.fallback_from
         return document
 
 
@@ -151,6 +194,31 @@ def parse_manifest(raw: bytes, expected_batch_id: str, expected_bucket: str) -> 
         objects=objects,
         requeued_from=_optional_text(document, "requeuedFrom"),
         late_from=_optional_text(document, "lateFrom"),
+        fallback_batch_id=_optional_batch_id(document, "fallbackBatchId"),
+        fallback_from=_optional_batch_id(document, "fallbackFrom"),
+    )
+
+
+def _optional_batch_id(document: dict[str, Any], name: str) -> str | None:
+    value = _optional_text(document, name)
+    if value is not None:
+        try:
+            check_batch_id(value)
+        except ValueError as error:
+            raise ManifestError(f"manifest field {name!r}: {error}") from error
+    return value
+
+
+def _parse_stored(item: dict[str, Any], key: str) -> StoredByStoreDICOM | None:
+    stored = item.get("storeDICOM")
+    if stored is None:
+        return None
+    if not isinstance(stored, dict):
+        raise ManifestError(f"object {key!r}: storeDICOM is not an object")
+    return StoredByStoreDICOM(
+        stored_at=_text(stored, "storedAt"),
+        image_set_id=_optional_text(stored, "imageSetId"),
+        warning=_optional_text(stored, "warning"),
     )
 
 
@@ -177,4 +245,5 @@ def _parse_object(item: Any, batch_id: str) -> ManifestObject:
         size=size if isinstance(size, int) else 0,
         calling_ae_title=_optional_text(item, "callingAETitle"),
         received_at=_optional_text(item, "receivedAt"),
+        stored_by_storedicom=_parse_stored(item, key),
     )

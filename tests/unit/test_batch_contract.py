@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import re
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -135,3 +137,24 @@ def test_no_deployable_writes_the_contract_again() -> None:
         if _CONTRACT_LITERALS.search(line)
     ]
     assert not repeated, "contract literals outside batch_contract/:\n" + "\n".join(repeated)
+
+
+def test_a_split_batch_round_trips_and_never_mixes_the_two_paths() -> None:
+    batch = daemon_batch(2)
+    closed = batch.manifest("dicom-bucket", datetime(2026, 11, 23, 18, 58, tzinfo=UTC))
+    stored = manifest.StoredByStoreDICOM("2026-11-23T18:57:04.000Z", "0123456789abcdef0123456789abcdef", None)
+    fallback_id = layout.new_batch_id(datetime(2026, 11, 23, 18, 58, tzinfo=UTC))
+    forwarded = replace(
+        closed,
+        objects=tuple(replace(item, stored_by_storedicom=stored) for item in closed.objects),
+        fallback_batch_id=fallback_id,
+    )
+
+    read = manifest.parse_manifest(manifest.encode_manifest(forwarded), batch.batch_id, "dicom-bucket")
+
+    assert read == forwarded and read.stored_by_storedicom and not closed.stored_by_storedicom
+    with pytest.raises(manifest.ManifestError, match="1 of 2 objects stored by StoreDICOM"):
+        replace(closed, objects=(forwarded.objects[0], closed.objects[1]))
+    document = forwarded.to_json() | {"fallbackBatchId": "../other"}
+    with pytest.raises(manifest.ManifestError, match="fallbackBatchId"):
+        manifest.parse_manifest(json.dumps(document).encode(), batch.batch_id, "dicom-bucket")
