@@ -60,8 +60,13 @@ def build_store(settings: Settings, metrics: Metrics) -> Store:
 
     store = S3Store(s3_client(settings), settings, metrics)
     store.check_bucket()
+    forwarding: Store = store
+    if settings.datastore_id is not None:
+        from scp.forwarding.startup import start_s3_forwarding
+
+        forwarding = start_s3_forwarding(store, settings, metrics)
     store.start()
-    return store
+    return forwarding
 
 
 _STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}

@@ -10,8 +10,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 
 from batch_contract.layout import batch_prefix, manifest_key, new_batch_id, object_key
@@ -23,6 +23,7 @@ from batch_contract.manifest import (
     CLOSED_BY_WINDOW,
     Manifest,
     ManifestObject,
+    StoredByStoreDICOM,
     encode_manifest,
 )
 from batch_contract.timestamps import iso_millis
@@ -45,6 +46,11 @@ class Batch:
     late_from: str | None = None
     # The batch that took this one's late objects, fixed once so that a retried close copies into the same one.
     successor: Batch | None = None
+    # StoreDICOM forwarding: whether the batch was split by what StoreDICOM stored (see ``split``), the fallback
+    # batch that took the objects it did not store, and, for a fallback batch, the batch they were copied from.
+    split_done: bool = False
+    fallback: Batch | None = None
+    fallback_from: str | None = None
 
     @property
     def prefix(self) -> str:
@@ -74,6 +80,8 @@ class Batch:
             calling_ae_titles=tuple(sorted({str(item.calling_ae_title) for item in objects})),
             objects=objects,
             late_from=self.late_from,
+            fallback_batch_id=None if self.fallback is None else self.fallback.batch_id,
+            fallback_from=self.fallback_from,
         )
 
     def late_batch(self, listed: set[str], opened: datetime) -> Batch | None:
@@ -87,27 +95,43 @@ class Batch:
             if not late:
                 return None
             successor = Batch(new_batch_id(opened), closed_by=CLOSED_BY_LATE, late_from=self.batch_id)
-            for item in late:
-                key = object_key(
-                    successor.batch_id, item.study_instance_uid, item.series_instance_uid, item.sop_instance_uid
-                )
-                successor.objects[key] = ManifestObject(
-                    key=key,
-                    sop_instance_uid=item.sop_instance_uid,
-                    study_instance_uid=item.study_instance_uid,
-                    series_instance_uid=item.series_instance_uid,
-                    sop_class_uid=item.sop_class_uid,
-                    size=item.size,
-                    calling_ae_title=item.calling_ae_title,
-                    received_at=item.received_at,
-                )
+            # A late object StoreDICOM stored keeps its answer: the late batch of a split batch is all stored too.
+            _move(late, successor)
             self.successor = successor
         return self.successor
 
+    def split(self, stored: Mapping[str, StoredByStoreDICOM], opened: datetime) -> None:
+        """Keep here the objects StoreDICOM stored (``stored``, by key), each with its answer; move the others into
+        a fallback batch of their own (``fallback``). Done once, so that a retried close writes the same batches.
+
+        None stored: the batch stays as it is, for its import job. All stored: no fallback batch.
+        """
+        if self.split_done:
+            return
+        self.split_done = True
+        kept = {
+            key: replace(item, stored_by_storedicom=stored[key]) for key, item in self.objects.items() if key in stored
+        }
+        if not kept:
+            return
+        rest = [item for key, item in sorted(self.objects.items()) if key not in stored]
+        if rest:
+            self.fallback = Batch(new_batch_id(opened), closed_by=self.closed_by, fallback_from=self.batch_id)
+            _move(rest, self.fallback)
+        self.objects = kept
+
     def copied_from(self, item: ManifestObject) -> str:
-        """The key in the batch a late object was first stored into."""
-        assert self.late_from is not None
-        return object_key(self.late_from, item.study_instance_uid, item.series_instance_uid, item.sop_instance_uid)
+        """The key in the batch a late or fallback object was first stored into."""
+        source = self.late_from or self.fallback_from
+        assert source is not None
+        return object_key(source, item.study_instance_uid, item.series_instance_uid, item.sop_instance_uid)
+
+
+def _move(items: list[ManifestObject], into: Batch) -> None:
+    """Give each object its key in ``into``; everything else about it stays as it was."""
+    for item in items:
+        key = object_key(into.batch_id, item.study_instance_uid, item.series_instance_uid, item.sop_instance_uid)
+        into.objects[key] = replace(item, key=key)
 
 
 @dataclass(frozen=True)

@@ -174,11 +174,13 @@ def _cross_checks(values: dict[str, Any], env: Mapping[str, str]) -> list[str]:
             f"ACSE_TIMEOUT: {values['acse_timeout']:g} exceeds NETWORK_TIMEOUT ({network}); set NETWORK_TIMEOUT to "
             f"at least {values['acse_timeout']:g}, or ACSE_TIMEOUT to at most {values['network_timeout']:g}"
         )
-    if values["datastore_id"] and values["dicom_bucket"]:
-        problems.append("DATASTORE_ID: StoreDICOM forwarding sends from the local store; unset DICOM_BUCKET or it")
     if values["commitment_after"] == COMMITMENT_AFTER_HEALTHIMAGING and not values["datastore_id"]:
         # HealthImaging's confirmation comes from StoreDICOM forwarding's results.
         problems.append("COMMITMENT_AFTER: healthimaging needs StoreDICOM forwarding; set DATASTORE_ID")
+    elif values["commitment_after"] == COMMITMENT_AFTER_HEALTHIMAGING and values["dicom_bucket"]:
+        # In S3 mode the results go into the batch manifests; the task's disk keeps none to answer from.
+        problems.append("COMMITMENT_AFTER: healthimaging reads a standalone gateway's forwarding results; unset "
+                        "DICOM_BUCKET or set COMMITMENT_AFTER=store")
     return problems
 
 

@@ -56,6 +56,9 @@ FORWARD_METRICS = (
     ),
     MetricSpec("ForwardDuplicates", "Count", None, "stores in HealthImaging of an instance it may already have had"),
     MetricSpec("ForwardBacklog", "Count", None, "instances waiting to be stored in HealthImaging, at the last count"),
+    MetricSpec(
+        "ForwardLeftToImport", "Count", None, "S3 mode: instances StoreDICOM had not stored when their batch closed"
+    ),
 )
 _SPECS = {spec.name: spec for spec in METRICS + FORWARD_METRICS}
 # Gauges and samples: written as they are, not as the interval's count.
@@ -157,6 +160,10 @@ class Metrics:
     def forward_retried(self) -> None:
         with self._lock:
             self._counts["ForwardRetries"] += 1
+
+    def forward_left_to_import(self, instances: int) -> None:
+        with self._lock:
+            self._counts["ForwardLeftToImport"] += instances
 
     def forward_backlog(self, instances: int) -> None:
         with self._lock:

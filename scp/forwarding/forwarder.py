@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from scp.forwarding.results import FAILED, IMPORTED, WARNING, Pending, Results
 from scp.forwarding.stow import MAXIMUM_REQUEST_BYTES, Answer, Body, StowClient, StowError
@@ -81,6 +82,8 @@ class Forwarder:
         self._stopping = threading.Event()
         self._lock = threading.Lock()
         self._in_flight: set[str] = set()
+        # Notified whenever requests end, for ``withdraw``.
+        self._requests_ended = threading.Condition(self._lock)
         self._tokens = float(limits.burst)
         self._tokens_at = time.monotonic()
         self._paused_until = 0.0
@@ -120,6 +123,21 @@ class Forwarder:
         left = self._results.backlog()
         LOG.info("StoreDICOM forwarding stopped", extra={"instances_waiting": left})
 
+    def withdraw(self, rows: Sequence[tuple[str, Path]], timeout: float) -> set[str]:
+        """Take (SOP Instance UID, location) rows out of forwarding: none is sent again, and the requests under way
+        that carry one get ``timeout`` seconds to end. Returns the SOP Instance UIDs still being sent then."""
+        deadline = time.monotonic() + timeout
+        wanted = {uid for uid, _ in rows}
+        with self._requests_ended:
+            # Under the lock that claims work: a row is either in flight already, or never claimed again.
+            self._results.withdraw(rows)
+            while True:
+                sending = wanted & self._in_flight
+                remaining = deadline - time.monotonic()
+                if not sending or remaining <= 0:
+                    return sending
+                self._requests_ended.wait(remaining)
+
     # -- the workers -------------------------------------------------------------------------------------------
 
     def _run(self) -> None:
@@ -138,6 +156,7 @@ class Forwarder:
                 finally:
                     with self._lock:
                         self._in_flight.difference_update(p.sop_instance_uid for p in batch)
+                        self._requests_ended.notify_all()
         finally:
             client.close()
 
@@ -183,6 +202,7 @@ class Forwarder:
         if batch and not self._wait_for_turn():
             with self._lock:
                 self._in_flight.difference_update(p.sop_instance_uid for p in batch)
+                self._requests_ended.notify_all()
             return []
         return batch
 

@@ -27,6 +27,8 @@ IMPORTED = "imported"
 WARNING = "warning"
 FAILED = "failed"
 END_STATES = (IMPORTED, WARNING, FAILED)
+# S3 mode only: taken out of forwarding when its batch closed; the batch's import job takes it instead.
+WITHDRAWN = "withdrawn"
 
 DATABASE_NAME = "forwarding.sqlite"
 _LOOKUP_CHUNK = 500  # SQLite's limit on bound parameters is 999 in older builds
@@ -278,6 +280,40 @@ class Results:
                 "UPDATE instances SET next_attempt_at = ?, last_error = ?, unanswered = MAX(unanswered - ?, 0) "
                 "WHERE sop_instance_uid = ? AND generation = ? AND status = 'forwarding'",
                 (at, error, int(answered), pending.sop_instance_uid, pending.generation),
+            )
+
+    # -- S3 mode: a closing batch takes its instances back ---------------------------------------------------
+
+    def withdraw(self, rows: Sequence[tuple[str, Path]]) -> None:
+        """(SOP Instance UID, location) rows still due are never sent again; a request under way still records
+        its answer (``stored`` and ``failed``), a retry it asks for is not made."""
+        with self._lock, self._transaction():
+            self._connection.executemany(
+                "UPDATE instances SET status = 'withdrawn' "
+                "WHERE sop_instance_uid = ? AND location = ? AND status = 'forwarding'",
+                [(uid, str(location)) for uid, location in rows],
+            )
+
+    def outcomes(self, rows: Sequence[tuple[str, Path]]) -> dict[str, tuple[str, str | None, str | None, str | None]]:
+        """(status, stored_at, image_set_id, reason) of each row still holding that location, by SOP Instance UID."""
+        found: dict[str, tuple[str, str | None, str | None, str | None]] = {}
+        with self._lock:
+            for uid, location in rows:
+                row = self._connection.execute(
+                    "SELECT status, stored_at, image_set_id, reason FROM instances "
+                    "WHERE sop_instance_uid = ? AND location = ?",
+                    (uid, str(location)),
+                ).fetchone()
+                if row is not None:
+                    found[uid] = (str(row[0]), row[1], row[2], row[3])
+        return found
+
+    def forget(self, rows: Sequence[tuple[str, Path]]) -> None:
+        """Delete rows no request carries any more (their generation can then never be answered)."""
+        with self._lock, self._transaction():
+            self._connection.executemany(
+                "DELETE FROM instances WHERE sop_instance_uid = ? AND location = ?",
+                [(uid, str(location)) for uid, location in rows],
             )
 
     def _transaction(self) -> Transaction:

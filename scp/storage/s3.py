@@ -7,7 +7,7 @@ import os
 import time
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import boto3
 from boto3.s3.transfer import TransferConfig, create_transfer_manager
@@ -44,6 +44,17 @@ _RETRYABLE_CODES = frozenset(
 
 # botocore waits this long for "100 Continue" before it sends a large body anyway.
 _EXPECT_CONTINUE_SECONDS = 1.0
+
+
+class BatchForwarding(Protocol):
+    """StoreDICOM forwarding in S3 mode (scp/forwarding/batches.py): told of each object S3 has confirmed, and asked
+    to split each batch by what StoreDICOM stored before its manifest is written."""
+
+    def uploaded(self, staged: Path, key: str, instance: ReceivedInstance) -> None:
+        """Called after S3 confirmed ``key`` and before the object counts in its batch; never raises."""
+
+    def closing(self, batch: Batch) -> None:
+        """Called before the batch's manifests are written, again if writing them is retried."""
 
 
 def _attempt_timeouts(settings: Settings) -> tuple[float, float]:
@@ -90,9 +101,10 @@ class S3Store:
         self._transfers = create_transfer_manager(client, transfer_config)
         self.batches = Batches(
             BatchLimits(settings.batch_max_files, settings.batch_max_bytes, settings.batch_window_seconds),
-            self._write_manifest,
+            self._close_batch,
             metrics,
         )
+        self.forwarding: BatchForwarding | None = None
 
     def check_bucket(self) -> bool:
         """HeadBucket at start: a clear log line now beats a mysterious 0xA700 on the first store."""
@@ -120,7 +132,12 @@ class S3Store:
         finally:
             if not uploaded:
                 self.batches.leave(batch, size)
-        replaced = self.batches.complete(batch, key, instance, size)
+        try:
+            if self.forwarding is not None:
+                # Before ``complete``: the batch cannot close, and be split, before its forwarding knows the object.
+                self.forwarding.uploaded(staged, key, instance)
+        finally:
+            replaced = self.batches.complete(batch, key, instance, size)
         return StoredInstance(location=f"s3://{self._bucket}/{key}", replaced=replaced)
 
     def close(self) -> None:
@@ -162,6 +179,26 @@ class S3Store:
             time.sleep(_POLL_SECONDS)
         future.result()
 
+    def _close_batch(self, batch: Batch) -> None:
+        """The batch's manifests: split by StoreDICOM's results first, if forwarding; a fallback batch's manifest
+        is written before the split batch's, because until the latter exists the sweeper would seal the batch whole
+        (every object imported), never leave the fallback objects in no manifest."""
+        if self.forwarding is not None:
+            self.forwarding.closing(batch)
+        if batch.fallback is not None:
+            self._copy_into(batch.fallback)
+            self._write_manifest(batch.fallback)
+        self._write_manifest(batch)
+
+    def _copy_into(self, batch: Batch) -> None:
+        """Server-side copies of a late or fallback batch's objects from the batch they were stored into."""
+        copies = [
+            self._transfers.copy({"Bucket": self._bucket, "Key": batch.copied_from(item)}, self._bucket, item.key)
+            for item in batch.objects.values()
+        ]
+        for copy in copies:
+            copy.result()
+
     def _write_manifest(self, batch: Batch) -> None:
         """Write the batch's manifest; if another writer sealed the batch first, give its late objects their own.
 
@@ -188,12 +225,7 @@ class S3Store:
         if late is None:
             LOG.info("batch manifest written elsewhere, listing every object", extra={"batch_id": batch.batch_id})
             return
-        copies = [
-            self._transfers.copy({"Bucket": self._bucket, "Key": late.copied_from(item)}, self._bucket, item.key)
-            for item in late.objects.values()
-        ]
-        for copy in copies:
-            copy.result()
+        self._copy_into(late)
         self._write_manifest(late)
         LOG.warning(
             "batch sealed elsewhere without some objects: copied into a batch of their own",

@@ -158,3 +158,30 @@ def test_a_split_batch_round_trips_and_never_mixes_the_two_paths() -> None:
     document = forwarded.to_json() | {"fallbackBatchId": "../other"}
     with pytest.raises(manifest.ManifestError, match="fallbackBatchId"):
         manifest.parse_manifest(json.dumps(document).encode(), batch.batch_id, "dicom-bucket")
+
+
+def test_a_daemon_batch_splits_by_what_storedicom_stored_once_and_for_good() -> None:
+    opened = datetime.now(UTC)
+    stored = manifest.StoredByStoreDICOM("2026-11-23T18:57:04.000Z", "0123456789abcdef0123456789abcdef", None)
+    batch = daemon_batch(4)
+    keys = sorted(batch.objects)
+    batch.split({keys[0]: stored, keys[2]: stored}, opened)
+
+    fallback = batch.fallback
+    assert fallback is not None and fallback.fallback_from == batch.batch_id and fallback.closed_by == batch.closed_by
+    assert sorted(batch.objects) == [keys[0], keys[2]]
+    assert sorted(fallback.copied_from(item) for item in fallback.objects.values()) == [keys[1], keys[3]]
+    split = manifest.parse_manifest(manifest.encode_manifest(batch.manifest("b", opened)), batch.batch_id, "b")
+    rest = manifest.parse_manifest(manifest.encode_manifest(fallback.manifest("b", opened)), fallback.batch_id, "b")
+    assert split.stored_by_storedicom and split.fallback_batch_id == fallback.batch_id
+    assert not rest.stored_by_storedicom and rest.fallback_from == batch.batch_id and len(rest.objects) == 2
+    batch.split({}, opened)
+    assert batch.fallback is fallback and len(batch.objects) == 2, "a retried close keeps the first split"
+    late = batch.late_batch({keys[0]}, opened)
+    assert late is not None and [item.stored_by_storedicom for item in late.objects.values()] == [stored]
+
+    whole, none = daemon_batch(2), daemon_batch(2)
+    whole.split(dict.fromkeys(whole.objects, stored), opened)
+    none.split({}, opened)
+    assert whole.fallback is None and whole.manifest("b", opened).stored_by_storedicom
+    assert none.fallback is None and not none.manifest("b", opened).stored_by_storedicom and len(none.objects) == 2

@@ -36,7 +36,9 @@ def test_bad_values_are_named(variable: str, value: str, message: str) -> None:
     assert message in str(raised.value)
 
 
-def test_forwarding_from_the_s3_store_is_refused_at_start() -> None:
+def test_forwarding_from_the_s3_store_is_allowed_but_not_commitment_after_it() -> None:
+    settings = Settings.from_env({"DATASTORE_ID": DATASTORE, "DICOM_BUCKET": "my-dicom-bucket"})
+    assert (settings.datastore_id, settings.dicom_bucket) == (DATASTORE, "my-dicom-bucket")
     with pytest.raises(SettingsError) as raised:
-        Settings.from_env({"DATASTORE_ID": DATASTORE, "DICOM_BUCKET": "my-dicom-bucket"})
-    assert "DATASTORE_ID: StoreDICOM forwarding sends from the local store" in str(raised.value)
+        Settings.from_env({"DATASTORE_ID": DATASTORE, "DICOM_BUCKET": "my-dicom-bucket", "COMMITMENT_AFTER": "healthimaging"})
+    assert "COMMITMENT_AFTER: healthimaging reads a standalone gateway's forwarding results" in str(raised.value)

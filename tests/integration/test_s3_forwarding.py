@@ -1,0 +1,205 @@
+"""StoreDICOM forwarding in S3 mode against the real daemon: moto_server as S3, the STOW-RS stand-in as HealthImaging.
+
+Each closing batch is split by what StoreDICOM stored; every acknowledged instance is listed in exactly one
+manifest, a manifest's objects are all stored by StoreDICOM or none, and what a manifest says StoreDICOM stored
+arrived there byte for byte.
+"""
+
+from __future__ import annotations
+
+import signal
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import boto3
+import pytest
+
+from batch_contract.layout import batch_id_from_manifest_key
+from batch_contract.manifest import Manifest, parse_manifest
+from tests.support.corpus import make_instance, read
+from tests.support.daemon import Daemon, start_daemon
+from tests.support.moto import MotoServer
+from tests.support.stow import StowStandIn
+from tests.support.waits import wait_for
+
+pytestmark = pytest.mark.integration
+
+STUDY = "1.2.826.0.1.3680043.8.498.13013"
+
+
+def s3(server: MotoServer) -> Any:
+    return boto3.client(
+        "s3", endpoint_url=server.endpoint, region_name="us-east-1",
+        aws_access_key_id="testing", aws_secret_access_key="testing",
+    )  # fmt: skip
+
+
+@pytest.fixture
+def bucket(moto: MotoServer) -> str:
+    name = f"dicom-{uuid.uuid4().hex[:12]}"
+    s3(moto).create_bucket(Bucket=name)
+    return name
+
+
+@pytest.fixture
+def standin() -> Iterator[StowStandIn]:
+    # The Region of moto's S3 too: one AWS_REGION for both clients, as in a task.
+    server = StowStandIn(region="us-east-1").start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def forwarding_daemon(
+    tmp_path: Path, moto: MotoServer, bucket: str, standin: StowStandIn
+) -> Iterator[Callable[..., Daemon]]:
+    started: list[Daemon] = []
+
+    def start(**settings: str) -> Daemon:
+        environment: dict[str, str | None] = {
+            **moto.env(),
+            **standin.daemon_settings(tmp_path),  # the stand-in's credentials; moto_server accepts any
+            "AWS_SESSION_TOKEN": None,
+            "DICOM_BUCKET": bucket,
+            **settings,
+        }
+        daemon = start_daemon(tmp_path, storage_dir=tmp_path / f"spool-{len(started)}", **environment)
+        started.append(daemon)
+        return daemon
+
+    yield start
+    for daemon in started:
+        daemon.stop()
+
+
+def instances(tmp_path: Path, count: int) -> list[Path]:
+    series = f"{STUDY}.1"
+    return [make_instance(tmp_path, pixel_bytes=48 * 1024, study_uid=STUDY, series_uid=series) for _ in range(count)]
+
+
+def send(daemon: Daemon, files: list[Path]) -> None:
+    association = daemon.associate(contexts=[(str(read(files[0]).SOPClassUID), ["1.2.840.10008.1.2.1"])])
+    assert association.is_established
+    try:
+        statuses = [association.send_c_store(path).Status for path in files]
+    finally:
+        association.release()
+    assert statuses == [0] * len(files)
+
+
+def manifests(server: MotoServer, bucket: str) -> dict[str, Manifest]:
+    client = s3(server)
+    found = {}
+    for item in client.list_objects_v2(Bucket=bucket, Prefix="manifests/").get("Contents", []):
+        batch_id = batch_id_from_manifest_key(item["Key"])
+        body = client.get_object(Bucket=bucket, Key=item["Key"])["Body"].read()
+        found[batch_id] = parse_manifest(body, batch_id, bucket)  # refuses a manifest mixing the two paths
+    return found
+
+
+def consistent(server: MotoServer, bucket: str, standin: StowStandIn, sent: list[Path]) -> dict[str, Manifest]:
+    """Check every invariant of a forwarded bucket; returns the manifests by batch id."""
+    found = manifests(server, bucket)
+    client = s3(server)
+    listed = Counter(item.sop_instance_uid for manifest in found.values() for item in manifest.objects)
+    assert listed == Counter(str(read(path).SOPInstanceUID) for path in sent), "each instance in exactly one manifest"
+    arrivals = standin.arrivals()
+    for manifest in found.values():
+        for item in manifest.objects:
+            body = client.get_object(Bucket=bucket, Key=item.key)["Body"].read()
+            assert item.size == len(body)
+            if item.stored_by_storedicom is not None:
+                assert arrivals[item.sop_instance_uid] >= 1
+                assert standin.last_bytes(item.sop_instance_uid) == body, "StoreDICOM got the bytes S3 holds"
+                assert item.stored_by_storedicom.image_set_id == standin.image_set_id(STUDY)
+        if manifest.fallback_batch_id is not None:
+            assert manifest.stored_by_storedicom
+            fallback = found[manifest.fallback_batch_id]
+            assert fallback.fallback_from == manifest.batch_id and not fallback.stored_by_storedicom
+    return found
+
+
+def test_a_batch_stored_whole_by_storedicom_has_one_manifest_saying_so(
+    tmp_path: Path, forwarding_daemon: Callable[..., Daemon], moto: MotoServer, bucket: str, standin: StowStandIn
+) -> None:
+    daemon = forwarding_daemon(BATCH_WINDOW_SECONDS="2")
+    sent = instances(tmp_path, 12)
+    send(daemon, sent)
+
+    (manifest,) = wait_for(lambda: list(manifests(moto, bucket).values()), 30, "the batch manifest")
+
+    consistent(moto, bucket, standin, sent)
+    assert manifest.stored_by_storedicom and manifest.fallback_batch_id is None
+    assert all(item.stored_by_storedicom and item.stored_by_storedicom.warning is None for item in manifest.objects)
+    assert set(standin.arrivals()) == {str(read(path).SOPInstanceUID) for path in sent}
+    assert standin.problems == []
+    (split,) = daemon.log_messages("batch split by StoreDICOM's results")
+    assert (split["stored_by_storedicom"], split["left_to_import"]) == (12, 0)
+    assert not list((daemon.storage_dir / ".forwarding" / "s3" / "copies").iterdir()), "local copies removed"
+
+
+def test_a_refused_instance_goes_to_the_fallback_batch_and_the_rest_stay_stored(
+    tmp_path: Path, forwarding_daemon: Callable[..., Daemon], moto: MotoServer, bucket: str, standin: StowStandIn
+) -> None:
+    sent = instances(tmp_path, 8)
+    refused = str(read(sent[3]).SOPInstanceUID)
+    standin.refuse_http = {refused}  # HTTP 400 for any request carrying it
+    daemon = forwarding_daemon(BATCH_WINDOW_SECONDS="2")
+    send(daemon, sent)
+
+    wait_for(lambda: len(manifests(moto, bucket)) == 2, 30, "the manifests of the split batch and its fallback")
+    found = manifests(moto, bucket)
+
+    consistent(moto, bucket, standin, sent)
+    (split,) = [manifest for manifest in found.values() if manifest.fallback_batch_id is not None]
+    fallback = found[split.fallback_batch_id]  # type: ignore[index]
+    assert [item.sop_instance_uid for item in fallback.objects] == [refused]
+    assert refused not in {item.sop_instance_uid for item in split.objects} and len(split.objects) == 7
+    original = s3(moto).get_object(Bucket=bucket, Key=f"{split.prefix}{STUDY}/{STUDY}.1/{refused}.dcm")["Body"]
+    copied = s3(moto).get_object(Bucket=bucket, Key=fallback.objects[0].key)["Body"]
+    assert copied.read() == original.read(), "the fallback holds the refused object whole"
+    assert fallback.closed_by == split.closed_by == "window"
+
+
+def test_storedicom_unavailable_throughout_leaves_the_batch_to_its_import_job(
+    tmp_path: Path, forwarding_daemon: Callable[..., Daemon], moto: MotoServer, bucket: str, standin: StowStandIn
+) -> None:
+    standin.answer_status = 503
+    daemon = forwarding_daemon(BATCH_WINDOW_SECONDS="2")
+    sent = instances(tmp_path, 6)
+    send(daemon, sent)
+
+    (manifest,) = wait_for(lambda: list(manifests(moto, bucket).values()), 30, "the batch manifest")
+
+    consistent(moto, bucket, standin, sent)
+    assert not manifest.stored_by_storedicom and manifest.fallback_batch_id is None and len(manifest.objects) == 6
+    assert standin.requests["503"] >= 1
+    standin.answer_status = None  # StoreDICOM is back: nothing of the closed batch is sent any more
+    assert daemon.stop() == 0
+    (stopped,) = daemon.log_messages("StoreDICOM forwarding stopped")
+    assert stopped["instances_waiting"] == 0
+    assert standin.arrivals() == Counter()
+
+
+def test_sigterm_mid_forwarding_leaves_consistent_manifests(
+    tmp_path: Path, forwarding_daemon: Callable[..., Daemon], moto: MotoServer, bucket: str, standin: StowStandIn
+) -> None:
+    # Each request takes a second, so the SIGTERM finds some instances stored, some under way and some waiting.
+    standin.latency_seconds = 1.0
+    daemon = forwarding_daemon(BATCH_WINDOW_SECONDS="600")
+    sent = instances(tmp_path, 20)
+    send(daemon, sent)
+    wait_for(lambda: standin.arrivals(), 10, "StoreDICOM to store the first instances")
+
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait(60) == 0
+
+    found = consistent(moto, bucket, standin, sent)
+    assert all(manifest.closed_by == "shutdown" for manifest in found.values())
+    stored = {item.sop_instance_uid for m in found.values() if m.stored_by_storedicom for item in m.objects}
+    # Every request under way at SIGTERM was waited for: what StoreDICOM stored is what the manifests say it stored.
+    assert stored == set(standin.arrivals())
+    assert 0 < len(stored) <= len(sent)
