@@ -107,7 +107,9 @@ class Settings:
     batch_window_seconds: float = _setting("60", "an S3 import batch closes after this many quiet seconds")
     shutdown_grace_seconds: float = _setting("100", "on SIGTERM, seconds in-flight associations may take to finish")
     datastore_id: str | None = _setting(
-        "", "HealthImaging data store that every stored object is also sent to with StoreDICOM; unset sends nothing"
+        "",
+        "HealthImaging data store that every stored object is also sent to with StoreDICOM (with DICOM_BUCKET, beside "
+        "the import batches, which take what it did not store); unset sends nothing",
     )
     healthimaging_dicomweb_url: str | None = _setting(
         "", "StoreDICOM endpoint; empty means https://dicom-medical-imaging.<region>.amazonaws.com"
