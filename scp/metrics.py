@@ -161,6 +161,10 @@ class Metrics:
         with self._lock:
             self._counts["ForwardRetries"] += 1
 
+    def forward_duplicated(self, instances: int) -> None:
+        with self._lock:
+            self._counts["ForwardDuplicates"] += instances
+
     def forward_left_to_import(self, instances: int) -> None:
         with self._lock:
             self._counts["ForwardLeftToImport"] += instances

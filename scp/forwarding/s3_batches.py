@@ -147,7 +147,7 @@ class S3Forwarding:
         with self._lock:
             members = self._members.pop(batch.batch_id, None)
             abandoned, self._abandoned = self._abandoned, []
-        self._remove_ended(abandoned)
+        self._remove_ended(abandoned, closed_earlier=True)
         if members is None:
             if not batch.split_done:  # nothing forwarded (a retried close finds the split fixed already)
                 batch.split({}, datetime.now(UTC))
@@ -168,7 +168,7 @@ class S3Forwarding:
             status, stored_at, image_set_id, reason = outcomes.get(uid, ("", None, None, None))
             if status in (IMPORTED, WARNING) and stored_at is not None:
                 stored[key] = StoredByStoreDICOM(stored_at, image_set_id, reason if status == WARNING else None)
-        self._remove_ended(members.copies)
+        self._remove_ended(members.copies, closed_earlier=False)
         left = sum(1 for key in batch.objects if key not in stored)
         batch.split(stored, datetime.now(UTC))
         self._metrics.forward_left_to_import(left)
@@ -209,18 +209,29 @@ class S3Forwarding:
         with self._lock:
             self._held_bytes -= size
 
-    def _remove_ended(self, copies: list[_Copy]) -> None:
-        """Remove the copies no request is sending any more; keep the others for a later close."""
+    def _remove_ended(self, copies: list[_Copy], closed_earlier: bool) -> None:
+        """Remove the copies no request is sending any more; keep the others for a later close. ``closed_earlier``:
+        their batch has closed already, leaving them to its import job; one stored since is stored twice."""
         if not copies:
             return
         sending = self._forwarder.withdraw([(uid, path) for uid, path, _ in copies], 0)
-        ended = [copy for copy in copies if copy[0] not in sending]
+        ended = [(uid, path) for uid, path, _ in copies if uid not in sending]
         try:
-            self._results.forget([(uid, path) for uid, path, _ in ended])
+            if closed_earlier:
+                outcomes = self._results.outcomes(ended)
+                late = [uid for uid, (status, *_) in outcomes.items() if status in (IMPORTED, WARNING)]
+                if late:
+                    self._metrics.forward_duplicated(len(late))
+                    LOG.warning(
+                        "stored by StoreDICOM after their batch closed; the import job stores them again",
+                        extra={"instances": len(late)},
+                    )
+            self._results.forget(ended)
         except sqlite3.Error as error:
             LOG.error("forwarding working database failed", extra={"error": str(error)})
-        for _, path, size in ended:
-            path.unlink(missing_ok=True)
-            self._release(size)
+        for uid, path, size in copies:
+            if uid not in sending:
+                path.unlink(missing_ok=True)
+                self._release(size)
         with self._lock:
             self._abandoned += [copy for copy in copies if copy[0] in sending]

@@ -107,3 +107,54 @@ def test_refused_credentials_fail_nothing_before_the_deadline_and_say_what_to_ch
         run(tmp_path, ScriptedStow(answer), ["1.1"], FAST)
     assert states(tmp_path)["1.1"] == ("imported", None)
     assert any("medical-imaging:StoreDICOM" in record.getMessage() for record in caplog.records)
+
+
+def test_withdrawn_instances_are_never_sent_again_and_requests_under_way_are_waited_for(tmp_path: Path) -> None:
+    import threading
+
+    release = threading.Event()
+
+    def answer(uids: list[str]) -> Answer:
+        if "1.1" in uids:
+            release.wait(10)  # the first request is under way until the test lets it answer
+            return stored(uids)
+        return Answer(503, {}, "stand-in unavailable")
+
+    stow = ScriptedStow(answer)
+    results = Results(tmp_path / "db.sqlite")
+    rows = []
+    for uid in ("1.1", "1.2"):
+        path = tmp_path / f"{uid}.dcm"
+        path.write_bytes(b"DICM" + uid.encode())
+        received = ReceivedInstance(
+            "1.2.840.10008.5.1.4.1.1.2", uid, STUDY, "1.2.3.4", "1.2.840.10008.1.2.1", "CT01", 10, datetime.now(UTC)
+        )
+        results.enqueue(received, path, now=time.time())
+        rows.append((uid, path))
+        if uid == "1.1":
+            two_workers = replace(FAST, workers=2)
+            forwarder = Forwarder(results, lambda: stow, Metrics(write=lambda line: None), two_workers)  # type: ignore[arg-type,return-value]
+            forwarder.start()
+            wait_for(lambda: stow.requests, 10, "the first request under way")
+    wait_for(lambda: len(stow.requests) >= 2, 10, "the second instance refused with 503 at least once")
+    try:
+        assert forwarder.withdraw(rows, 0.2) == {"1.1"}, "still under way at the deadline"
+        release.set()
+        assert forwarder.withdraw(rows, 10) == set()
+        outcomes = results.outcomes(rows)
+        assert outcomes["1.1"][0] == "imported" and outcomes["1.2"][0] == "withdrawn"
+        sent = len(stow.requests)
+        results.enqueue(  # a new instance is still sent: only the withdrawn ones are not
+            ReceivedInstance(
+                "1.2.840.10008.5.1.4.1.1.2", "1.1", STUDY, "1.2.3.4", "1.2.840.10008.1.2.1", "CT01", 10,
+                datetime.now(UTC),
+            ),
+            rows[0][1],
+            now=time.time(),
+        )
+        forwarder.wake()
+        wait_for(lambda: results.backlog() == 0, 10, "the new receipt stored")
+        assert stow.requests[sent:] == [["1.1"]], "1.2 was withdrawn and never sent again"
+    finally:
+        release.set()
+        forwarder.stop(5)

@@ -40,5 +40,5 @@ def test_forwarding_from_the_s3_store_is_allowed_but_not_commitment_after_it() -
     settings = Settings.from_env({"DATASTORE_ID": DATASTORE, "DICOM_BUCKET": "my-dicom-bucket"})
     assert (settings.datastore_id, settings.dicom_bucket) == (DATASTORE, "my-dicom-bucket")
     with pytest.raises(SettingsError) as raised:
-        Settings.from_env({"DATASTORE_ID": DATASTORE, "DICOM_BUCKET": "my-dicom-bucket", "COMMITMENT_AFTER": "healthimaging"})
+        Settings.from_env({**{"DATASTORE_ID": DATASTORE, "DICOM_BUCKET": "b-1"}, "COMMITMENT_AFTER": "healthimaging"})
     assert "COMMITMENT_AFTER: healthimaging reads a standalone gateway's forwarding results" in str(raised.value)
