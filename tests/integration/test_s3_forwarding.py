@@ -11,14 +11,16 @@ import signal
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import boto3
 import pytest
 
-from batch_contract.layout import batch_id_from_manifest_key
+from batch_contract.layout import BATCHES_PREFIX, batch_id_from_manifest_key, batch_id_from_prefix
 from batch_contract.manifest import Manifest, parse_manifest
+from tests.functions.workflow import load_app
 from tests.support.corpus import make_instance, read
 from tests.support.daemon import Daemon, start_daemon
 from tests.support.moto import MotoServer
@@ -203,3 +205,35 @@ def test_sigterm_mid_forwarding_leaves_consistent_manifests(
     # Every request under way at SIGTERM was waited for: what StoreDICOM stored is what the manifests say it stored.
     assert stored == set(standin.arrivals())
     assert 0 < len(stored) <= len(sent)
+
+
+def test_a_batch_the_sweeper_sealed_first_puts_its_later_stored_objects_in_a_late_batch_that_says_so(
+    tmp_path: Path,
+    forwarding_daemon: Callable[..., Daemon],
+    moto: MotoServer,
+    aws_env: MotoServer,
+    bucket: str,
+    standin: StowStandIn,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    daemon = forwarding_daemon(BATCH_WINDOW_SECONDS="4")
+    sweeper = load_app(
+        "sweeper",
+        monkeypatch,
+        {"DICOM_BUCKET": bucket, "BATCH_WINDOW_SECONDS": "4", "TABLE_NAME": "imports",
+         "STATE_MACHINE_ARN": "arn:aws:states:us-east-1:123456789012:stateMachine:import"},
+    )  # fmt: skip
+    sent = instances(tmp_path, 8)
+    send(daemon, sent[:3])
+    listing = s3(moto).list_objects_v2(Bucket=bucket, Prefix=BATCHES_PREFIX, Delimiter="/")
+    (sealed_id,) = [batch_id_from_prefix(p["Prefix"]) for p in listing["CommonPrefixes"]]
+    assert sweeper.sweep(sweeper.S3, bucket, datetime.now(UTC) + timedelta(hours=1), 900, 72) == [sealed_id]
+    send(daemon, sent[3:])
+
+    wait_for(lambda: len(manifests(moto, bucket)) == 2, 30, "the sweeper's manifest and the late batch's")
+
+    found = consistent(moto, bucket, standin, sent)
+    late = next(manifest for manifest in found.values() if manifest.late_from == sealed_id)
+    assert late.closed_by == "late" and late.stored_by_storedicom and len(late.objects) == 5
+    # The sweeper's manifest knows nothing of StoreDICOM: its import job stores those three again (at least once).
+    assert not found[sealed_id].stored_by_storedicom and len(found[sealed_id].objects) == 3
