@@ -66,3 +66,15 @@ def test_a_connection_dropped_before_the_answer_is_an_error_and_the_next_request
     with Body([path]) as body:
         assert stow.store(body).status == 200
     assert standin.arrivals()[str(read(path).SOPInstanceUID)] == 2, "stored, unanswered, then stored again"
+
+
+def test_the_standin_refuses_a_body_that_is_not_the_one_whose_hash_was_signed(
+    tmp_path: Path, standin: StowStandIn
+) -> None:
+    stow = client(standin)
+    with Body([make_instance(tmp_path, pixel_bytes=8192)]) as body:
+        body._digest = "0" * 64  # signed as if the body were another one
+        answer = stow.store(body)
+    stow.close()
+    assert answer.status == 400 and answer.outcomes == {}
+    assert standin.problems == ["X-Amz-Content-SHA256 is not the body's hash"] and standin.received == []
