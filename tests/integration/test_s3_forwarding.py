@@ -60,7 +60,7 @@ def forwarding_daemon(
 ) -> Iterator[Callable[..., Daemon]]:
     started: list[Daemon] = []
 
-    def start(**settings: str) -> Daemon:
+    def start(storage_dir: Path | None = None, **settings: str) -> Daemon:
         environment: dict[str, str | None] = {
             **moto.env(),
             **standin.daemon_settings(tmp_path),  # the stand-in's credentials; moto_server accepts any
@@ -68,7 +68,7 @@ def forwarding_daemon(
             "DICOM_BUCKET": bucket,
             **settings,
         }
-        daemon = start_daemon(tmp_path, storage_dir=tmp_path / f"spool-{len(started)}", **environment)
+        daemon = start_daemon(tmp_path, storage_dir=storage_dir or tmp_path / f"spool-{len(started)}", **environment)
         started.append(daemon)
         return daemon
 
@@ -207,6 +207,51 @@ def test_sigterm_mid_forwarding_leaves_consistent_manifests(
     assert 0 < len(stored) <= len(sent)
 
 
+SWEEPER_ENV = {
+    "BATCH_WINDOW_SECONDS": "4",
+    "TABLE_NAME": "imports",
+    "STATE_MACHINE_ARN": "arn:aws:states:us-east-1:123456789012:stateMachine:import",
+}
+
+
+def open_batch_ids(moto: MotoServer, bucket: str) -> list[str]:
+    listing = s3(moto).list_objects_v2(Bucket=bucket, Prefix=BATCHES_PREFIX, Delimiter="/")
+    return [batch_id_from_prefix(p["Prefix"]) for p in listing.get("CommonPrefixes", [])]
+
+
+def test_sigkill_leaves_the_whole_batch_to_the_sweeper_and_a_restart_sends_nothing_of_it(
+    tmp_path: Path,
+    forwarding_daemon: Callable[..., Daemon],
+    moto: MotoServer,
+    aws_env: MotoServer,
+    bucket: str,
+    standin: StowStandIn,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    standin.latency_seconds = 0.5
+    daemon = forwarding_daemon(BATCH_WINDOW_SECONDS="600")
+    sent = instances(tmp_path, 10)
+    send(daemon, sent)
+    wait_for(lambda: standin.arrivals(), 10, "StoreDICOM to store the first instances")
+    daemon.signal(signal.SIGKILL)
+    daemon.wait(10)
+    arrived = standin.arrivals()
+
+    restarted = forwarding_daemon(storage_dir=daemon.storage_dir, BATCH_WINDOW_SECONDS="600")
+    assert not list((restarted.storage_dir / ".forwarding" / "s3" / "copies").iterdir()), "the last run's state cleared"
+    (killed_batch,) = open_batch_ids(moto, bucket)
+    sweeper = load_app("sweeper", monkeypatch, {"DICOM_BUCKET": bucket, **SWEEPER_ENV})
+    assert sweeper.sweep(sweeper.S3, bucket, datetime.now(UTC) + timedelta(hours=1), 900, 72) == [killed_batch]
+    assert restarted.stop() == 0
+
+    found = consistent(moto, bucket, standin, sent)
+    (sealed,) = found.values()
+    assert sealed.closed_by == "sweeper" and not sealed.stored_by_storedicom and len(sealed.objects) == 10
+    # At least once: what StoreDICOM stored before the kill is imported again by the sweeper's batch.
+    assert set(arrived) <= {item.sop_instance_uid for item in sealed.objects}
+    assert restarted.log_messages("StoreDICOM forwarding resumes") == [], "the restart resumes nothing of the batch"
+
+
 def test_a_batch_the_sweeper_sealed_first_puts_its_later_stored_objects_in_a_late_batch_that_says_so(
     tmp_path: Path,
     forwarding_daemon: Callable[..., Daemon],
@@ -217,16 +262,10 @@ def test_a_batch_the_sweeper_sealed_first_puts_its_later_stored_objects_in_a_lat
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     daemon = forwarding_daemon(BATCH_WINDOW_SECONDS="4")
-    sweeper = load_app(
-        "sweeper",
-        monkeypatch,
-        {"DICOM_BUCKET": bucket, "BATCH_WINDOW_SECONDS": "4", "TABLE_NAME": "imports",
-         "STATE_MACHINE_ARN": "arn:aws:states:us-east-1:123456789012:stateMachine:import"},
-    )  # fmt: skip
+    sweeper = load_app("sweeper", monkeypatch, {"DICOM_BUCKET": bucket, **SWEEPER_ENV})
     sent = instances(tmp_path, 8)
     send(daemon, sent[:3])
-    listing = s3(moto).list_objects_v2(Bucket=bucket, Prefix=BATCHES_PREFIX, Delimiter="/")
-    (sealed_id,) = [batch_id_from_prefix(p["Prefix"]) for p in listing["CommonPrefixes"]]
+    (sealed_id,) = open_batch_ids(moto, bucket)
     assert sweeper.sweep(sweeper.S3, bucket, datetime.now(UTC) + timedelta(hours=1), 900, 72) == [sealed_id]
     send(daemon, sent[3:])
 
