@@ -28,6 +28,10 @@ STUCK = "stuck"
 UNCONFIRMED = "unconfirmed"
 NON_PRIMARY = "nonprimary"  # only a ByStatus partition: imported or warning with isPrimary false
 INSTANCE_STATUSES = (IMPORTING, IMPORTED, WARNING, FAILED, REQUEUED, STUCK, UNCONFIRMED)
+# ``storedBy`` of an instance item, and of its batch item: StoreDICOM stored it in HealthImaging before the batch
+# closed, and no import job ran (its status is imported, or warning with StoreDICOM's warning as the reason).
+# Absent where an import job imported it.
+STORED_BY_STOREDICOM = "StoreDICOM"
 
 # Batch statuses.
 BATCH_REGISTERED = "registered"

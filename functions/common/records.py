@@ -32,6 +32,7 @@ from batch_contract.table import (
     IMPORTING,
     NON_PRIMARY,
     REQUEUED,
+    STORED_BY_STOREDICOM,
     STUCK,
     UNCONFIRMED,
     WARNING,
@@ -45,8 +46,8 @@ from batch_contract.table import (
     received_sort,
     status_partition,
 )
-from batch_contract.timestamps import iso_millis
-from common.manifest import Manifest, ManifestObject
+from batch_contract.timestamps import iso_millis, parse_iso
+from common.manifest import Manifest, ManifestError, ManifestObject
 from common.parallel import in_parallel
 
 if TYPE_CHECKING:
@@ -68,6 +69,7 @@ __all__ = [
     "IMPORTING",
     "NON_PRIMARY",
     "REQUEUED",
+    "STORED_BY_STOREDICOM",
     "STUCK",
     "UNCONFIRMED",
     "WARNING",
@@ -79,6 +81,7 @@ __all__ = [
     "fail_unfinished_instances",
     "finish_batch",
     "finish_job",
+    "finish_stored_batch",
     "instance_key",
     "job_key",
     "mark_stuck",
@@ -156,6 +159,13 @@ def register_batch(table: Table, manifest: Manifest, execution_arn: str, now: da
     }
     if manifest.requeued_from:
         item["requeuedFrom"] = manifest.requeued_from
+    if manifest.stored_by_storedicom:
+        item["storedBy"] = STORED_BY_STOREDICOM
+    # A batch split by StoreDICOM forwarding: the stored part names its fallback batch, the fallback names it back.
+    if manifest.fallback_batch_id:
+        item["fallbackBatchId"] = manifest.fallback_batch_id
+    if manifest.fallback_from:
+        item["fallbackFrom"] = manifest.fallback_from
     try:
         table.put_item(
             Item=item,
@@ -170,7 +180,9 @@ def register_batch(table: Table, manifest: Manifest, execution_arn: str, now: da
     return attempt
 
 
-def _instance_item(manifest: Manifest, entry: ManifestObject, attempt: int, stamp: str) -> dict[str, Any]:
+def _instance_item(
+    manifest: Manifest, entry: ManifestObject, attempt: int, stamp: str, expires: int | None
+) -> dict[str, Any]:
     item: dict[str, Any] = {
         **instance_key(entry.study_instance_uid, entry.series_instance_uid, entry.sop_instance_uid),
         "entity": ENTITY_INSTANCE,
@@ -196,7 +208,31 @@ def _instance_item(manifest: Manifest, entry: ManifestObject, attempt: int, stam
         item["callingAETitle"] = entry.calling_ae_title
         item["gsi2pk"] = calling_ae_partition(entry.calling_ae_title)
         item["gsi2sk"] = received_sort(entry.received_at or manifest.last_received_at, entry.sop_instance_uid)
+    stored = entry.stored_by_storedicom
+    if stored is not None:
+        # In HealthImaging already: the final record now, as process_results would write it for an import job.
+        item["status"] = WARNING if stored.warning else IMPORTED
+        item["storedBy"] = STORED_BY_STOREDICOM
+        item["storedAt"] = _stored_time(stored.stored_at, entry.key)
+        if stored.image_set_id:
+            item["imageSetId"] = stored.image_set_id
+        if stored.warning:
+            item["reason"] = shorten(stored.warning)
+            item["gsi3pk"] = status_partition(ENTITY_INSTANCE, WARNING)
+            item["gsi3sk"] = f"{stamp}#{entry.sop_instance_uid}"
+        else:
+            del item["gsi3pk"], item["gsi3sk"]  # imported instances leave the ByStatus index, as after a job
+        if expires is not None:
+            item["expiresAt"] = expires
     return item
+
+
+def _stored_time(text: str, key: str) -> str:
+    """StoreDICOM's time in the table's format, so that it compares with receipt times as a string."""
+    try:
+        return iso_millis(parse_iso(text))
+    except ValueError as error:
+        raise ManifestError(f"object {key!r}: storeDICOM.storedAt is not a timestamp: {text!r}") from error
 
 
 def receipt_time(manifest: Manifest, entry: ManifestObject) -> str:
@@ -204,24 +240,30 @@ def receipt_time(manifest: Manifest, entry: ManifestObject) -> str:
     return entry.received_at or manifest.last_received_at
 
 
-def register_instances(table: Table, manifest: Manifest, attempt: int, now: datetime) -> int:
+def register_instances(table: Table, manifest: Manifest, attempt: int, retention: Retention, now: datetime) -> int:
     """One item per instance, status importing, unless a newer receipt of the instance holds it; returns how
-    many this batch took.
+    many this batch took. The instances of a batch StoreDICOM stored get their final record at once (imported,
+    or warning), with the image set id StoreDICOM gave and the ``retention`` of final records.
 
-    Only a newer receipt wins (``receiptAt``, ISO 8601 strings compare in time order): a batch sealed late by
-    the sweeper never takes over an instance recorded by a batch the modality sent later. The same batch may
-    register again (a retried task), and a re-queue batch takes over the instances of the batch it came from.
+    Only a newer copy wins (ISO 8601 strings compare in time order): a copy counts from its receipt
+    (``receiptAt``), or, once StoreDICOM stored it, from that moment (``storedAt``). So a batch sealed late by the
+    sweeper never takes over an instance recorded by a batch the modality sent later, and an import of a copy
+    received before StoreDICOM stored the instance (the sweeper's seal of the batch a crashed daemon left open,
+    which imports it a second time) never turns the record of the stored instance into an import job's outcome.
+    The same batch may register again (a retried task), and a re-queue batch takes over the instances of the
+    batch it came from.
     """
     stamp = iso_millis(now)
+    expires = retention.expires_at(now)
 
     def register_one(entry: ManifestObject) -> bool:
-        item = _instance_item(manifest, entry, attempt, stamp)
+        item = _instance_item(manifest, entry, attempt, stamp, expires)
         item["receiptAt"] = receipt_time(manifest, entry)
         condition = (
-            "attribute_not_exists(pk) OR batchId = :batch OR attribute_not_exists(receiptAt)"
-            " OR receiptAt < :receipt"
+            "attribute_not_exists(pk) OR batchId = :batch OR ((attribute_not_exists(receiptAt)"
+            " OR receiptAt < :since) AND (attribute_not_exists(storedAt) OR storedAt < :since))"
         )
-        values: dict[str, Any] = {":batch": manifest.batch_id, ":receipt": item["receiptAt"]}
+        values: dict[str, Any] = {":batch": manifest.batch_id, ":since": item.get("storedAt", item["receiptAt"])}
         if manifest.requeued_from:
             condition += " OR batchId = :from"
             values[":from"] = manifest.requeued_from
@@ -425,6 +467,22 @@ def finish_batch(
         ExpressionAttributeNames={"#status": "status"},
         ExpressionAttributeValues=values,
     )
+
+
+def finish_stored_batch(table: Table, manifest: Manifest, retention: Retention, now: datetime) -> dict[str, int]:
+    """A batch StoreDICOM stored ends imported at registration, without an import job; returns its counts."""
+    counts = count_by_status(
+        InstanceOutcome(
+            entry.key,
+            entry.study_instance_uid,
+            entry.series_instance_uid,
+            entry.sop_instance_uid,
+            WARNING if entry.stored_by_storedicom and entry.stored_by_storedicom.warning else IMPORTED,
+        )
+        for entry in manifest.objects
+    )
+    finish_batch(table, manifest.batch_id, BATCH_IMPORTED, counts, None, retention, now)
+    return counts
 
 
 def finish_job(

@@ -1,4 +1,8 @@
-"""Lambda function: read a closed batch's manifest; register the batch and its instances, once per batch."""
+"""Lambda function: read a closed batch's manifest; register the batch and its instances, once per batch.
+
+A batch StoreDICOM stored (every manifest entry carries its answer) is recorded imported here, and the state
+machine ends without an import job.
+"""
 
 from __future__ import annotations
 
@@ -15,7 +19,14 @@ from common.config import EnvironmentReader
 from common.layout import batch_id_from_manifest_key
 from common.manifest import ManifestError, read_manifest
 from common.parallel import POOLED_CLIENT_CONFIG
-from common.records import DuplicateBatch, register_batch, register_instances, utc_now
+from common.records import (
+    DuplicateBatch,
+    Retention,
+    finish_stored_batch,
+    register_batch,
+    register_instances,
+    utc_now,
+)
 
 if TYPE_CHECKING:
     from mypy_boto3_dynamodb.service_resource import Table
@@ -28,11 +39,16 @@ logger = Logger(service="import-workflow")
 class Settings:
     table_name: str
     dicom_bucket: str
+    retention_days: int
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> Settings:
         reader = EnvironmentReader(environ)
-        settings = cls(table_name=reader.text("TABLE_NAME"), dicom_bucket=reader.text("DICOM_BUCKET"))
+        settings = cls(
+            table_name=reader.text("TABLE_NAME"),
+            dicom_bucket=reader.text("DICOM_BUCKET"),
+            retention_days=reader.integer("RECORD_RETENTION_DAYS", 365, 0, 36500),
+        )
         reader.finish()
         return settings
 
@@ -53,14 +69,21 @@ def register(
             "duplicate trigger, batch already registered", batch_id=batch_id, owner=duplicate.owner
         )
         return {"batchId": batch_id, "duplicate": True, "owner": duplicate.owner}
-    taken = register_instances(table, manifest, attempt, now)
+    retention = Retention(settings.retention_days)
+    taken = register_instances(table, manifest, attempt, retention, now)
     if taken < len(manifest.objects):
         # The modality sent these instances again later; the newer receipt keeps their records.
         logger.info("instances held by a newer receipt", batch_id=batch_id, skipped=len(manifest.objects) - taken)
-    logger.info("batch registered", batch_id=batch_id, objects=len(manifest.objects), attempt=attempt)
+    if manifest.stored_by_storedicom:
+        # After the instances: a task cut short here leaves the batch registered, and its retry finishes it.
+        counts = finish_stored_batch(table, manifest, retention, now)
+        logger.info("batch stored by StoreDICOM, no import job", batch_id=batch_id, counts=counts)
+    else:
+        logger.info("batch registered", batch_id=batch_id, objects=len(manifest.objects), attempt=attempt)
     return {
         "batchId": batch_id,
         "duplicate": False,
+        "storedByStoreDICOM": manifest.stored_by_storedicom,
         "bucket": bucket,
         "prefix": manifest.prefix,
         "attempt": attempt,

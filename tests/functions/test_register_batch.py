@@ -2,10 +2,23 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from tests.functions.conftest import Aws
-from tests.functions.workflow import FakeContext, batch_item, daemon_batch, instances, load_app, sop_uid
+from tests.functions.workflow import (
+    FIXTURE_BATCH,
+    IMAGE_SET_ID,
+    FakeContext,
+    batch_item,
+    daemon_batch,
+    instances,
+    load_app,
+    sop_uid,
+    stored_by_storedicom,
+    stored_seconds_after_receipt,
+)
 
 EXECUTION = "arn:aws:states:us-east-1:123456789012:execution:import:first"
 
@@ -23,6 +36,7 @@ def test_a_closed_batch_is_registered_with_every_instance(aws: Aws, monkeypatch:
     assert result == {
         "batchId": batch.batch_id,
         "duplicate": False,
+        "storedByStoreDICOM": False,
         "bucket": aws.dicom_bucket,
         "prefix": f"batches/{batch.batch_id}/",
         "attempt": 1,
@@ -109,3 +123,116 @@ def test_a_newer_receipt_takes_over_the_instance(aws: Aws, monkeypatch: pytest.M
     # Registering the older batch again (a retried task of its execution) takes nothing back.
     app.handler(event(aws, older.manifest_key), FakeContext())
     assert {item["batchId"] for item in instances(aws.table).values()} == {NEWER}
+
+
+FALLBACK = "20261123T185812Z-00000000000000cc"  # what StoreDICOM did not store of FIXTURE_BATCH's objects
+WARNING_TEXT = "B000 coercion of data elements"
+
+
+def test_a_batch_storedicom_stored_is_recorded_imported_and_needs_no_job(
+    aws: Aws, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    app = load_app("register_batch", monkeypatch, aws.env(RECORD_RETENTION_DAYS="30"))
+    batch = daemon_batch(aws.s3, aws.dicom_bucket, count=4, write_manifest=False)
+    stored_by_storedicom(aws.s3, batch, warnings={3: WARNING_TEXT}, fallback_batch_id=FALLBACK)
+
+    result = app.handler(event(aws, batch.manifest_key), FakeContext())
+
+    assert result["storedByStoreDICOM"] is True and result["objectCount"] == 4
+    record = batch_item(aws.table, batch.batch_id)
+    assert (record["status"], record["storedBy"], record["fallbackBatchId"]) == ("imported", "StoreDICOM", FALLBACK)
+    assert record["outcomeCounts"]["imported"] == 3 and record["outcomeCounts"]["warning"] == 1
+    assert record["gsi3pk"] == "STATUS#batch#imported" and "expiresAt" in record
+    recorded = instances(aws.table)
+    first, second, third = recorded[sop_uid(1)], recorded[sop_uid(2)], recorded[sop_uid(3)]
+    assert (first["status"], first["imageSetId"], first["storedBy"]) == ("imported", IMAGE_SET_ID, "StoreDICOM")
+    assert first["storedAt"] == stored_seconds_after_receipt(first["receivedAt"], 2)
+    assert "gsi3pk" not in first and "jobId" not in first and "reason" not in first
+    assert first["gsi2pk"] == "AE#CT01"  # found by the calling-AE report as any instance
+    assert int(first["expiresAt"]) == int(record["expiresAt"])  # final records expire
+    assert second["status"] == "imported" and "imageSetId" not in second  # StoreDICOM's answer named none
+    assert (third["status"], third["reason"], third["gsi3pk"]) == ("warning", WARNING_TEXT, "STATUS#instance#warning")
+
+
+def test_the_retried_registration_of_a_stored_batch_keeps_it_imported(
+    aws: Aws, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    app = load_app("register_batch", monkeypatch, aws.env())
+    batch = stored_by_storedicom(aws.s3, daemon_batch(aws.s3, aws.dicom_bucket, count=3, write_manifest=False))
+    app.handler(event(aws, batch.manifest_key), FakeContext())
+
+    assert app.handler(event(aws, batch.manifest_key), FakeContext())["storedByStoreDICOM"] is True
+
+    assert batch_item(aws.table, batch.batch_id)["status"] == "imported"
+    assert {item["status"] for item in instances(aws.table).values()} == {"imported"}
+
+
+def test_the_fallback_batch_is_imported_as_any_batch_and_names_where_it_came_from(
+    aws: Aws, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    app = load_app("register_batch", monkeypatch, aws.env())
+    batch = daemon_batch(aws.s3, aws.dicom_bucket, FALLBACK, 2, write_manifest=False)
+    batch.manifest["fallbackFrom"] = FIXTURE_BATCH
+    aws.s3.put_object(Bucket=aws.dicom_bucket, Key=batch.manifest_key, Body=json.dumps(batch.manifest).encode())
+
+    result = app.handler(event(aws, batch.manifest_key), FakeContext())
+
+    assert result["storedByStoreDICOM"] is False
+    record = batch_item(aws.table, FALLBACK)
+    assert (record["status"], record["fallbackFrom"]) == ("registered", FIXTURE_BATCH) and "storedBy" not in record
+    assert {item["status"] for item in instances(aws.table).values()} == {"importing"}
+
+
+def test_an_import_of_a_copy_received_before_storedicom_stored_it_never_replaces_the_stored_record(
+    aws: Aws, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A daemon died after StoreDICOM stored its objects and before it wrote their batch's manifest: the sweeper
+    # seals the batch from its listing (receipt = S3's LastModified, a moment after the daemon's receipt and
+    # before StoreDICOM's answer), and that batch is imported again. Another daemon's copy of the same
+    # instances, stored by StoreDICOM, is in a manifest of its own.
+    app = load_app("register_batch", monkeypatch, aws.env())
+    stored = stored_by_storedicom(aws.s3, daemon_batch(aws.s3, aws.dicom_bucket, NEWER, 3, write_manifest=False))
+    sealed = daemon_batch(aws.s3, aws.dicom_bucket, OLDER, 3, write_manifest=False)
+    for mine, theirs in zip(sealed.manifest["objects"], stored.manifest["objects"], strict=True):
+        mine["receivedAt"] = stored_seconds_after_receipt(theirs["receivedAt"], 1)
+    sealed.manifest["closedBy"] = "sweeper"
+    aws.s3.put_object(Bucket=aws.dicom_bucket, Key=sealed.manifest_key, Body=json.dumps(sealed.manifest).encode())
+
+    app.handler(event(aws, stored.manifest_key), FakeContext())
+    app.handler(event(aws, sealed.manifest_key, EXECUTION + "-sealed"), FakeContext())
+
+    recorded = instances(aws.table)
+    assert {(item["batchId"], item["status"]) for item in recorded.values()} == {(NEWER, "imported")}
+
+
+def test_a_stored_copy_takes_over_from_an_import_of_a_copy_received_before_it_was_stored(
+    aws: Aws, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The same two batches registered the other way round: StoreDICOM's answer is the newer fact.
+    app = load_app("register_batch", monkeypatch, aws.env())
+    stored = stored_by_storedicom(aws.s3, daemon_batch(aws.s3, aws.dicom_bucket, NEWER, 3, write_manifest=False))
+    sealed = daemon_batch(aws.s3, aws.dicom_bucket, OLDER, 3, write_manifest=False)
+    for mine, theirs in zip(sealed.manifest["objects"], stored.manifest["objects"], strict=True):
+        mine["receivedAt"] = stored_seconds_after_receipt(theirs["receivedAt"], 1)
+    aws.s3.put_object(Bucket=aws.dicom_bucket, Key=sealed.manifest_key, Body=json.dumps(sealed.manifest).encode())
+
+    app.handler(event(aws, sealed.manifest_key, EXECUTION + "-sealed"), FakeContext())
+    app.handler(event(aws, stored.manifest_key), FakeContext())
+
+    recorded = instances(aws.table)
+    assert {(item["batchId"], item["status"]) for item in recorded.values()} == {(NEWER, "imported")}
+
+
+def test_an_instance_sent_again_after_storedicom_stored_it_is_recorded_by_the_newer_copy(
+    aws: Aws, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    app = load_app("register_batch", monkeypatch, aws.env())
+    stored = stored_by_storedicom(aws.s3, daemon_batch(aws.s3, aws.dicom_bucket, OLDER, 3, write_manifest=False))
+    again = daemon_batch(aws.s3, aws.dicom_bucket, NEWER, 3)  # minutes later, not stored by StoreDICOM
+    app.handler(event(aws, stored.manifest_key), FakeContext())
+
+    app.handler(event(aws, again.manifest_key, EXECUTION + "-again"), FakeContext())
+
+    recorded = instances(aws.table)
+    assert {(item["batchId"], item["status"]) for item in recorded.values()} == {(NEWER, "importing")}
+    assert not any("storedBy" in item for item in recorded.values())  # the whole item is the newer copy's

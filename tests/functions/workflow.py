@@ -145,6 +145,33 @@ def daemon_batch(
     return Batch(batch_id, bucket, [o["key"] for o in objects], manifest)
 
 
+IMAGE_SET_ID = "0123456789abcdef0123456789abcdef"
+
+
+def stored_seconds_after_receipt(received: str, seconds: float) -> str:
+    moment = datetime.strptime(received, "%Y-%m-%dT%H:%M:%S.%fZ") + timedelta(seconds=seconds)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+
+
+def stored_by_storedicom(
+    s3: Any, batch: Batch, warnings: Mapping[int, str] | None = None, fallback_batch_id: str | None = None
+) -> Batch:
+    """The manifest of a batch whose objects StoreDICOM stored, as the daemon writes it (docs/s3-layout.rst):
+    each stored two seconds after its receipt, into IMAGE_SET_ID (none given for object 2), with ``warnings`` by
+    object number."""
+    warnings = warnings or {}
+    for number, entry in enumerate(batch.manifest["objects"], start=1):
+        entry["storeDICOM"] = {
+            "storedAt": stored_seconds_after_receipt(entry["receivedAt"], 2),
+            "imageSetId": None if number == 2 else IMAGE_SET_ID,
+            "warning": warnings.get(number),
+        }
+    if fallback_batch_id:
+        batch.manifest["fallbackBatchId"] = fallback_batch_id
+    s3.put_object(Bucket=batch.bucket, Key=batch.manifest_key, Body=json.dumps(batch.manifest).encode())
+    return batch
+
+
 def upload_job_output(
     s3: Any, results_bucket: str, batch_id: str, scenario: str, job_id: str = JOB_ID
 ) -> str:

@@ -85,7 +85,7 @@ class Pipeline:
         manifest = parse_manifest(body, sent.batch.batch_id, self.bucket)
         execution = f"arn:aws:states:us-east-1:123456789012:execution:import:{sent.batch.batch_id}"
         attempt = register_batch(self.table, manifest, execution, self.now)
-        register_instances(self.table, manifest, attempt, self.now)
+        register_instances(self.table, manifest, attempt, Retention(365), self.now)
 
     def start_job(self, sent: Sent) -> str:
         """start_import ran: the job is recorded and the batch is importing."""

@@ -39,6 +39,7 @@ from moto.stepfunctions.parser.asl.utils.boto_client import boto_client_for
 from tests.functions.workflow import (
     DATASTORE_ID,
     FIXTURE_BATCH,
+    IMAGE_SET_ID,
     JOB_ID,
     ROLE_ARN,
     FakeContext,
@@ -49,6 +50,7 @@ from tests.functions.workflow import (
     instances,
     load_app,
     sop_uid,
+    stored_by_storedicom,
     upload_job_output,
 )
 from tests.support.waits import wait_for
@@ -319,6 +321,7 @@ def test_success(workflow: Workflow) -> None:
     assert workflow.states_entered(execution) == [
         "RegisterBatch",
         "IsDuplicateTrigger",
+        "IsStoredByStoreDICOM",
         "StartImportJob",
         "WaitBeforeFirstCheck",
         "CheckImportJob",
@@ -422,6 +425,29 @@ def test_duplicate_trigger_imports_once(workflow: Workflow) -> None:
     assert workflow.states_entered(second) == ["RegisterBatch", "IsDuplicateTrigger", "DuplicateTrigger"]
     assert workflow.lambda_service.calls.count(function_arn("StartImportFunctionArn")) == 1
     assert batch_item(workflow.table, FIXTURE_BATCH)["executionArn"] == first
+
+
+def test_a_batch_storedicom_stored_ends_recorded_imported_without_an_import_job(workflow: Workflow) -> None:
+    batch = daemon_batch(workflow.s3, workflow.dicom_bucket, write_manifest=False)
+    stored_by_storedicom(workflow.s3, batch, warnings={5: "B006 elements discarded"})
+    # No StartDICOMImportJob expected: a call would fail the Stubber, and the fixture checks none is pending.
+
+    execution = workflow.trigger()
+    described = workflow.finish(execution)
+
+    assert described["status"] == "SUCCEEDED", described
+    assert workflow.states_entered(execution) == [
+        "RegisterBatch",
+        "IsDuplicateTrigger",
+        "IsStoredByStoreDICOM",
+        "StoredByStoreDICOM",
+    ]
+    assert workflow.lambda_service.calls == [function_arn("RegisterBatchFunctionArn")]
+    recorded = instances(workflow.table)
+    assert sorted(item["status"] for item in recorded.values()) == ["imported"] * 9 + ["warning"]
+    assert {item["storedBy"] for item in recorded.values()} == {"StoreDICOM"}
+    assert recorded[sop_uid(1)]["imageSetId"] == IMAGE_SET_ID
+    assert batch_item(workflow.table, FIXTURE_BATCH)["status"] == "imported"
 
 
 def test_transport_errors_are_retried_and_the_retried_start_keeps_its_token(workflow: Workflow) -> None:
