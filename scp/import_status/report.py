@@ -69,6 +69,8 @@ class Instance:
     image_set_id: str | None = None
     job_id: str | None = None
     reason: str | None = None
+    # "StoreDICOM" when StoreDICOM forwarding stored it in HealthImaging (no import job); None after an import job.
+    stored_by: str | None = None
 
 
 def newest_per_instance(instances: Iterable[Instance]) -> list[Instance]:
@@ -124,6 +126,11 @@ class Report:
         since = parse_iso(instance.received_at or batch_time(instance.batch_id))
         return max(0, int((self.generated_at - since).total_seconds()))
 
+    @property
+    def stored_by_storedicom(self) -> int:
+        """How many of the imported (and non-primary) instances StoreDICOM stored, without an import job."""
+        return sum(1 for i in self.instances if i.state in (IMPORTED, NON_PRIMARY) and i.stored_by)
+
     def to_json(self) -> dict[str, Any]:
         oldest = self.oldest_pending()
         image_sets = Counter(i.image_set_id for i in self.instances if i.state == IMPORTED and i.image_set_id)
@@ -139,6 +146,7 @@ class Report:
             "verdict": self.verdict,
             "exitCode": self.exit_code,
             "counts": self.counts,
+            "storedByStoreDICOM": self.stored_by_storedicom,
             "oldestPending": None
             if oldest is None
             else {**_camel(asdict(oldest)), "waitingSeconds": self.waited_seconds(oldest)},
@@ -154,6 +162,10 @@ class Report:
         lines.append(f"  {'received':<12}{counts['received']:>7}   ({source})")
         for state in STATES:
             lines.append(f"  {_LABELS[state]:<12}{counts[state]:>7}   {_MEANINGS[state]}")
+        if self.stored_by_storedicom:
+            imported = counts[IMPORTED] + counts[NON_PRIMARY]
+            stored = self.stored_by_storedicom
+            lines.append(f"Stored by StoreDICOM (no import job): {stored} of the {imported} imported")
         oldest = self.oldest_pending()
         if oldest is not None:
             waited = _duration(self.waited_seconds(oldest))
@@ -171,7 +183,8 @@ class Report:
             elif instance.state == FAILED:
                 lines.append(f"Failed: {instance.sop_instance_uid}: {instance.reason or 'no reason recorded'}")
             elif instance.state == IMPORTED and instance.reason:
-                lines.append(f"Warning: {instance.sop_instance_uid}: {instance.reason}")
+                source = f" (from {instance.stored_by})" if instance.stored_by else ""
+                lines.append(f"Warning{source}: {instance.sop_instance_uid}: {instance.reason}")
         if self.bucket is None:
             lines.append("Objects in open or unregistered batches are not counted without --bucket.")
         lines.append(f"Result: {self.verdict.upper()} (exit {self.exit_code})")

@@ -114,6 +114,7 @@ def instance_from_item(item: Mapping[str, Any], batch_statuses: Mapping[str, str
         image_set_id=_optional(item, "imageSetId"),
         job_id=_optional(item, "jobId"),
         reason=_optional(item, "reason"),
+        stored_by=_optional(item, "storedBy"),
     )
 
 

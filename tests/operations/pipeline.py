@@ -7,7 +7,7 @@ record writers (functions/common/records.py) make the DynamoDB side. The status 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -16,6 +16,7 @@ from common.records import (
     REQUEUED,
     InstanceOutcome,
     Retention,
+    finish_stored_batch,
     record_instance_outcome,
     record_job_started,
     register_batch,
@@ -23,7 +24,7 @@ from common.records import (
 )
 
 from batch_contract.layout import new_batch_id, object_key
-from batch_contract.manifest import CLOSED_BY_WINDOW, ManifestObject, encode_manifest
+from batch_contract.manifest import CLOSED_BY_WINDOW, ManifestObject, StoredByStoreDICOM, encode_manifest
 from batch_contract.timestamps import iso_millis
 from scp.batches import Batch
 from scp.part10 import part10_header
@@ -86,6 +87,26 @@ class Pipeline:
         execution = f"arn:aws:states:us-east-1:123456789012:execution:import:{sent.batch.batch_id}"
         attempt = register_batch(self.table, manifest, execution, self.now)
         register_instances(self.table, manifest, attempt, Retention(365), self.now)
+
+    def register_stored(
+        self, sent: Sent, image_set: str, warnings: dict[str, str], fallback_batch_id: str | None = None
+    ) -> None:
+        """StoreDICOM stored every object before the batch closed; register_batch recorded them imported."""
+        sent.batch.closed_by = CLOSED_BY_WINDOW
+        closed = sent.batch.manifest(self.bucket, sent.received_at + timedelta(seconds=90))
+        stamp = iso_millis(sent.received_at + timedelta(seconds=30))
+
+        def stored(entry: ManifestObject) -> ManifestObject:
+            answer = StoredByStoreDICOM(stamp, image_set, warnings.get(entry.sop_instance_uid))
+            return replace(entry, stored_by_storedicom=answer)
+
+        objects = tuple(stored(entry) for entry in closed.objects)
+        manifest = replace(closed, objects=objects, fallback_batch_id=fallback_batch_id)
+        self.s3.put_object(Bucket=self.bucket, Key=sent.batch.manifest_key, Body=encode_manifest(manifest))
+        execution = f"arn:aws:states:us-east-1:123456789012:execution:import:{sent.batch.batch_id}"
+        attempt = register_batch(self.table, manifest, execution, self.now)
+        register_instances(self.table, manifest, attempt, Retention(365), self.now)
+        finish_stored_batch(self.table, manifest, Retention(365), self.now)
 
     def start_job(self, sent: Sent) -> str:
         """start_import ran: the job is recorded and the batch is importing."""

@@ -157,6 +157,34 @@ def test_everything_imported_exits_0(aws: Aws, now: datetime, capsys: pytest.Cap
     assert report["verdict"] == "imported"
 
 
+def test_instances_storedicom_stored_are_imported_with_their_image_set(
+    aws: Aws, now: datetime, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pipeline = Pipeline(aws.s3, aws.table, aws.bucket, now)
+    study, series = uid(14), uid(14, 1)
+    stored = pipeline.send(15, study, series, [f"{series}.1", f"{series}.2"], calling="MR01")
+    fallback = pipeline.send(14, study, series, [f"{series}.3"], calling="MR01")  # StoreDICOM did not store it
+    pipeline.register_stored(stored, IMAGE_SET_1, {f"{series}.2": "B000 coercion of data elements"},
+                             fallback.batch.batch_id)  # fmt: skip
+    job = pipeline.start_job(fallback)
+    pipeline.outcome(fallback, job, f"{series}.3", IMPORTED, IMAGE_SET_1, True)
+
+    code, report = status_json(aws, "--study", study, capsys=capsys)
+
+    assert (code, report["verdict"]) == (0, "imported")
+    assert report["counts"]["imported"] == 3 and report["storedByStoreDICOM"] == 2
+    by_sop = {i["sopInstanceUid"]: i for i in report["instances"]}
+    assert by_sop[f"{series}.1"]["storedBy"] == "StoreDICOM" and by_sop[f"{series}.1"]["jobId"] is None
+    assert by_sop[f"{series}.2"]["reason"] == "B000 coercion of data elements"
+    assert by_sop[f"{series}.3"]["storedBy"] is None and by_sop[f"{series}.3"]["jobId"] == job
+    assert report["imageSets"] == [{"imageSetId": IMAGE_SET_1, "instances": 3}]
+    code, text = status(aws, "--study", study, capsys=capsys)
+    assert "Stored by StoreDICOM (no import job): 2 of the 3 imported\n" in text
+    assert f"Warning (from StoreDICOM): {series}.2: B000 coercion of data elements\n" in text
+    code, by_ae = status_json(aws, "--calling-ae", "MR01", "--since", "1h", capsys=capsys)
+    assert (code, by_ae["counts"]["imported"], by_ae["storedByStoreDICOM"]) == (0, 3, 2)
+
+
 def test_something_on_its_way_exits_2(aws: Aws, now: datetime, capsys: pytest.CaptureFixture[str]) -> None:
     pipeline = Pipeline(aws.s3, aws.table, aws.bucket, now)
     study, series = uid(5), uid(5, 1)
