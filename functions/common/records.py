@@ -247,9 +247,10 @@ def register_instances(table: Table, manifest: Manifest, attempt: int, retention
 
     Only a newer copy wins (ISO 8601 strings compare in time order): a copy counts from its receipt
     (``receiptAt``), or, once StoreDICOM stored it, from that moment (``storedAt``). So a batch sealed late by the
-    sweeper never takes over an instance recorded by a batch the modality sent later, and an import of a copy
-    received before StoreDICOM stored the instance (the sweeper's seal of the batch a crashed daemon left open,
-    which imports it a second time) never turns the record of the stored instance into an import job's outcome.
+    sweeper never takes over an instance recorded by a batch the modality sent later, and another batch holding
+    the same received copy (one the sweeper sealed from the listing after a daemon died while closing its batch,
+    whose receipt is S3's LastModified), imported a second time, never turns the record of an instance StoreDICOM
+    stored into an import job's outcome.
     The same batch may register again (a retried task), and a re-queue batch takes over the instances of the
     batch it came from.
     """

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from scp.metrics import METRICS, NAMESPACE, SERVICE
+from scp.metrics import FORWARD_METRICS, METRICS, NAMESPACE, SERVICE
 from tests.templates.cfn import load
 
 FUNCTIONS = Path(__file__).resolve().parents[2] / "functions"
@@ -28,7 +28,7 @@ def workflow_metrics() -> set[str]:
     return names
 
 
-EMITTED = {SERVICE: {spec.name for spec in METRICS}, WORKFLOW_SERVICE: workflow_metrics()}
+EMITTED = {SERVICE: {spec.name for spec in METRICS + FORWARD_METRICS}, WORKFLOW_SERVICE: workflow_metrics()}
 
 
 @pytest.fixture(scope="module")
@@ -97,6 +97,21 @@ def test_the_alarms_the_issue_asks_for_exist(template: dict[str, Any]) -> None:
         ("AWS/NetworkELB", "HealthyHostCount"),  # no healthy task behind the load balancer
         ("AWS/States", "ExecutionsFailed"),  # state machine failures
     } <= watched
+
+
+def test_storedicom_forwarding_is_watched_where_the_stack_forwards(template: dict[str, Any]) -> None:
+    shown = {metric[1] for metric in dashboard_metrics(template) if metric[0] == NAMESPACE}
+    assert {spec.name for spec in FORWARD_METRICS} <= shown
+    forwarding = {
+        name: template["Resources"][name]
+        for name, alarm in alarms(template).items()
+        if alarm["Namespace"] == NAMESPACE and alarm["MetricName"].startswith("Forward")
+    }
+    assert {resource["Properties"]["MetricName"] for resource in forwarding.values()} == {
+        "ForwardFailed",  # refused by StoreDICOM or past the deadline: the import jobs take them
+        "ForwardBacklog",  # sustained throttling or server errors: the fast path is not keeping up
+    }
+    assert {resource.get("Condition") for resource in forwarding.values()} == {"ForwardToStoreDICOM"}
 
 
 def test_the_dashboard_shows_what_the_issue_asks_for(template: dict[str, Any]) -> None:

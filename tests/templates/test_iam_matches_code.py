@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ast
 import json
+import re
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -183,6 +184,27 @@ def _references(module: Module, qualified: str) -> set[tuple[str, str]]:
     return found
 
 
+# StoreDICOM and StoreDICOMStudy are not in the AWS SDKs: the code signs its own STOW-RS request
+# (scp/forwarding/stow.py). The request path it writes, ``{base}/datastore/{id}/studies`` or ``.../studies/{study}``
+# (an f-string or a literal), stands for the action.
+_STOW_PATH = re.compile(r"(?:\{\})?/datastore/\{\}/studies(/\{\})?")
+
+
+def _stow_calls(node: ast.AST) -> set[tuple[str, str]]:
+    calls = set()
+    for child in ast.walk(node):
+        if isinstance(child, ast.JoinedStr):
+            text = "".join(str(part.value) if isinstance(part, ast.Constant) else "{}" for part in child.values)
+        elif isinstance(child, ast.Constant) and isinstance(child.value, str):
+            text = child.value
+        else:
+            continue
+        path = _STOW_PATH.fullmatch(text)
+        if path:
+            calls.add(("medical-imaging", "StoreDICOMStudy" if path.group(1) else "StoreDICOM"))
+    return calls
+
+
 def _calls_in(node: ast.AST) -> set[tuple[str, str]]:
     """(service, operation) of every AWS call written in this code."""
     operations = _operations()
@@ -220,7 +242,7 @@ def _calls_in(node: ast.AST) -> set[tuple[str, str]]:
                 operation = operations[str(argument.value)]
                 assert operation, f"{argument.value} is an operation of several services; which client?"
                 calls.add(operation)
-    return calls
+    return calls | _stow_calls(node)
 
 
 def calls_reached_from(roots: set[tuple[str, str]]) -> set[tuple[str, str]]:
@@ -359,6 +381,29 @@ def test_the_receiver_task_role_allows_exactly_what_the_daemon_calls(resources: 
     _check(_statements(resources, role), calls, set(), "the receiver", kms_via=set())
 
 
+@pytest.mark.parametrize("existing", [False, True])
+def test_the_receivers_may_store_into_the_data_store_only_while_they_forward(
+    template: dict[str, Any], existing: bool
+) -> None:
+    datastore = {"ExistingDatastoreId": "bd9e62ed2ef14b7d8a1a6b4f0f3c2d11"} if existing else {}
+    for setting, allowed in (("Enabled", True), ("Disabled", False)):
+        values = cfn.parameter_values(template, StoreDICOMForwarding=setting, **datastore)
+        resources = cfn.Resolver(template, values).resources()
+        role = resources["ReceiverTaskDefinition"]["Properties"]["TaskRoleArn"]["Fn::GetAtt"][0]
+        statements = _statements(resources, role)
+        healthimaging = [s for s in statements if any(a.startswith("medical-imaging:") for a in _actions(s))]
+        key = [s for s in statements if "medical-imaging" in _via_services(s)]
+        assert bool(healthimaging) == allowed, setting
+        assert bool(key) == (allowed and not existing), f"{setting}: an existing store's key was not given"
+        for statement in healthimaging:
+            assert _actions(statement) == {"medical-imaging:StoreDICOM"}
+            target = statement["Resource"]
+            if existing:
+                assert target["Fn::Sub"].endswith(":datastore/bd9e62ed2ef14b7d8a1a6b4f0f3c2d11"), target
+            else:
+                assert target == {"Fn::GetAtt": ["Datastore", "DatastoreArn"]}
+
+
 def test_the_reading_of_the_code_finds_what_it_claims() -> None:
     """The analysis itself: known calls are found, through shared modules and callbacks, and nothing else."""
     register = function_calls("register_batch")
@@ -371,6 +416,9 @@ def test_the_reading_of_the_code_finds_what_it_claims() -> None:
                      "    s3.get_paginator('list_objects_v2')\n    {}.copy()\n"
                      "    conditional(table, 'update_item', {})\n")  # fmt: skip
     assert _calls_in(tree) == {("dynamodb", "BatchWriteItem"), ("s3", "ListObjectsV2"), ("dynamodb", "UpdateItem")}
+    assert ("medical-imaging", "StoreDICOM") in receiver_calls()  # the daemon's own signed STOW-RS request
+    stow = ast.parse('def f(base, store, study):\n    return f"{base}/datastore/{store}/studies/{study}"\n')
+    assert _calls_in(stow) == {("medical-imaging", "StoreDICOMStudy")}
 
 
 def test_the_documented_standalone_task_policy_is_what_the_daemon_calls() -> None:

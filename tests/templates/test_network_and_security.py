@@ -6,6 +6,8 @@ from __future__ import annotations
 import fnmatch
 from typing import Any
 
+import pytest
+
 from tests.templates import cfn
 
 CERTIFICATE = "arn:aws:acm:us-east-1:123456789012:certificate/0f1e2d3c-4b5a-6978-8897-a6b5c4d3e2f1"
@@ -181,8 +183,11 @@ def test_pass_role_only_to_healthimaging(template: dict[str, Any]) -> None:
         assert statement["Condition"] == {"StringEquals": {"iam:PassedToService": "medical-imaging.amazonaws.com"}}
 
 
-def test_receivers_put_only_under_their_prefixes(template: dict[str, Any]) -> None:
-    statements = [s for role, s in _role_statements(template) if role == "ReceiverTaskRole"]
+@pytest.mark.parametrize("forwarding", ["Enabled", "Disabled"])
+def test_receivers_put_only_under_their_prefixes(template: dict[str, Any], forwarding: str) -> None:
+    statements = [
+        s for role, s in _role_statements(template, StoreDICOMForwarding=forwarding) if role == "ReceiverTaskRole"
+    ]
     objects = [s for s in statements if {"s3:PutObject", "s3:GetObject"} & set(_actions(s))]
     assert objects and all(
         resource in ({"Fn::Sub": "${DicomBucket.Arn}/batches/*"}, {"Fn::Sub": "${DicomBucket.Arn}/manifests/*"})
@@ -190,8 +195,11 @@ def test_receivers_put_only_under_their_prefixes(template: dict[str, Any]) -> No
         for resource in statement["Resource"]
     )
     granted = {action for statement in statements for action in _actions(statement)}
-    assert granted == {"s3:ListBucket", "s3:PutObject", "s3:AbortMultipartUpload", "s3:GetObject",
-                       "kms:GenerateDataKey", "kms:Decrypt"}  # fmt: skip
+    s3 = {"s3:ListBucket", "s3:PutObject", "s3:AbortMultipartUpload", "s3:GetObject", "kms:GenerateDataKey",
+          "kms:Decrypt"}  # fmt: skip
+    # StoreDICOMForwarding: StoreDICOM into the data store, and its key through HealthImaging.
+    forwarded = {"medical-imaging:StoreDICOM"} | KMS_FOR_HEALTHIMAGING if forwarding == "Enabled" else set()
+    assert granted == s3 | forwarded
 
 
 def test_healthimaging_data_access_role(template: dict[str, Any]) -> None:
@@ -237,7 +245,10 @@ def _healthimaging_key_statements(resources: dict[str, dict[str, Any]]) -> dict[
 def test_the_data_store_key_is_usable_through_healthimaging_only(template: dict[str, Any]) -> None:
     """HealthImaging's data encryption guide: DescribeKey and CreateGrant besides Decrypt and GenerateDataKey."""
     created = _healthimaging_key_statements(_created(template))
-    assert set(created) == {"ImportDataAccessRole", "StartImportPermissions", "CheckImportPermissions"}
+    users = {"ImportDataAccessRole", "StartImportPermissions", "CheckImportPermissions", "ReceiverTaskRole"}
+    assert set(created) == users
+    without_forwarding = _healthimaging_key_statements(_created(template, StoreDICOMForwarding="Disabled"))
+    assert set(without_forwarding) == set(created) - {"ReceiverTaskRole"}
     for statement in created.values():
         assert set(_actions(statement)) == KMS_FOR_HEALTHIMAGING
         assert statement["Resource"] == {"Fn::GetAtt": ["EncryptionKey", "Arn"]}

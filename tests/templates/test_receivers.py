@@ -26,6 +26,14 @@ PARAMETER_FOR = {
 }
 
 
+CREATED_DATASTORE_ID = "4f1b2c3d4e5f60718293a4b5c6d7e8f9"
+REFERENCES = {
+    "DicomBucket": "stack-dicombucket-1a2b3c4d5e6f",
+    "AWS::Region": "us-east-1",
+    "Datastore.DatastoreId": CREATED_DATASTORE_ID,
+}
+
+
 def _container(template: dict[str, Any]) -> dict[str, Any]:
     definition = template["Resources"]["ReceiverTaskDefinition"]["Properties"]
     (container,) = definition["ContainerDefinitions"]
@@ -39,7 +47,7 @@ def _environment(template: dict[str, Any], **parameters: Any) -> dict[str, str]:
     for item in resolver.resolve(_container(template)["Environment"]):
         value = item["Value"]
         if isinstance(value, dict):  # a resource reference: give it a realistic value
-            value = {"DicomBucket": "stack-dicombucket-1a2b3c4d5e6f", "AWS::Region": "us-east-1"}[value["Ref"]]
+            value = REFERENCES[value.get("Ref") or ".".join(value["Fn::GetAtt"])]
         environment[item["Name"]] = str(value)
     return environment
 
@@ -74,6 +82,23 @@ def test_the_daemon_accepts_the_defaults(template: dict[str, Any]) -> None:
     assert settings.scp_port == 11112
     assert settings.dicom_bucket == "stack-dicombucket-1a2b3c4d5e6f"
     assert str(settings.storage_dir) == "/app/storage"
+
+
+def test_the_receivers_forward_to_the_stack_data_store_unless_told_not_to(template: dict[str, Any]) -> None:
+    assert template["Parameters"]["StoreDICOMForwarding"]["Default"] == "Enabled"
+    existing = "bd9e62ed2ef14b7d8a1a6b4f0f3c2d11"
+    for parameters, datastore_id in (
+        ({}, CREATED_DATASTORE_ID),
+        ({"ExistingDatastoreId": existing}, existing),
+        ({"StoreDICOMForwarding": "Disabled"}, None),
+        ({"StoreDICOMForwarding": "Disabled", "ExistingDatastoreId": existing}, None),
+    ):
+        environment = _environment(template, **parameters)
+        settings = Settings.from_env(environment)
+        assert settings.datastore_id == datastore_id, parameters
+        assert settings.dicom_bucket == "stack-dicombucket-1a2b3c4d5e6f"  # forwarding beside S3, never instead
+        # The StoreDICOM endpoint follows the Region the task runs in.
+        assert environment["AWS_REGION"] == "us-east-1" and "HEALTHIMAGING_DICOMWEB_URL" not in environment
 
 
 @pytest.mark.parametrize("bound", ["MinValue", "MaxValue"])
