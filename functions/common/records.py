@@ -47,7 +47,7 @@ from batch_contract.table import (
     status_partition,
 )
 from batch_contract.timestamps import iso_millis, parse_iso
-from common.manifest import Manifest, ManifestError, ManifestObject
+from common.manifest import Manifest, ManifestObject
 from common.parallel import in_parallel
 
 if TYPE_CHECKING:
@@ -213,7 +213,7 @@ def _instance_item(
         # In HealthImaging already: the final record now, as process_results would write it for an import job.
         item["status"] = WARNING if stored.warning else IMPORTED
         item["storedBy"] = STORED_BY_STOREDICOM
-        item["storedAt"] = _stored_time(stored.stored_at, entry.key)
+        item["storedAt"] = _stored_time(manifest, stored.stored_at)
         if stored.image_set_id:
             item["imageSetId"] = stored.image_set_id
         if stored.warning:
@@ -227,12 +227,16 @@ def _instance_item(
     return item
 
 
-def _stored_time(text: str, key: str) -> str:
-    """StoreDICOM's time in the table's format, so that it compares with receipt times as a string."""
+def _stored_time(manifest: Manifest, text: str) -> str:
+    """StoreDICOM's time in the table's format, so that it compares with receipt times as a string.
+
+    One that is not a timestamp becomes the batch's closing time, which came after it: the instance is still
+    recorded as StoreDICOM stored it, rather than failing the registration and leaving it with no record.
+    """
     try:
         return iso_millis(parse_iso(text))
-    except ValueError as error:
-        raise ManifestError(f"object {key!r}: storeDICOM.storedAt is not a timestamp: {text!r}") from error
+    except ValueError:
+        return iso_millis(parse_iso(manifest.closed_at))
 
 
 def receipt_time(manifest: Manifest, entry: ManifestObject) -> str:

@@ -236,3 +236,18 @@ def test_an_instance_sent_again_after_storedicom_stored_it_is_recorded_by_the_ne
     recorded = instances(aws.table)
     assert {(item["batchId"], item["status"]) for item in recorded.values()} == {(NEWER, "importing")}
     assert not any("storedBy" in item for item in recorded.values())  # the whole item is the newer copy's
+
+
+def test_a_stored_time_that_is_no_timestamp_becomes_the_batch_closing_time(
+    aws: Aws, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    app = load_app("register_batch", monkeypatch, aws.env())
+    batch = daemon_batch(aws.s3, aws.dicom_bucket, count=2, write_manifest=False)
+    stored_by_storedicom(aws.s3, batch)
+    batch.manifest["objects"][0]["storeDICOM"]["storedAt"] = "yesterday"
+    aws.s3.put_object(Bucket=aws.dicom_bucket, Key=batch.manifest_key, Body=json.dumps(batch.manifest).encode())
+
+    app.handler(event(aws, batch.manifest_key), FakeContext())
+
+    first = instances(aws.table)[sop_uid(1)]
+    assert (first["status"], first["storedAt"]) == ("imported", batch.manifest["closedAt"])
