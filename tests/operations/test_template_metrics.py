@@ -109,7 +109,7 @@ def test_storedicom_forwarding_is_watched_where_the_stack_forwards(template: dic
     }
     assert {resource["Properties"]["MetricName"] for resource in forwarding.values()} == {
         "ForwardFailed",  # refused by StoreDICOM or past the deadline: the import jobs take them
-        "ForwardBacklog",  # sustained throttling or server errors: the fast path is not keeping up
+        "ForwardLeftToImport",  # sustained throttling or server errors: the fast path is not keeping up
     }
     assert {resource.get("Condition") for resource in forwarding.values()} == {"ForwardToStoreDICOM"}
 
