@@ -7,7 +7,7 @@ record writers (functions/common/records.py) make the DynamoDB side. The status 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -80,33 +80,34 @@ class Pipeline:
         self.s3.put_object(Bucket=self.bucket, Key=sent.batch.manifest_key, Body=encode_manifest(manifest))
 
     def register(self, sent: Sent) -> None:
-        """register_batch ran: batch item and one importing item per instance, no job yet."""
+        """register_batch ran: batch item and one importing item per instance, no job yet (or, for a batch
+        StoreDICOM stored, every instance imported and the batch finished)."""
         self.close(sent)
         body = self.s3.get_object(Bucket=self.bucket, Key=sent.batch.manifest_key)["Body"].read()
         manifest = parse_manifest(body, sent.batch.batch_id, self.bucket)
         execution = f"arn:aws:states:us-east-1:123456789012:execution:import:{sent.batch.batch_id}"
         attempt = register_batch(self.table, manifest, execution, self.now)
         register_instances(self.table, manifest, attempt, Retention(365), self.now)
+        if manifest.stored_by_storedicom:
+            finish_stored_batch(self.table, manifest, Retention(365), self.now)
 
-    def register_stored(
-        self, sent: Sent, image_set: str, warnings: dict[str, str], fallback_batch_id: str | None = None
-    ) -> None:
-        """StoreDICOM stored every object before the batch closed; register_batch recorded them imported."""
+    def split(self, sent: Sent, stored: dict[str, str | None], image_set: str) -> Sent | None:
+        """The daemon closed the batch split by what StoreDICOM stored (``stored``: SOP Instance UID -> warning):
+        the others copied into a fallback batch, closed and not registered yet, which is returned (None if all
+        were stored)."""
+        answered = iso_millis(sent.received_at + timedelta(seconds=30))
+        answers = {sent.keys[sop]: StoredByStoreDICOM(answered, image_set, warning) for sop, warning in stored.items()}
         sent.batch.closed_by = CLOSED_BY_WINDOW
-        closed = sent.batch.manifest(self.bucket, sent.received_at + timedelta(seconds=90))
-        stamp = iso_millis(sent.received_at + timedelta(seconds=30))
-
-        def stored(entry: ManifestObject) -> ManifestObject:
-            answer = StoredByStoreDICOM(stamp, image_set, warnings.get(entry.sop_instance_uid))
-            return replace(entry, stored_by_storedicom=answer)
-
-        objects = tuple(stored(entry) for entry in closed.objects)
-        manifest = replace(closed, objects=objects, fallback_batch_id=fallback_batch_id)
-        self.s3.put_object(Bucket=self.bucket, Key=sent.batch.manifest_key, Body=encode_manifest(manifest))
-        execution = f"arn:aws:states:us-east-1:123456789012:execution:import:{sent.batch.batch_id}"
-        attempt = register_batch(self.table, manifest, execution, self.now)
-        register_instances(self.table, manifest, attempt, Retention(365), self.now)
-        finish_stored_batch(self.table, manifest, Retention(365), self.now)
+        sent.batch.split(answers, sent.received_at + timedelta(seconds=90))
+        if sent.batch.fallback is None:
+            return None
+        rest = Sent(sent.batch.fallback, sent.received_at)
+        for key, item in sent.batch.fallback.objects.items():
+            source = sent.batch.fallback.copied_from(item)
+            self.s3.copy_object(Bucket=self.bucket, Key=key, CopySource={"Bucket": self.bucket, "Key": source})
+            rest.keys[item.sop_instance_uid] = key
+        self.close(rest)
+        return rest
 
     def start_job(self, sent: Sent) -> str:
         """start_import ran: the job is recorded and the batch is importing."""

@@ -162,12 +162,20 @@ def test_instances_storedicom_stored_are_imported_with_their_image_set(
 ) -> None:
     pipeline = Pipeline(aws.s3, aws.table, aws.bucket, now)
     study, series = uid(14), uid(14, 1)
-    stored = pipeline.send(15, study, series, [f"{series}.1", f"{series}.2"], calling="MR01")
-    fallback = pipeline.send(14, study, series, [f"{series}.3"], calling="MR01")  # StoreDICOM did not store it
-    pipeline.register_stored(stored, IMAGE_SET_1, {f"{series}.2": "B000 coercion of data elements"},
-                             fallback.batch.batch_id)  # fmt: skip
+    sent = pipeline.send(15, study, series, [f"{series}.1", f"{series}.2", f"{series}.3"], calling="MR01")
+    # StoreDICOM stored two of them, one with a warning; the daemon's split leaves the third to an import job.
+    stored = {f"{series}.1": None, f"{series}.2": "B000 coercion of data elements"}
+    fallback = pipeline.split(sent, stored, IMAGE_SET_1)
+    assert fallback is not None and list(fallback.keys) == [f"{series}.3"]
+    pipeline.register(sent)
     job = pipeline.start_job(fallback)
     pipeline.outcome(fallback, job, f"{series}.3", IMPORTED, IMAGE_SET_1, True)
+    batches = {
+        batch_id: aws.table.get_item(Key={"pk": f"BATCH#{batch_id}", "sk": "BATCH"})["Item"]
+        for batch_id in (sent.batch.batch_id, fallback.batch.batch_id)
+    }
+    assert batches[sent.batch.batch_id]["fallbackBatchId"] == fallback.batch.batch_id
+    assert batches[fallback.batch.batch_id]["fallbackFrom"] == sent.batch.batch_id
 
     code, report = status_json(aws, "--study", study, capsys=capsys)
 
