@@ -1,10 +1,14 @@
-"""`make bench`: DCMTK storescu sends one corpus to each receiver at 1, 4, 16 and 64 associations; report and chart.
+"""`make bench`: DCMTK storescu sends one corpus to each receiver at 1, 4, 16 and 64 associations, then to this
+daemon in S3 mode at 1, 16 and 64; report and chart.
 
 Settings (environment): BENCH_FILES (slices, default 400), BENCH_REPEATS (default 3), BENCH_CONCURRENCY
-(default 1,4,16,64), BENCH_RECEIVERS (comma-separated name prefixes, default all), BENCH_LARGE=1 (also one
-256 MiB and one 1 GiB multi-frame object, sent alone to this daemon to measure peak memory), BENCH_PROFILE=1
-(py-spy profile of this daemon at 16 associations), BENCH_HELD (associations held at once, default 300),
-BENCH_SOURCE (the tree whose daemon is measured).
+(default 1,4,16,64), BENCH_RECEIVERS (comma-separated name prefixes, default all), BENCH_LARGE (default 1: also
+one 256 MiB and one 1 GiB multi-frame object, sent alone to this daemon to measure peak memory; 0 skips them),
+BENCH_PROFILE (default 1: py-spy profile of this daemon at 16 associations), BENCH_HELD (associations held at
+once, default 300), BENCH_SOURCE (the tree whose daemon is measured), BENCH_S3 (default 1: the S3 mode; 0 skips
+it), BENCH_S3_FILES (default 200), BENCH_S3_CONCURRENCY (default 1,16,64), BENCH_S3_LATENCY (seconds added to
+every S3 request, default 0.05; bench/s3.py gives its source). The daemon's own settings in the environment
+(RECEIVER_PROCESSES, for one) reach every daemon the bench starts.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from pathlib import Path
 
 import psutil
 
-from bench import corpus, read_path, report
+from bench import corpus, read_path, report, s3
 from bench.receivers import AE_TITLE, REPOSITORY, Receiver, ThisDaemon, all_receivers
 
 BUILD = REPOSITORY / "build" / "bench"
@@ -142,9 +146,38 @@ def median_run(runs: list[Run]) -> Run:
     )  # fmt: skip
 
 
-def large_objects(source: Path, frames: tuple[int, ...]) -> list[Run]:
-    files = corpus.build(BUILD / "corpus-large", 0, frames)
+# Frames of the large objects: 512 KiB each, so 256 MiB and 1 GiB.
+LARGE_FRAMES = (512, 2048)
+
+
+def large_objects(source: Path) -> list[Run]:
+    files = corpus.build(BUILD / "corpus-large", 0, LARGE_FRAMES)
     return [measure(ThisDaemon(source), [file], 1) for file in files]
+
+
+def _report_line(result: Run) -> None:
+    print(f"{result.receiver:24} x{result.concurrency:<3} {result.files_per_second:7.1f} files/s "
+          f"{result.cpu_seconds:6.1f} CPU s {result.peak_rss_mib:7.1f} MiB "
+          f"{'ok' if result.verified else 'NOT VERIFIED ' + result.problem}", flush=True)  # fmt: skip
+
+
+def s3_mode(
+    source: Path, files: list[corpus.CorpusFile], levels: list[int], repeats: int, latency: float, large: bool
+) -> tuple[list[tuple[Run, float]], list[Run]]:
+    """This daemon storing to S3 through the latency proxy: the corpus at each level (with the median CPU seconds
+    of the stand-in), then the 256 MiB object alone."""
+    results, large_runs = [], []
+    with s3.stand_in(latency) as stand_in:
+        receiver = s3.S3Daemon(stand_in, source)
+        for concurrency in levels:
+            receiver.stand_in_cpu.clear()
+            result = median_run([measure(receiver, files, concurrency) for _ in range(repeats)])
+            results.append((result, statistics.median(receiver.stand_in_cpu)))
+            _report_line(result)
+        if large:
+            large_file = corpus.build(BUILD / "corpus-large", 0, LARGE_FRAMES[:1])[0]
+            large_runs.append(measure(receiver, [large_file], 1))
+    return results, large_runs
 
 
 def held_associations(source: Path, count: int) -> tuple[int, float, float]:
@@ -258,17 +291,26 @@ def main() -> None:
             if runs:
                 result = median_run(runs)
                 results.append(result)
-                print(f"{result.receiver:24} x{concurrency:<3} {result.files_per_second:7.1f} files/s "
-                      f"{result.cpu_seconds:6.1f} CPU s {result.peak_rss_mib:7.1f} MiB "
-                      f"{'ok' if result.verified else 'NOT VERIFIED ' + result.problem}", flush=True)  # fmt: skip
-    large = large_objects(source, (512, 2048)) if os.environ.get("BENCH_LARGE") == "1" else []
+                _report_line(result)
+    with_large = os.environ.get("BENCH_LARGE", "1") == "1"
+    large = large_objects(source) if with_large else []
     for run in large:
         print(f"large object {run.megabytes:.0f} MB: peak RSS {run.peak_rss_mib:.1f} MiB, verified {run.verified}")
+    sections = [read_path.compare()]
+    if os.environ.get("BENCH_S3", "1") == "1":
+        latency = float(os.environ.get("BENCH_S3_LATENCY", str(s3.DEFAULT_LATENCY_SECONDS)))
+        s3_levels = [int(n) for n in os.environ.get("BENCH_S3_CONCURRENCY", "1,16,64").split(",")]
+        s3_files = files[: int(os.environ.get("BENCH_S3_FILES", "200"))]
+        s3_results, s3_large = s3_mode(source, s3_files, s3_levels, repeats, latency, with_large)
+        for run in s3_large:
+            print(f"S3, large object {run.megabytes:.0f} MB: {run.seconds:.1f} s, peak RSS {run.peak_rss_mib:.1f} MiB,"
+                  f" verified {run.verified}")  # fmt: skip
+        sections.insert(0, report.s3_section(s3_results, s3_large, latency, repeats))
     held = held_associations(source, int(os.environ.get("BENCH_HELD", "300")))
     print(f"held associations: {held[0]} accepted in {held[1]:.1f} s, peak RSS {held[2]:.0f} MiB")
     stacks = profile(source, files, 16) if os.environ.get("BENCH_PROFILE", "1") == "1" else None
     report.write(
-        RESULTS, results, large, receivers, machine(), stacks, [read_path.compare()],
+        RESULTS, results, large, receivers, machine(), stacks, sections,
         {"files": count, "repeats": repeats, "levels": levels, "minutes": (time.monotonic() - started) / 60,
          "source": _label(source), "held": held},
     )  # fmt: skip

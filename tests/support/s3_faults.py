@@ -2,13 +2,16 @@
 
 Reads (GET, HEAD, listings) always pass through; writes (PUT and POST: PutObject, the multipart calls) fail as a
 test says, for the next N of them or until healed. Bodies are streamed both ways; every connection to the client
-closes after one response, so no keep-alive state can leak from one answer into the next.
+closes after one response, so no keep-alive state can leak from one answer into the next. With ``latency_seconds``
+every answer is held back that long after the upstream has given it, as S3's own request latency (the benchmark's
+S3 mode).
 """
 
 from __future__ import annotations
 
 import http.client
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -59,8 +62,9 @@ class _Rule:
 class FaultProxy:
     """Forwards to ``upstream`` (an http:// endpoint) until told to fail; see :meth:`fail` and :meth:`heal`."""
 
-    def __init__(self, upstream: str) -> None:
+    def __init__(self, upstream: str, latency_seconds: float = 0.0) -> None:
         parts = urlsplit(upstream)
+        self.latency_seconds = latency_seconds
         assert parts.scheme == "http" and parts.hostname and parts.port, upstream
         self.upstream_host, self.upstream_port = parts.hostname, parts.port
         self.faulted: list[str] = []  # "<method> <path> <code>" of every request answered with a fault
@@ -181,6 +185,8 @@ class _Handler(BaseHTTPRequestHandler):
             upstream.endheaders()
             self._copy_body(upstream.send)
             response = upstream.getresponse()
+            if proxy.latency_seconds:
+                time.sleep(proxy.latency_seconds)
             self.send_response_only(response.status, response.reason)
             for name, value in response.getheaders():
                 if name.lower() not in _HOP_BY_HOP and name.lower() != "transfer-encoding":
@@ -229,8 +235,8 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 @contextmanager
-def fault_proxy(upstream: str) -> Iterator[FaultProxy]:
-    proxy = FaultProxy(upstream)
+def fault_proxy(upstream: str, latency_seconds: float = 0.0) -> Iterator[FaultProxy]:
+    proxy = FaultProxy(upstream, latency_seconds)
     try:
         yield proxy
     finally:

@@ -1,0 +1,118 @@
+"""The benchmark's S3 mode: this daemon with DICOM_BUCKET, S3 answered by moto_server behind a proxy that holds
+every answer back by a fixed request latency.
+
+The latency (BENCH_S3_LATENCY, seconds, default 0.05) follows AWS's whitepaper "Best Practices Design Patterns:
+Optimizing Amazon S3 Performance", section "Timeouts and Retries for Latency-Sensitive Applications": requests
+under 512 KB, a CT slice's size, have median latencies "often in the range of tens of milliseconds"; the S3 User
+Guide's "Optimizing S3 Express One Zone performance" puts S3 Express's single-digit milliseconds at "up to 10x
+faster than S3 Standard". A modality waits for each answer before it sends the next object, so one association
+stores at most 1 / latency objects a second and ``n`` associations ``n`` / latency: the bound each row is set
+against.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import itertools
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import boto3
+import psutil
+import pydicom
+
+from bench.receivers import AE_TITLE, REPOSITORY, Receiver
+from tests.support.moto import CREDENTIALS, MotoServer, start_moto_server
+from tests.support.s3_faults import FaultProxy
+
+DEFAULT_LATENCY_SECONDS = 0.05
+NAME = "this daemon, S3"
+_buckets = itertools.count()
+
+
+@dataclass
+class StandIn:
+    moto: MotoServer
+    proxy: FaultProxy
+
+    def client(self) -> Any:
+        """A client straight to moto_server: the bench's own reads do not pay the latency."""
+        return boto3.client("s3", endpoint_url=self.moto.endpoint, region_name=CREDENTIALS["AWS_REGION"],
+                            aws_access_key_id="testing", aws_secret_access_key="testing")  # fmt: skip
+
+
+@contextmanager
+def stand_in(latency_seconds: float) -> Iterator[StandIn]:
+    moto = start_moto_server()
+    proxy = FaultProxy(moto.endpoint, latency_seconds)
+    try:
+        yield StandIn(moto, proxy)
+    finally:
+        proxy.stop()
+        moto.stop()
+
+
+class S3Daemon(Receiver):
+    """This daemon storing to a fresh bucket per run; the receive spool is the run's output directory."""
+
+    def __init__(self, s3: StandIn, source: Path = REPOSITORY) -> None:
+        super().__init__(
+            NAME, available=True,
+            note=f"S3 store through a proxy adding {s3.proxy.latency_seconds * 1000:.0f} ms to every request",
+        )  # fmt: skip
+        self.s3 = s3
+        self.source = source
+        self.bucket = ""
+        # moto_server's CPU seconds during each run's receive: on a shared machine it can be the ceiling.
+        self.stand_in_cpu: list[float] = []
+        self._cpu_at_start = 0.0
+
+    def start(self, workdir: Path) -> None:
+        super().start(workdir)
+        self._cpu_at_start = self._stand_in_cpu()
+
+    def stop(self) -> None:
+        super().stop()  # the daemon writes its last manifest before it exits
+        self.stand_in_cpu.append(self._stand_in_cpu() - self._cpu_at_start)
+
+    def _stand_in_cpu(self) -> float:
+        times = psutil.Process(self.s3.moto.process.pid).cpu_times()
+        return float(times.user + times.system)
+
+    def command(self, workdir: Path) -> tuple[list[str], dict[str, str]]:
+        self.bucket = f"bench-{next(_buckets)}"
+        self.s3.client().create_bucket(Bucket=self.bucket)
+        return [sys.executable, "-m", "scp"], {
+            **CREDENTIALS,
+            "AWS_ENDPOINT_URL": self.s3.proxy.endpoint,
+            "DICOM_BUCKET": self.bucket,
+            "PYTHONPATH": str(self.source),
+            "SCP_PORT": str(self.port),
+            "BIND_ADDRESS": "127.0.0.1",
+            "AE_TITLE": AE_TITLE,
+            "STORAGE_DIR": str(self.output),
+            "LOG_LEVEL": "WARNING",
+            "SHUTDOWN_GRACE_SECONDS": "5",
+        }
+
+    def received(self) -> dict[str, str]:
+        """SOP Instance UID -> SHA-256 of the pixel data, for every object under a batch prefix of the bucket.
+
+        Each object is deleted once read, so a large one does not stay in moto_server's memory for the next run.
+        """
+        client = self.s3.client()
+        found = {}
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket):
+            for item in page.get("Contents", []):
+                if not item["Key"].endswith(".dcm"):
+                    continue  # a manifest
+                body = client.get_object(Bucket=self.bucket, Key=item["Key"])["Body"].read()
+                dataset = pydicom.dcmread(io.BytesIO(body))
+                found[str(dataset.SOPInstanceUID)] = hashlib.sha256(dataset.PixelData).hexdigest()
+                client.delete_object(Bucket=self.bucket, Key=item["Key"])
+        return found
