@@ -203,9 +203,10 @@ docs: $(INSTALLED) graphviz ## Build the HTML documentation into docs/_build/htm
 # Benchmarks
 
 # Not part of `make test`: about 10-15 minutes on 2 cores. BENCH_FILES, BENCH_REPEATS, BENCH_CONCURRENCY,
-# BENCH_RECEIVERS, BENCH_LARGE=1 and BENCH_PROFILE=0 tune it (see bench/__main__.py).
+# BENCH_RECEIVERS, BENCH_LARGE, BENCH_HELD, BENCH_PROFILE, BENCH_SOURCE and, for the S3 mode (moto_server behind a
+# latency proxy), BENCH_S3, BENCH_S3_FILES, BENCH_S3_CONCURRENCY, BENCH_S3_LATENCY tune it (docs/benchmark.rst).
 .PHONY: bench
-bench: $(INSTALLED) dcmtk ## Ingest benchmark against DCMTK storescp, Orthanc, pynetdicom; writes bench/results/
+bench: $(INSTALLED) dcmtk ## Ingest benchmark against DCMTK storescp +B, Orthanc, pynetdicom, and in S3 mode; writes bench/results/
 	@command -v Orthanc >/dev/null || { $(SUDO) apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq orthanc; }
 	$(BIN)/pip install --quiet -e '.[dev,bench]'

@@ -7,8 +7,9 @@ one 256 MiB and one 1 GiB multi-frame object, sent alone to this daemon to measu
 BENCH_PROFILE (default 1: py-spy profile of this daemon at 16 associations), BENCH_HELD (associations held at
 once, default 300), BENCH_SOURCE (the tree whose daemon is measured), BENCH_S3 (default 1: the S3 mode; 0 skips
 it), BENCH_S3_FILES (default 200), BENCH_S3_CONCURRENCY (default 1,16,64), BENCH_S3_LATENCY (seconds added to
-every S3 request, default 0.05; bench/s3.py gives its source). The daemon's own settings in the environment
-(RECEIVER_PROCESSES, for one) reach every daemon the bench starts.
+every S3 request, default 0.05; bench/s3.py gives its source). The daemon's own settings (the README's
+configuration table) in the environment reach every daemon the bench starts, so a setting under evaluation is
+measured by exporting it.
 """
 
 from __future__ import annotations

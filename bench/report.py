@@ -84,10 +84,11 @@ def s3_section(results: list[tuple[Run, float]], large: list[Run], latency: floa
         "the source of that figure). Each object is acknowledged only after S3's checksum-verified answer, and a "
         "modality sends its next object only after the answer, so `n` associations store at most `n` / latency "
         f"objects a second. Medians of {repeats} runs; each run counts only if every object read back from the "
-        "bucket has the pixel data that was sent. moto_server runs on the same cores: its CPU per object is given, "
-        "since where the cores are saturated, it rather than the latency or the daemon sets the rate.",
+        "bucket has the pixel data that was sent. The stand-in (moto_server and the proxy) runs on the same cores: "
+        "its CPU per object is given, since where the cores are saturated, it rather than the latency or the daemon "
+        "sets the rate.",
         "",
-        "| assoc. | files/s | bound | share of bound | daemon CPU ms/object | moto_server CPU ms/object | "
+        "| assoc. | files/s | bound | share of bound | daemon CPU ms/object | stand-in CPU ms/object | "
         "peak RSS MiB | verified |",
         "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]

@@ -15,6 +15,8 @@ from __future__ import annotations
 import hashlib
 import io
 import itertools
+import signal
+import subprocess
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -38,7 +40,17 @@ _buckets = itertools.count()
 @dataclass
 class StandIn:
     moto: MotoServer
-    proxy: FaultProxy
+    proxy: subprocess.Popen[str]  # a process of its own, so its CPU is counted and the bench's sampling is not slowed
+    endpoint: str
+    latency_seconds: float
+
+    def cpu_seconds(self) -> float:
+        """CPU seconds used so far by moto_server and the proxy."""
+        total = 0.0
+        for pid in (self.moto.process.pid, self.proxy.pid):
+            times = psutil.Process(pid).cpu_times()
+            total += times.user + times.system
+        return total
 
     def client(self) -> Any:
         """A client straight to moto_server: the bench's own reads do not pay the latency."""
@@ -49,11 +61,16 @@ class StandIn:
 @contextmanager
 def stand_in(latency_seconds: float) -> Iterator[StandIn]:
     moto = start_moto_server()
-    proxy = FaultProxy(moto.endpoint, latency_seconds)
+    proxy = subprocess.Popen(
+        [sys.executable, "-m", "bench.s3", moto.endpoint, str(latency_seconds)],
+        stdout=subprocess.PIPE, text=True, cwd=REPOSITORY,
+    )  # fmt: skip
     try:
-        yield StandIn(moto, proxy)
+        assert proxy.stdout is not None
+        yield StandIn(moto, proxy, proxy.stdout.readline().strip(), latency_seconds)
     finally:
-        proxy.stop()
+        proxy.terminate()
+        proxy.wait(timeout=10)
         moto.stop()
 
 
@@ -63,33 +80,29 @@ class S3Daemon(Receiver):
     def __init__(self, s3: StandIn, source: Path = REPOSITORY) -> None:
         super().__init__(
             NAME, available=True,
-            note=f"S3 store through a proxy adding {s3.proxy.latency_seconds * 1000:.0f} ms to every request",
+            note=f"S3 store through a proxy adding {s3.latency_seconds * 1000:.0f} ms to every request",
         )  # fmt: skip
         self.s3 = s3
         self.source = source
         self.bucket = ""
-        # moto_server's CPU seconds during each run's receive: on a shared machine it can be the ceiling.
+        # The stand-in's CPU seconds during each run's receive: on a shared machine it can be the ceiling.
         self.stand_in_cpu: list[float] = []
         self._cpu_at_start = 0.0
 
     def start(self, workdir: Path) -> None:
         super().start(workdir)
-        self._cpu_at_start = self._stand_in_cpu()
+        self._cpu_at_start = self.s3.cpu_seconds()
 
     def stop(self) -> None:
         super().stop()  # the daemon writes its last manifest before it exits
-        self.stand_in_cpu.append(self._stand_in_cpu() - self._cpu_at_start)
-
-    def _stand_in_cpu(self) -> float:
-        times = psutil.Process(self.s3.moto.process.pid).cpu_times()
-        return float(times.user + times.system)
+        self.stand_in_cpu.append(self.s3.cpu_seconds() - self._cpu_at_start)
 
     def command(self, workdir: Path) -> tuple[list[str], dict[str, str]]:
         self.bucket = f"bench-{next(_buckets)}"
         self.s3.client().create_bucket(Bucket=self.bucket)
         return [sys.executable, "-m", "scp"], {
             **CREDENTIALS,
-            "AWS_ENDPOINT_URL": self.s3.proxy.endpoint,
+            "AWS_ENDPOINT_URL": self.s3.endpoint,
             "DICOM_BUCKET": self.bucket,
             "PYTHONPATH": str(self.source),
             "SCP_PORT": str(self.port),
@@ -116,3 +129,16 @@ class S3Daemon(Receiver):
                 found[str(dataset.SOPInstanceUID)] = hashlib.sha256(dataset.PixelData).hexdigest()
                 client.delete_object(Bucket=self.bucket, Key=item["Key"])
         return found
+
+
+def _serve_proxy(upstream: str, latency_seconds: float) -> None:
+    """`python -m bench.s3 <moto endpoint> <latency>`: the latency proxy, its endpoint on stdout, until SIGTERM."""
+    proxy = FaultProxy(upstream, latency_seconds)
+    sys.stdout.write(proxy.endpoint + "\n")
+    sys.stdout.flush()
+    signal.sigwait({signal.SIGTERM, signal.SIGINT})
+    proxy.stop()
+
+
+if __name__ == "__main__":
+    _serve_proxy(sys.argv[1], float(sys.argv[2]))

@@ -163,3 +163,19 @@ def test_manifest_refused_while_objects_succeed_is_written_once_s3_recovers(case
 
     case.proxy.heal()
     wait_for(lambda: len(case.manifest_uids()) == 3, 20, "the manifest after S3 recovered")
+
+
+def test_latency_proxy_holds_every_answer_back_and_passes_the_request_on(moto: MotoServer) -> None:
+    """The benchmark's S3 stand-in: each answer comes at least the latency late, and the write reached S3."""
+    import boto3
+
+    bucket = f"latency-{uuid.uuid4().hex[:10]}"
+    s3(moto).create_bucket(Bucket=bucket)
+    with fault_proxy(moto.endpoint, latency_seconds=0.3) as slow:
+        client = boto3.client("s3", endpoint_url=slow.endpoint, region_name=CREDENTIALS["AWS_REGION"],
+                              aws_access_key_id="testing", aws_secret_access_key="testing")  # fmt: skip
+        started = time.monotonic()
+        client.put_object(Bucket=bucket, Key="object", Body=b"x" * 1024, ChecksumAlgorithm="CRC32")
+        elapsed = time.monotonic() - started
+    assert elapsed >= 0.3, f"answered after {elapsed:.2f} s"
+    assert objects(moto, bucket) == {"object": b"x" * 1024}
