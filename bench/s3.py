@@ -1,5 +1,5 @@
 """The benchmark's S3 mode: this daemon with DICOM_BUCKET, S3 answered by moto_server behind a proxy that holds
-every answer back by a fixed request latency.
+every answer back by a fixed request latency and keeps connections alive between requests, as S3 does.
 
 The latency (BENCH_S3_LATENCY, seconds, default 0.05) follows AWS's whitepaper "Best Practices Design Patterns:
 Optimizing Amazon S3 Performance", section "Timeouts and Retries for Latency-Sensitive Applications": requests
@@ -134,7 +134,7 @@ class S3Daemon(Receiver):
 
 def _serve_proxy(upstream: str, latency_seconds: float) -> None:
     """`python -m bench.s3 <moto endpoint> <latency>`: the latency proxy, its endpoint on stdout, until SIGTERM."""
-    proxy = FaultProxy(upstream, latency_seconds)
+    proxy = FaultProxy(upstream, latency_seconds, keep_alive=True)
     sys.stdout.write(proxy.endpoint + "\n")
     sys.stdout.flush()
     signal.sigwait({signal.SIGTERM, signal.SIGINT})

@@ -179,3 +179,27 @@ def test_latency_proxy_holds_every_answer_back_and_passes_the_request_on(moto: M
         elapsed = time.monotonic() - started
     assert elapsed >= 0.3, f"answered after {elapsed:.2f} s"
     assert objects(moto, bucket) == {"object": b"x" * 1024}
+
+
+@pytest.mark.parametrize("keep_alive", [False, True])
+def test_proxy_keeps_the_connection_only_when_asked(moto: MotoServer, keep_alive: bool) -> None:
+    """The fault tests get one response per connection; the benchmark's stand-in keeps connections as S3 does."""
+    import http.client
+    from urllib.parse import urlsplit
+
+    bucket = f"alive-{uuid.uuid4().hex[:10]}"
+    s3(moto).create_bucket(Bucket=bucket)
+    with fault_proxy(moto.endpoint, keep_alive=keep_alive) as proxy:
+        address = urlsplit(proxy.endpoint)
+        connection = http.client.HTTPConnection(str(address.hostname), address.port, timeout=10)
+        sockets = []
+        for _ in range(2):
+            connection.request("GET", f"/{bucket}?list-type=2")
+            response = connection.getresponse()
+            assert response.status == 200 and b"ListBucketResult" in response.read()
+            sockets.append(connection.sock)
+        connection.close()
+    if keep_alive:
+        assert sockets[0] is not None and sockets[0] is sockets[1]
+    else:
+        assert sockets == [None, None]  # http.client drops a connection the answer closed

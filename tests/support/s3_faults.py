@@ -3,8 +3,9 @@
 Reads (GET, HEAD, listings) always pass through; writes (PUT and POST: PutObject, the multipart calls) fail as a
 test says, for the next N of them or until healed. Bodies are streamed both ways; every connection to the client
 closes after one response, so no keep-alive state can leak from one answer into the next. With ``latency_seconds``
-every answer is held back that long after the upstream has given it, as S3's own request latency (the benchmark's
-S3 mode).
+every answer is held back that long after the upstream has given it, as S3's own request latency, and with
+``keep_alive`` a forwarded answer of known length leaves the connection open for the client's next request, as S3
+does (the benchmark's S3 mode: a new connection per request would count against the daemon).
 """
 
 from __future__ import annotations
@@ -62,9 +63,10 @@ class _Rule:
 class FaultProxy:
     """Forwards to ``upstream`` (an http:// endpoint) until told to fail; see :meth:`fail` and :meth:`heal`."""
 
-    def __init__(self, upstream: str, latency_seconds: float = 0.0) -> None:
+    def __init__(self, upstream: str, latency_seconds: float = 0.0, keep_alive: bool = False) -> None:
         parts = urlsplit(upstream)
         self.latency_seconds = latency_seconds
+        self.keep_alive = keep_alive
         assert parts.scheme == "http" and parts.hostname and parts.port, upstream
         self.upstream_host, self.upstream_port = parts.hostname, parts.port
         self.faulted: list[str] = []  # "<method> <path> <code>" of every request answered with a fault
@@ -191,8 +193,11 @@ class _Handler(BaseHTTPRequestHandler):
             for name, value in response.getheaders():
                 if name.lower() not in _HOP_BY_HOP and name.lower() != "transfer-encoding":
                     self.send_header(name, value)
-            # Without a Content-Length the body ends when this connection closes (RFC 9112 6.3).
-            self.send_header("Connection", "close")
+            if proxy.keep_alive and response.getheader("Content-Length") is not None:
+                self.close_connection = False
+            else:
+                # Without a Content-Length the body ends when this connection closes (RFC 9112 6.3).
+                self.send_header("Connection", "close")
             self.end_headers()
             while chunk := response.read(_COPY_BYTES):
                 self.wfile.write(chunk)
@@ -235,8 +240,8 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 @contextmanager
-def fault_proxy(upstream: str, latency_seconds: float = 0.0) -> Iterator[FaultProxy]:
-    proxy = FaultProxy(upstream, latency_seconds)
+def fault_proxy(upstream: str, latency_seconds: float = 0.0, keep_alive: bool = False) -> Iterator[FaultProxy]:
+    proxy = FaultProxy(upstream, latency_seconds, keep_alive)
     try:
         yield proxy
     finally:
