@@ -81,12 +81,12 @@ def s3_section(results: list[tuple[Run, float]], large: list[Run], latency: floa
         "## S3 mode (this daemon with DICOM_BUCKET)",
         "",
         f"S3 is moto_server behind a proxy that holds every answer back {latency * 1000:.0f} ms (bench/s3.py gives "
-        "the source of that figure). Each object is acknowledged only after S3's checksum-verified answer, and a "
-        "modality sends its next object only after the answer, so `n` associations store at most `n` / latency "
-        f"objects a second. Medians of {repeats} runs; each run counts only if every object read back from the "
-        "bucket has the pixel data that was sent. The stand-in (moto_server and the proxy) runs on the same cores: "
-        "its CPU per object is given, since where the cores are saturated, it rather than the latency or the daemon "
-        "sets the rate.",
+        "the source of that figure) and keeps connections alive, as S3 does. Each object is acknowledged only "
+        "after S3's checksum-verified answer, and a modality sends its next object only after the answer, so `n` "
+        f"associations store at most `n` / latency objects a second. Medians of {repeats} runs; each run counts "
+        "only if every object read back from the bucket has the pixel data that was sent. The stand-in "
+        "(moto_server and the proxy) runs on the same cores: its CPU per object is given, since where the cores "
+        "are saturated, it rather than the latency or the daemon sets the rate.",
         "",
         "| assoc. | files/s | bound | share of bound | daemon CPU ms/object | stand-in CPU ms/object | "
         "peak RSS MiB | verified |",
