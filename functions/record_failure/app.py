@@ -32,6 +32,8 @@ from common.records import (
     utc_now,
 )
 
+from batch_contract.table import ENTITY_BATCH
+
 if TYPE_CHECKING:
     from mypy_boto3_dynamodb.service_resource import Table
     from mypy_boto3_s3 import S3Client
@@ -92,8 +94,8 @@ def mark_batch_failed(
         ":now": stamp,
         ":execution": execution_arn,
         ":batch": batch_id,
-        ":entity": "batch",
-        ":gsi3pk": status_partition("batch", BATCH_FAILED),
+        ":entity": ENTITY_BATCH,
+        ":gsi3pk": status_partition(ENTITY_BATCH, BATCH_FAILED),
         ":gsi3sk": f"{stamp}#{batch_id}",
     }
     sets = (
