@@ -6,21 +6,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from enum import IntEnum
 from typing import Protocol
 
 from scp.commitment.ledger import Ledger
 from scp.commitment.pending import COMMITTED
 from scp.commitment.request import Reference
 from scp.forwarding.results import FAILED, IMPORTED, WARNING
-
-
-class FailureReason(IntEnum):
-    """Failure Reason (0008,1197) values of the Failed SOP Sequence (PS3.3 C.14.1.1)."""
-
-    PROCESSING_FAILURE = 0x0110
-    NO_SUCH_OBJECT_INSTANCE = 0x0112
-    CLASS_INSTANCE_CONFLICT = 0x0119
+from scp.status import FailureReason
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import IntEnum
 from io import BytesIO
 
 from pydicom.dataset import Dataset
@@ -12,6 +11,7 @@ from pynetdicom.dsutils import decode
 
 from scp import dimse
 from scp.commitment import REQUEST_STORAGE_COMMITMENT, STORAGE_COMMITMENT_INSTANCE, STORAGE_COMMITMENT_PUSH_MODEL
+from scp.status import Status
 from scp.uids import is_valid_uid
 
 # A request names every instance of a study or two; 10,000 covers the largest CT and tomosynthesis studies, and a
@@ -29,21 +29,10 @@ _REFERENCED_SOP_CLASS_UID = 0x00081150
 _REFERENCED_SOP_INSTANCE_UID = 0x00081155
 
 
-class ActionStatus(IntEnum):
-    """N-ACTION-RSP failure statuses (PS3.7 10.1.4.1.10, C)."""
-
-    INVALID_ARGUMENT_VALUE = 0x0115
-    INVALID_OBJECT_INSTANCE = 0x0117
-    NO_SUCH_SOP_CLASS = 0x0118
-    NO_SUCH_ACTION = 0x0123
-    RESOURCE_LIMITATION = 0x0213
-    PROCESSING_FAILURE = 0x0110
-
-
 class Refused(Exception):
     """The N-ACTION is answered with ``status``: the SCP is not processing it (PS3.4 J.3.2.1.3)."""
 
-    def __init__(self, status: ActionStatus, reason: str) -> None:
+    def __init__(self, status: Status, reason: str) -> None:
         super().__init__(reason)
         self.status = status
         self.reason = reason
@@ -85,22 +74,22 @@ class ActionData:
 def check_command(command: dimse.Command) -> None:
     """The command names the commitment SOP Class, its well-known instance and the one action it has."""
     if command.requested_sop_class_uid != STORAGE_COMMITMENT_PUSH_MODEL:
-        raise Refused(ActionStatus.NO_SUCH_SOP_CLASS, "Requested SOP Class UID is not Storage Commitment Push Model")
+        raise Refused(Status.NO_SUCH_SOP_CLASS, "Requested SOP Class UID is not Storage Commitment Push Model")
     if command.requested_sop_instance_uid != STORAGE_COMMITMENT_INSTANCE:
-        raise Refused(ActionStatus.INVALID_OBJECT_INSTANCE, "Requested SOP Instance UID is not 1.2.840.10008.1.20.1.1")
+        raise Refused(Status.INVALID_OBJECT_INSTANCE, "Requested SOP Instance UID is not 1.2.840.10008.1.20.1.1")
     if command.action_type_id != REQUEST_STORAGE_COMMITMENT:
-        raise Refused(ActionStatus.NO_SUCH_ACTION, "Action Type ID is not 1 (Request Storage Commitment)")
+        raise Refused(Status.NO_SUCH_ACTION, "Action Type ID is not 1 (Request Storage Commitment)")
 
 
 def parse_request(action: ActionData | None, transfer_syntax: str) -> CommitmentRequest:
     """The Transaction UID and the Referenced SOP Sequence of an N-ACTION's data set, every UID checked."""
     if action is None:
-        raise Refused(ActionStatus.INVALID_ARGUMENT_VALUE, "N-ACTION without Action Information")
+        raise Refused(Status.INVALID_ARGUMENT_VALUE, "N-ACTION without Action Information")
     if action.oversized:
-        raise Refused(ActionStatus.RESOURCE_LIMITATION, f"request data set over {MAX_DATA_SET_BYTES} bytes")
+        raise Refused(Status.RESOURCE_LIMITATION, f"request data set over {MAX_DATA_SET_BYTES} bytes")
     data = action.data()
     if data.count(_ITEM_TAG) > MAX_REFERENCES:
-        raise Refused(ActionStatus.RESOURCE_LIMITATION, f"over {MAX_REFERENCES} sequence items in one request")
+        raise Refused(Status.RESOURCE_LIMITATION, f"over {MAX_REFERENCES} sequence items in one request")
     try:
         # The commitment context is accepted in the little endian syntaxes only (scp/negotiation.py).
         dataset = decode(BytesIO(data), transfer_syntax == _IMPLICIT_VR_LITTLE_ENDIAN, True)
@@ -109,20 +98,20 @@ def parse_request(action: ActionData | None, transfer_syntax: str) -> Commitment
         raise
     except Exception as error:  # noqa: BLE001 - any decoding failure is the peer's malformed data set
         reason = f"undecodable request data set: {type(error).__name__}"
-        raise Refused(ActionStatus.INVALID_ARGUMENT_VALUE, reason) from None
+        raise Refused(Status.INVALID_ARGUMENT_VALUE, reason) from None
 
 
 def _request(dataset: Dataset) -> CommitmentRequest:
     transaction = dataset.get(_TRANSACTION_UID)
     transaction_uid = str(transaction.value) if transaction is not None and transaction.value else ""
     if not is_valid_uid(transaction_uid):
-        raise Refused(ActionStatus.INVALID_ARGUMENT_VALUE, "Transaction UID missing or not a valid UID")
+        raise Refused(Status.INVALID_ARGUMENT_VALUE, "Transaction UID missing or not a valid UID")
     sequence = dataset.get(_REFERENCED_SOP_SEQUENCE)
     items = sequence.value if sequence is not None else None
     if not isinstance(items, Sequence) or not items:
-        raise Refused(ActionStatus.INVALID_ARGUMENT_VALUE, "Referenced SOP Sequence missing or empty")
+        raise Refused(Status.INVALID_ARGUMENT_VALUE, "Referenced SOP Sequence missing or empty")
     if len(items) > MAX_REFERENCES:
-        raise Refused(ActionStatus.RESOURCE_LIMITATION, f"over {MAX_REFERENCES} instances in one request")
+        raise Refused(Status.RESOURCE_LIMITATION, f"over {MAX_REFERENCES} instances in one request")
     references = []
     for position, item in enumerate(items, start=1):
         uids = []
@@ -131,7 +120,7 @@ def _request(dataset: Dataset) -> CommitmentRequest:
             uid = str(element.value) if element is not None and element.value else ""
             if not is_valid_uid(uid):
                 reason = f"item {position}: Referenced SOP {name} UID missing or invalid"
-                raise Refused(ActionStatus.INVALID_ARGUMENT_VALUE, reason)
+                raise Refused(Status.INVALID_ARGUMENT_VALUE, reason)
             uids.append(uid)
         references.append(Reference(*uids))
     return CommitmentRequest(transaction_uid, tuple(references))

@@ -17,7 +17,7 @@ from scp import dimse
 from scp.commitment.committer import Evidence, at_deadline
 from scp.commitment.pending import Added, PendingRequest, PendingRequests
 from scp.commitment.report import Report, build_report
-from scp.commitment.request import ActionData, ActionStatus, Refused, check_command, parse_request
+from scp.commitment.request import ActionData, Refused, check_command, parse_request
 from scp.commitment.sender import DeliveryFailed, ReportSender
 from scp.config import CommitmentPeer
 from scp.logs import printable
@@ -110,15 +110,15 @@ class CommitmentService:
             added = self._pending.add(request, calling_ae_title, now, now + self._timeout)
         except sqlite3.Error as error:
             LOG.error("commitment request not recorded", extra={**log_fields, "error": str(error)})
-            return ActionAnswer(ActionStatus.PROCESSING_FAILURE, "commitment requests cannot be recorded")
+            return ActionAnswer(Status.PROCESSING_FAILURE, "commitment requests cannot be recorded")
         if added is Added.FULL:
             return self._refuse(
-                ActionStatus.RESOURCE_LIMITATION, "too many instances awaiting commitment; retry later", log_fields,
+                Status.RESOURCE_LIMITATION, "too many instances awaiting commitment; retry later", log_fields,
                 request.transaction_uid,
             )  # fmt: skip
         if added is Added.REUSED:
             return self._refuse(
-                ActionStatus.INVALID_ARGUMENT_VALUE, "Transaction UID already used for another request", log_fields,
+                Status.INVALID_ARGUMENT_VALUE, "Transaction UID already used for another request", log_fields,
                 request.transaction_uid,
             )  # fmt: skip
         with self._lock:

@@ -17,7 +17,6 @@ from scp.commitment.channel import message_pdus
 from scp.commitment.committer import (
     AWAITED,
     AWAITED_SEEN,
-    FailureReason,
     ForwardedState,
     HealthImagingEvidence,
     StoreEvidence,
@@ -31,7 +30,6 @@ from scp.commitment.request import (
     MAX_DATA_SET_BYTES,
     MAX_REFERENCES,
     ActionData,
-    ActionStatus,
     CommitmentRequest,
     Reference,
     Refused,
@@ -43,7 +41,7 @@ from scp.commitment.service import CommitmentService
 from scp.commitment.verify import LocalFiles
 from scp.config import Settings
 from scp.instances import ReceivedInstance
-from scp.status import Status
+from scp.status import FailureReason, Status
 from tests.support.corpus import CT_IMAGE_STORAGE, SECONDARY_CAPTURE, make_instance, read
 
 EXPLICIT, IMPLICIT = "1.2.840.10008.1.2.1", "1.2.840.10008.1.2"
@@ -99,7 +97,7 @@ def test_malformed_requests_are_refused_with_their_reason() -> None:
     for reason, data in cases.items():
         with pytest.raises(Refused, match=reason) as refused:
             parse_request(data, EXPLICIT)
-        assert refused.value.status == ActionStatus.INVALID_ARGUMENT_VALUE
+        assert refused.value.status == Status.INVALID_ARGUMENT_VALUE
     garbage = ActionData()
     garbage.append(b"\x08\x00\x95\x11UI\xff\xff" + b"\x00" * 10)  # an element longer than the data set
     with pytest.raises(Refused, match=r"undecodable|Transaction UID"):
@@ -112,24 +110,24 @@ def test_too_many_references_and_too_large_a_data_set_are_resource_limitations()
     many = information([(CT_IMAGE_STORAGE, f"1.2.3.{n}") for n in range(MAX_REFERENCES + 1)])
     with pytest.raises(Refused, match=f"over {MAX_REFERENCES}") as refused:
         parse_request(action(many), EXPLICIT)
-    assert refused.value.status == ActionStatus.RESOURCE_LIMITATION
+    assert refused.value.status == Status.RESOURCE_LIMITATION
     huge = ActionData()
     for _ in range(MAX_DATA_SET_BYTES // 65536 + 1):
         huge.append(bytes(65536))
     assert huge.oversized and huge.data() == b""  # nothing past the cap is held
     with pytest.raises(Refused) as refused:
         parse_request(huge, EXPLICIT)
-    assert refused.value.status == ActionStatus.RESOURCE_LIMITATION
+    assert refused.value.status == Status.RESOURCE_LIMITATION
 
 
 def test_the_command_must_name_the_commitment_class_its_instance_and_action_1() -> None:
     check_command(command())
     with pytest.raises(Refused) as refused:
         check_command(command(action_type=2))
-    assert refused.value.status == ActionStatus.NO_SUCH_ACTION
+    assert refused.value.status == Status.NO_SUCH_ACTION
     with pytest.raises(Refused) as refused:
         check_command(command(requested_class=CT_IMAGE_STORAGE))
-    assert refused.value.status == ActionStatus.NO_SUCH_SOP_CLASS
+    assert refused.value.status == Status.NO_SUCH_SOP_CLASS
 
 
 def test_n_action_response_and_event_report_command_sets_round_trip() -> None:
