@@ -4,11 +4,11 @@ the object is durable (or stored in HealthImaging) makes it committed."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, TypeVar
 
-from scp.commitment.ledger import Ledger
+from scp.commitment.ledger import Entry, Ledger
 from scp.commitment.pending import COMMITTED
 from scp.commitment.request import Reference
 from scp.forwarding.results import FAILED, IMPORTED, WARNING
@@ -24,6 +24,33 @@ class Verdict:
 AWAITED = Verdict(None)
 AWAITED_SEEN = Verdict(None, seen=True)
 COMMITTED_VERDICT = Verdict(COMMITTED)
+
+
+class _Known(Protocol):
+    @property
+    def sop_class_uid(self) -> str: ...
+
+
+_KnownInstance = TypeVar("_KnownInstance", bound=_Known)
+
+
+def _verdicts(
+    references: Sequence[Reference],
+    known: Mapping[str, _KnownInstance],
+    decide: Callable[[Reference, _KnownInstance], Verdict],
+) -> list[Verdict]:
+    """Awaited while the archive does not know the instance, a conflict when it knows it under another SOP class,
+    otherwise what ``decide`` makes of what it knows."""
+    verdicts = []
+    for reference in references:
+        instance = known.get(reference.sop_instance_uid)
+        if instance is None:
+            verdicts.append(AWAITED)
+        elif instance.sop_class_uid != reference.sop_class_uid:
+            verdicts.append(Verdict(FailureReason.CLASS_INSTANCE_CONFLICT))
+        else:
+            verdicts.append(decide(reference, instance))
+    return verdicts
 
 
 class Evidence(Protocol):
@@ -46,17 +73,10 @@ class StoreEvidence:
 
     def judge(self, references: Sequence[Reference]) -> list[Verdict]:
         entries = self._ledger.lookup(reference.sop_instance_uid for reference in references)
-        verdicts = []
-        for reference in references:
-            entry = entries.get(reference.sop_instance_uid)
-            if entry is None:
-                verdicts.append(AWAITED)
-            elif entry.sop_class_uid != reference.sop_class_uid:
-                verdicts.append(Verdict(FailureReason.CLASS_INSTANCE_CONFLICT))
-            else:
-                holds = self._check.holds(entry.location, reference)
-                verdicts.append(COMMITTED_VERDICT if holds else AWAITED_SEEN)
-        return verdicts
+        return _verdicts(references, entries, self._stored)
+
+    def _stored(self, reference: Reference, entry: Entry) -> Verdict:
+        return COMMITTED_VERDICT if self._check.holds(entry.location, reference) else AWAITED_SEEN
 
 
 # Stored in HealthImaging, with or without a warning; anything else but FAILED is still on its way.
@@ -83,20 +103,15 @@ class HealthImagingEvidence:
 
     def judge(self, references: Sequence[Reference]) -> list[Verdict]:
         states = self._results.states([reference.sop_instance_uid for reference in references])
-        verdicts = []
-        for reference in references:
-            state = states.get(reference.sop_instance_uid)
-            if state is None:
-                verdicts.append(AWAITED)
-            elif state.sop_class_uid != reference.sop_class_uid:
-                verdicts.append(Verdict(FailureReason.CLASS_INSTANCE_CONFLICT))
-            elif state.status in _FORWARDED_STORED:
-                verdicts.append(COMMITTED_VERDICT)
-            elif state.status == FAILED:
-                verdicts.append(Verdict(FailureReason.PROCESSING_FAILURE))
-            else:
-                verdicts.append(AWAITED_SEEN)
-        return verdicts
+        return _verdicts(references, states, _forwarded)
+
+
+def _forwarded(_reference: Reference, state: ForwardedState) -> Verdict:
+    if state.status in _FORWARDED_STORED:
+        return COMMITTED_VERDICT
+    if state.status == FAILED:
+        return Verdict(FailureReason.PROCESSING_FAILURE)
+    return AWAITED_SEEN
 
 
 def at_deadline(verdict: Verdict) -> int:
