@@ -1,8 +1,21 @@
-"""One SQLite transaction on a connection in autocommit mode, for the daemon's local databases."""
+"""The daemon's local SQLite databases: a connection in autocommit mode and WAL, and one transaction on it."""
 
 from __future__ import annotations
 
 import sqlite3
+from pathlib import Path
+from typing import Literal
+
+
+def open_database(path: Path, synchronous: Literal["NORMAL", "FULL"], schema: str) -> sqlite3.Connection:
+    """A connection shared between threads under the caller's lock; ``synchronous`` is what its promise needs:
+    FULL survives a power loss, NORMAL only a killed process."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    connection = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
+    connection.execute("PRAGMA journal_mode=WAL")
+    connection.execute(f"PRAGMA synchronous={synchronous}")
+    connection.executescript(schema)
+    return connection
 
 
 class Transaction:

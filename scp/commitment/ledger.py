@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from scp.instances import ReceivedInstance, StoredInstance
+from scp.sqlite_transaction import open_database
 from scp.storage import Store
 
 LOG = logging.getLogger(__name__)
@@ -40,15 +41,11 @@ def database_path(storage_dir: Path) -> Path:
 
 class Ledger:
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        self._connection = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
-        self._connection.execute("PRAGMA journal_mode=WAL")
         # NORMAL: a killed process loses nothing; a power loss may lose the last entries, and an instance without
         # its entry is reported not committed. The ledger can only make a report more pessimistic, never wrong,
         # so it does not add an fsync to every C-STORE.
-        self._connection.execute("PRAGMA synchronous=NORMAL")
-        self._connection.executescript(_SCHEMA)
+        self._connection = open_database(path, "NORMAL", _SCHEMA)
 
     def record(self, instance: ReceivedInstance, location: str) -> None:
         with self._lock:

@@ -4,7 +4,6 @@ delivered, so a restart, even after SIGKILL or a power loss, still answers every
 from __future__ import annotations
 
 import hashlib
-import sqlite3
 import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -13,7 +12,7 @@ from pathlib import Path
 
 from scp.commitment.request import CommitmentRequest, Reference
 from scp.fsync import fsync_directory
-from scp.sqlite_transaction import Transaction
+from scp.sqlite_transaction import Transaction, open_database
 
 DATABASE_NAME = "requests.sqlite"
 COMMITTED = 0  # a resolved reference's outcome; any other value is its Failure Reason (PS3.3 C.14.1.1)
@@ -88,14 +87,10 @@ class PendingRequests:
     """Thread-safe; every write is committed with a full sync before it returns."""
 
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        self._connection = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
-        self._connection.execute("PRAGMA journal_mode=WAL")
         # FULL: the WAL is fsync'd at each commit, so a request acknowledged with N-ACTION-RSP Success survives a
         # power loss, not only a killed process.
-        self._connection.execute("PRAGMA synchronous=FULL")
-        self._connection.executescript(_SCHEMA)
+        self._connection = open_database(path, "FULL", _SCHEMA)
         # SQLite syncs the files, not the directory entries that name them: without this, a power loss soon after
         # the first start could take the database (and the requests it acknowledged) with it.
         for directory in (path.parent, path.parent.parent):

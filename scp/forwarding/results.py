@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from scp.instances import ReceivedInstance
-from scp.sqlite_transaction import Transaction
+from scp.sqlite_transaction import Transaction, open_database
 
 # The import workflow's status words for an instance item (docs/import-workflow.rst), and the one of our own.
 FORWARDING = "forwarding"
@@ -100,20 +100,16 @@ def database_path(storage_dir: Path) -> Path:
 
 
 class Results:
-    """Thread-safe access to the forwarding database; every write is committed with a full sync."""
+    """Thread-safe access to the forwarding database; every write is committed (fsync'd by ``checkpoint``)."""
 
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
         self._lock = threading.Lock()
         # One connection shared under a lock: SQLite serialises writers anyway, and one connection keeps its
         # page cache warm for the receive path's inserts.
-        self._connection = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
-        self._connection.execute("PRAGMA journal_mode=WAL")
         # NORMAL: an fsync per commit would cost the receive path as much as the object's own fsync (measured
         # 0.7 ms median on this product's test disk); ``checkpoint`` and ``recovery`` cover a power loss instead.
-        self._connection.execute("PRAGMA synchronous=NORMAL")
-        self._connection.executescript(_SCHEMA)
+        self._connection = open_database(path, "NORMAL", _SCHEMA)
         # Checkpoints fsync; on a connection of their own they never hold up the receive path's inserts (a
         # passive checkpoint does not block writers).
         self._checkpointer = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
