@@ -16,7 +16,14 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from scp.forwarding.results import FAILED, FORWARDING, IMPORTED, WARNING, Row, database_path, study_rows
-from scp.import_status.report import EXIT_ATTENTION, EXIT_IMPORTED, EXIT_PENDING, EXIT_UNKNOWN
+from scp.import_status.report import (
+    EXIT_ATTENTION,
+    EXIT_IMPORTED,
+    EXIT_PENDING,
+    EXIT_UNKNOWN,
+    image_sets_line,
+    verdict_word,
+)
 from scp.uids import is_valid_uid
 
 STATES = (FORWARDING, IMPORTED, WARNING, FAILED)
@@ -127,7 +134,7 @@ def to_text(study: str, path: Path, rows: Sequence[Row], code: int) -> str:
     lines += [f"  {state:<12}{states[state]:>7}   {_LABELS[state]}" for state in STATES]
     image_sets = Counter(row.image_set_id for row in rows if row.status != FAILED and row.image_set_id)
     if image_sets:
-        lines.append("Image sets: " + ", ".join(f"{key} ({n})" for key, n in sorted(image_sets.items())))
+        lines.append(image_sets_line(image_sets))
     for row in rows:
         if row.status == FAILED:
             lines.append(f"Failed: {row.sop_instance_uid}: {row.reason or 'no reason recorded'}")
@@ -135,6 +142,5 @@ def to_text(study: str, path: Path, rows: Sequence[Row], code: int) -> str:
             lines.append(f"Warning: {row.sop_instance_uid}: {row.reason}")
         elif row.status == FORWARDING and row.last_error:
             lines.append(f"Waiting: {row.sop_instance_uid}: {row.attempts} attempts, last error: {row.last_error}")
-    verdict = {EXIT_IMPORTED: "imported", EXIT_ATTENTION: "attention", EXIT_PENDING: "pending"}.get(code, "not found")
-    lines.append(f"Result: {verdict.upper()} (exit {code})")
+    lines.append(f"Result: {verdict_word(code).upper()} (exit {code})")
     return "\n".join(lines) + "\n"

@@ -53,8 +53,18 @@ _MEANINGS = {
     UNCONFIRMED: "import job completed, its report unreadable: look the job up in HealthImaging",
     FAILED: "not imported",
 }
+_VERDICTS = {EXIT_IMPORTED: "imported", EXIT_ATTENTION: "attention", EXIT_PENDING: "pending"}
 # Sorts after every real time: an instance without any known time is the newest, not the oldest.
 _UNKNOWN_TIME = "9999-12-31T23:59:59.999Z"
+
+
+def verdict_word(exit_code: int) -> str:
+    """The word a status report gives its exit code."""
+    return _VERDICTS.get(exit_code, "not found")
+
+
+def image_sets_line(instances_by_image_set: Mapping[str, int]) -> str:
+    return "Image sets: " + ", ".join(f"{key} ({n})" for key, n in sorted(instances_by_image_set.items()))
 
 
 @dataclass(frozen=True)
@@ -114,9 +124,7 @@ class Report:
 
     @property
     def verdict(self) -> str:
-        return {EXIT_IMPORTED: "imported", EXIT_ATTENTION: "attention", EXIT_PENDING: "pending"}.get(
-            self.exit_code, "not found"
-        )
+        return verdict_word(self.exit_code)
 
     def oldest_pending(self) -> Instance | None:
         pending = [i for i in self.instances if i.state in PENDING]
@@ -176,7 +184,7 @@ class Report:
             )
         image_sets = Counter(i.image_set_id for i in self.instances if i.state == IMPORTED and i.image_set_id)
         if image_sets:
-            lines.append("Image sets: " + ", ".join(f"{key} ({n})" for key, n in sorted(image_sets.items())))
+            lines.append(image_sets_line(image_sets))
         for instance in sorted(self.instances, key=_display_order):
             if instance.state == NON_PRIMARY:
                 lines.append(f"Non-primary: {instance.sop_instance_uid} in image set {instance.image_set_id}")
