@@ -323,7 +323,8 @@ def _image_set_id(retrieve_url: object) -> str | None:
         return None
     values = urllib.parse.parse_qs(urllib.parse.urlsplit(retrieve_url).query).get("imageSetId", [])
     candidate = values[0] if values else ""
-    return candidate if candidate.isalnum() and len(candidate) <= 64 else None
+    # ASCII letters and digits only: str.isalnum alone takes any script's (fullwidth letters, Arabic-Indic digits).
+    return candidate if candidate.isascii() and candidate.isalnum() and len(candidate) <= 64 else None
 
 
 def _printable(content: bytes) -> str:

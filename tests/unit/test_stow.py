@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import urllib.parse
 from pathlib import Path
 
 import pytest
@@ -65,12 +66,21 @@ def test_an_answer_that_is_not_a_stow_rs_response_names_no_instance(content_type
     assert answer.message.isprintable() and len(answer.message) <= 200
 
 
-def test_an_image_set_id_is_taken_only_when_it_looks_like_one() -> None:
-    url = "https://x/studies/1?imageSetId=../../etc"
+@pytest.mark.parametrize(
+    ("image_set_id", "taken"),
+    [
+        ("0123456789abcdef0123456789abcdef", "0123456789abcdef0123456789abcdef"),
+        ("../../etc", None),
+        ("\uff41\uff42\uff43", None),  # fullwidth letters: alphanumeric to Python, not an image set id
+        ("\u0663\u0664", None),  # Arabic-Indic digits
+        ("a" * 65, None),
+    ],
+)
+def test_an_image_set_id_is_taken_only_when_it_looks_like_one(image_set_id: str, taken: str | None) -> None:
+    url = f"https://x/studies/1?imageSetId={urllib.parse.quote(image_set_id)}"
     document = {"00081199": {"vr": "SQ", "Value": [reference("1.1", **{"00081190": {"vr": "UR", "Value": [url]}})]}}
-    assert (
-        parse_answer(200, "application/dicom+json", json.dumps(document).encode()).outcomes["1.1"].image_set_id is None
-    )
+    outcome = parse_answer(200, "application/dicom+json", json.dumps(document).encode()).outcomes["1.1"]
+    assert outcome.image_set_id == taken
 
 
 def test_one_instance_is_sent_as_application_dicom(tmp_path: Path) -> None:
