@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import tracemalloc
 import urllib.parse
 from pathlib import Path
 
@@ -110,6 +111,28 @@ def test_several_instances_are_one_multipart_related_body_read_in_bounded_chunks
         assert len(sent) == body.length
         assert _multipart(body.content_type, sent) == [path.read_bytes() for path in paths]
         assert body.sha256() == hashlib.sha256(sent).hexdigest()
+
+
+def test_a_multipart_body_is_streamed_from_its_files_not_held_in_memory(tmp_path: Path) -> None:
+    paths = []
+    for number in range(3):
+        path = tmp_path / f"{number}.dcm"
+        with path.open("wb") as file:
+            file.truncate(16 * 1024 * 1024)  # sparse: 48 MiB of body without writing it
+        paths.append(path)
+    tracemalloc.start()
+    try:
+        with Body(paths) as body:
+            body.sha256()
+            reader = body.reader()
+            sent = sum(len(chunk) for chunk in iter(lambda: reader.read(65536), b""))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert sent == body.length > 48 * 1024 * 1024
+    # A few 1 MiB reads at a time, whatever the body's size: the forwarder's workers stay bounded by the chunk,
+    # not by BYTES_PER_REQUEST.
+    assert peak < 4 * 1024 * 1024, peak
 
 
 def test_a_file_replaced_after_the_body_was_made_is_still_sent_as_it_was(tmp_path: Path) -> None:
