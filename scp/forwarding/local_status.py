@@ -22,7 +22,7 @@ from scp.import_status.report import (
     EXIT_PENDING,
     EXIT_UNKNOWN,
     image_sets_line,
-    verdict_word,
+    result_line,
 )
 from scp.uids import is_valid_uid
 
@@ -142,5 +142,5 @@ def to_text(study: str, path: Path, rows: Sequence[Row], code: int) -> str:
             lines.append(f"Warning: {row.sop_instance_uid}: {row.reason}")
         elif row.status == FORWARDING and row.last_error:
             lines.append(f"Waiting: {row.sop_instance_uid}: {row.attempts} attempts, last error: {row.last_error}")
-    lines.append(f"Result: {verdict_word(code).upper()} (exit {code})")
+    lines.append(result_line(code))
     return "\n".join(lines) + "\n"

@@ -63,6 +63,10 @@ def verdict_word(exit_code: int) -> str:
     return _VERDICTS.get(exit_code, "not found")
 
 
+def result_line(exit_code: int) -> str:
+    return f"Result: {verdict_word(exit_code).upper()} (exit {exit_code})"
+
+
 def image_sets_line(instances_by_image_set: Mapping[str, int]) -> str:
     return "Image sets: " + ", ".join(f"{key} ({n})" for key, n in sorted(instances_by_image_set.items()))
 
@@ -195,7 +199,7 @@ class Report:
                 lines.append(f"Warning{source}: {instance.sop_instance_uid}: {instance.reason}")
         if self.bucket is None:
             lines.append("Objects in open or unregistered batches are not counted without --bucket.")
-        lines.append(f"Result: {self.verdict.upper()} (exit {self.exit_code})")
+        lines.append(result_line(self.exit_code))
         return "\n".join(lines) + "\n"
 
 
