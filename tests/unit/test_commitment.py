@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -301,6 +302,25 @@ def test_a_request_waits_for_its_instances_until_the_deadline_then_reports_the_m
     assert service.report_answered(channel, message_id, 0x0000)
     assert pending.state("1.2.3.4") == ("reported", 2)
     assert not service.report_answered(channel, message_id, 0x0000)  # answers nothing pending any more
+    ledger.close()
+    pending.close()
+
+
+def test_a_request_that_cannot_be_recorded_is_refused_with_a_processing_failure_not_success(tmp_path: Path) -> None:
+    pending = PendingRequests(tmp_path / "requests.sqlite")
+    ledger = Ledger(tmp_path / "stored.sqlite")
+    service = CommitmentService(
+        pending, StoreEvidence(ledger, LocalFiles(tmp_path)), ReportSender(Settings.from_env({})), (), 60
+    )
+    # The references' table is gone: the request's row is written, its references are not.
+    other = sqlite3.connect(tmp_path / "requests.sqlite")
+    other.execute("DROP TABLE request_references")
+    other.close()
+    refs = [(CT_IMAGE_STORAGE, "1.2.3.4.5")]
+    answer = service.handle_action(command(), EXPLICIT, action(information(refs)), "CT1", {})
+    assert (answer.status, answer.transaction_uid) == (Status.PROCESSING_FAILURE, None)
+    # One transaction: no half-recorded request is left to be reported on.
+    assert pending.state("1.2.3.4") is None
     ledger.close()
     pending.close()
 
