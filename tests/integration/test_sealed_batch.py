@@ -2,7 +2,8 @@
 
 The sweeper writes a manifest for a batch it judges abandoned from a listing of the prefix. Objects the daemon
 stores into that batch afterwards are not in that manifest; the daemon, finding the manifest written when it
-closes the batch, copies them into a batch of their own and writes its manifest (closedBy "late").
+closes the batch, copies them into a batch of their own and writes its manifest (closedBy "late"); copies that
+fail are made again, into the same late batch, when the close is retried.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ __all__ = ["bucket", "s3_daemon"]  # the S3 tests' fixtures, used here too
 from tests.support.corpus import make_instance, read
 from tests.support.daemon import Daemon
 from tests.support.moto import MotoServer
+from tests.support.s3_faults import INTERNAL_ERROR, fault_proxy
 from tests.support.waits import wait_for
 
 pytestmark = pytest.mark.integration
@@ -88,3 +90,35 @@ def test_objects_stored_after_the_sweeper_sealed_their_batch_get_a_manifest_of_t
         "batch sealed elsewhere without some objects: copied into a batch of their own"
     )
     assert (logged["batch_id"], logged["late_batch_id"], logged["objects"]) == (sealed_id, late["batchId"], 5)
+
+
+def test_late_objects_whose_copies_fail_are_copied_again_into_the_same_late_batch(
+    s3_daemon: Callable[..., Daemon],
+    moto: MotoServer,
+    aws_env: MotoServer,
+    bucket: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    with fault_proxy(moto.endpoint) as proxy:
+        daemon = s3_daemon(BATCH_WINDOW_SECONDS="600", AWS_ENDPOINT_URL=proxy.endpoint)
+        sweeper = load_app("sweeper", monkeypatch, {"DICOM_BUCKET": bucket, **SWEEPER_ENV})
+        files = [make_instance(tmp_path, pixel_bytes=2048) for _ in range(5)]
+        acknowledged = [str(read(f).SOPInstanceUID) for f in files]
+        assert send_files(daemon, files[:2]) == [0, 0]
+        (sealed_id,) = open_batch_ids(moto, bucket)
+        assert sweeper.sweep(sweeper.S3, bucket, datetime.now(UTC) + timedelta(hours=1), 900, 72) == [sealed_id]
+        assert send_files(daemon, files[2:]) == [0, 0, 0]
+        # Every write under batches/ from now on is a late object's copy: two of the three fail the first close.
+        proxy.fail(INTERNAL_ERROR, times=2, key_prefix=BATCHES_PREFIX)
+        daemon.signal(signal.SIGTERM)
+        assert daemon.wait(60) == 0
+    found = {m["closedBy"]: m for m in manifests(moto, bucket)}
+    assert set(found) == {"sweeper", "late"}, found
+    listed = Counter(str(o["sopInstanceUid"]) for m in found.values() for o in m["objects"])
+    assert sorted(listed) == sorted(acknowledged) and set(listed.values()) == {1}, listed
+    late_id = str(found["late"]["batchId"])
+    assert len(proxy.faulted) == 2 and all(f"/{BATCHES_PREFIX}{late_id}/" in line for line in proxy.faulted)
+    assert daemon.log_messages("batch manifest not written, will retry"), "the first close did not fail"
+    stored = objects(moto, bucket, f"{BATCHES_PREFIX}{late_id}/")
+    assert sorted(read_part10(body).SOPInstanceUID for body in stored.values()) == sorted(acknowledged[2:])
