@@ -47,3 +47,8 @@ class EnvironmentReader:
     def finish(self) -> None:
         if self._problems:
             raise ConfigurationError("; ".join(self._problems))
+
+
+def record_retention_days(reader: EnvironmentReader) -> int:
+    """RECORD_RETENTION_DAYS, read alike by every function that writes final records (0 keeps them for ever)."""
+    return reader.integer("RECORD_RETENTION_DAYS", 365, 0, 36500)

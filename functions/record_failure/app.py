@@ -17,7 +17,7 @@ from aws_lambda_powertools import Logger, Metrics
 from aws_lambda_powertools.metrics import MetricUnit
 from aws_lambda_powertools.utilities.typing import LambdaContext
 from botocore.exceptions import ClientError
-from common.config import EnvironmentReader
+from common.config import EnvironmentReader, record_retention_days
 from common.layout import LayoutError, batch_id_from_manifest_key, check_batch_id
 from common.manifest import ManifestError, iso_millis, read_manifest
 from common.parallel import POOLED_CLIENT_CONFIG
@@ -54,7 +54,7 @@ class Settings:
         settings = cls(
             table_name=reader.text("TABLE_NAME"),
             dicom_bucket=reader.text("DICOM_BUCKET"),
-            retention_days=reader.integer("RECORD_RETENTION_DAYS", 365, 0, 36500),
+            retention_days=record_retention_days(reader),
         )
         reader.finish()
         return settings
