@@ -214,7 +214,8 @@ class Batches:
         self._worker.start()
 
     def close_all(self, timeout: float) -> list[str]:
-        """At shutdown: close the open batch and write every pending manifest; returns the batch ids left open."""
+        """At shutdown: close the open batch and write every pending manifest; returns the ids of the batches left
+        without a manifest, which the sweeper closes."""
         with self._lock:
             self._stopped = True
             if self._open is not None:
@@ -223,7 +224,23 @@ class Batches:
         if self._worker is not None:
             self._worker.join(timeout)
         with self._lock:
-            return [batch.batch_id for batch in self._closing]
+            left = list(self._closing)
+        for batch in left:
+            if batch.successor is not None:
+                # Sealed elsewhere: the sweeper will not look at this batch again, and closes the late batch with
+                # only the copies that were made. This line is the one trace of the acknowledged instances that
+                # may be in no manifest.
+                LOG.error(
+                    "late objects of a batch sealed elsewhere not copied: those without a copy are in no manifest",
+                    extra={
+                        "batch_id": batch.batch_id,
+                        "late_batch_id": batch.successor.batch_id,
+                        "instances": len(batch.successor.objects),
+                        # Bounded: a CloudWatch Logs event holds at most 256 KiB.
+                        "sop_instance_uids": sorted(i.sop_instance_uid for i in batch.successor.objects.values())[:100],
+                    },
+                )
+        return [batch.batch_id for batch in left if batch.successor is None]
 
     def _close(self, batch: Batch, reason: str) -> None:
         batch.closed_by = reason
