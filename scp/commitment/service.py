@@ -33,7 +33,6 @@ _ARRIVING_SECONDS = 60.0
 _PASS_GAP_SECONDS = 0.2  # responses and ended associations wake the loop; at most five passes a second
 _RETRY_FIRST_SECONDS = 10.0
 _RETRY_MAX_SECONDS = 600.0
-_SUCCESS = 0x0000
 _DELIVERY_THREADS = 4
 
 
@@ -302,7 +301,7 @@ class CommitmentService:
             "response_status": None if status is None else f"0x{status:04X}",
         }
         # A modality that answers the report with a failure has still received it; it is not sent again.
-        LOG.log(logging.INFO if status == _SUCCESS else logging.WARNING, "commitment reported", extra=fields)
+        LOG.log(logging.INFO if status == Status.SUCCESS else logging.WARNING, "commitment reported", extra=fields)
 
     def _refuse(
         self, status: int, reason: str, log_fields: Mapping[str, Any], transaction_uid: str | None = None
