@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import sqlite3
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -14,6 +16,7 @@ from pynetdicom.dsutils import encode
 from scp import dimse
 from scp.commitment import STORAGE_COMMITMENT_INSTANCE, STORAGE_COMMITMENT_PUSH_MODEL
 from scp.commitment import pending as pending_module
+from scp.commitment import service as service_module
 from scp.commitment.channel import message_pdus
 from scp.commitment.committer import (
     AWAITED,
@@ -321,6 +324,47 @@ def test_a_request_that_cannot_be_recorded_is_refused_with_a_processing_failure_
     assert (answer.status, answer.transaction_uid) == (Status.PROCESSING_FAILURE, None)
     # One transaction: no half-recorded request is left to be reported on.
     assert pending.state("1.2.3.4") is None
+    ledger.close()
+    pending.close()
+
+
+def test_requests_from_several_associations_are_decoded_one_at_a_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    decoding, most = [0], [0]
+    count = threading.Lock()
+    real_parse = service_module.parse_request
+
+    def observed_parse(action: ActionData | None, transfer_syntax: str) -> CommitmentRequest:
+        with count:
+            decoding[0] += 1
+            most[0] = max(most[0], decoding[0])
+        try:
+            time.sleep(0.02)  # room for another association's decode to overlap, were it let in
+            return real_parse(action, transfer_syntax)
+        finally:
+            with count:
+                decoding[0] -= 1
+
+    monkeypatch.setattr(service_module, "parse_request", observed_parse)
+    pending = PendingRequests(tmp_path / "requests.sqlite")
+    ledger = Ledger(tmp_path / "stored.sqlite")
+    service = CommitmentService(
+        pending, StoreEvidence(ledger, LocalFiles(tmp_path)), ReportSender(Settings.from_env({})), (), 60
+    )
+    answers: list[int] = []
+
+    def associate(number: int) -> None:
+        data = action(information([(CT_IMAGE_STORAGE, f"1.2.3.{number}")], transaction_uid=f"1.9.{number}"))
+        answers.append(service.handle_action(command(), EXPLICIT, data, "CT1", {}).status)
+
+    threads = [threading.Thread(target=associate, args=(number,)) for number in range(1, 7)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    assert answers == [Status.SUCCESS] * 6
+    assert most[0] == 1, "two requests were decoded at once"
     ledger.close()
     pending.close()
 
