@@ -318,7 +318,8 @@ class Association:
 
     def _commitment_command(self, message: _Message, command: dimse.Command) -> None:
         if command.command_field == dimse.N_ACTION_RQ:
-            message.action = ActionData() if command.has_data_set else None
+            assert self._commitment is not None
+            message.action = self._commitment.new_action() if command.has_data_set else None
             if not command.has_data_set:
                 self._answer_action(message)
             return
@@ -384,6 +385,8 @@ class Association:
 
     def _discard_message(self) -> None:
         message, self._message = self._message, None
+        if message is not None and message.action is not None:
+            message.action.release()  # an N-ACTION cut short: its bytes go back to the shared budget
         if message is None or message.store is None:
             return
         if message.receive_file is not None:

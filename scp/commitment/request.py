@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from io import BytesIO
 
@@ -18,6 +19,9 @@ from scp.uids import is_valid_uid
 # modality with more splits them over several requests. The data set cap follows: about 130 bytes per item.
 MAX_REFERENCES = 10_000
 MAX_DATA_SET_BYTES = 2 * 1024 * 1024
+# What every association together may hold of request data sets while they arrive: eight of the largest at once.
+# A deployment sizes MAXIMUM_ASSOCIATIONS at about 1 MiB each; this keeps commitment requests inside that.
+MAX_DATA_SET_BYTES_HELD = 8 * MAX_DATA_SET_BYTES
 
 _IMPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2"
 # The Item tag (FFFE,E000) in little endian. Every sequence item starts with it, so its count bounds the items
@@ -50,25 +54,60 @@ class CommitmentRequest:
     references: tuple[Reference, ...]
 
 
-class ActionData:
-    """An N-ACTION's data set as its fragments arrive, held in memory up to ``MAX_DATA_SET_BYTES``; beyond that
-    the rest is read and dropped, and the request is refused once complete."""
+class ActionBudget:
+    """The bytes of N-ACTION data sets that every association together holds in memory; thread-safe."""
 
-    def __init__(self) -> None:
+    def __init__(self, limit: int = MAX_DATA_SET_BYTES_HELD) -> None:
+        self.limit = limit
+        self._held = 0
+        self._lock = threading.Lock()
+
+    def take(self, size: int) -> bool:
+        with self._lock:
+            if self._held + size > self.limit:
+                return False
+            self._held += size
+            return True
+
+    def give_back(self, size: int) -> None:
+        with self._lock:
+            self._held -= size
+
+    @property
+    def held(self) -> int:
+        with self._lock:
+            return self._held
+
+
+class ActionData:
+    """An N-ACTION's data set as its fragments arrive, held in memory up to ``MAX_DATA_SET_BYTES`` and within the
+    shared ``budget``; beyond either the rest is read and dropped, and the request is refused once complete.
+    ``release`` gives the bytes back once the request is decoded or dropped."""
+
+    def __init__(self, budget: ActionBudget) -> None:
+        self._budget = budget
         self._data = bytearray()
         self.oversized = False
+        self.crowded = False  # the shared budget was spent by other associations' requests
 
     def append(self, fragment: memoryview | bytes) -> None:
-        if self.oversized:
+        if self.oversized or self.crowded:
             return
         if len(self._data) + len(fragment) > MAX_DATA_SET_BYTES:
             self.oversized = True
-            self._data = bytearray()
-            return
-        self._data += fragment
+            self.release()
+        elif not self._budget.take(len(fragment)):
+            self.crowded = True
+            self.release()
+        else:
+            self._data += fragment
 
     def data(self) -> bytes:
         return bytes(self._data)
+
+    def release(self) -> None:
+        self._budget.give_back(len(self._data))
+        self._data = bytearray()
 
 
 def check_command(command: dimse.Command) -> None:
@@ -87,6 +126,8 @@ def parse_request(action: ActionData | None, transfer_syntax: str) -> Commitment
         raise Refused(Status.INVALID_ARGUMENT_VALUE, "N-ACTION without Action Information")
     if action.oversized:
         raise Refused(Status.RESOURCE_LIMITATION, f"request data set over {MAX_DATA_SET_BYTES} bytes")
+    if action.crowded:
+        raise Refused(Status.RESOURCE_LIMITATION, "too many commitment requests arriving at once; retry later")
     data = action.data()
     if data.count(_ITEM_TAG) > MAX_REFERENCES:
         raise Refused(Status.RESOURCE_LIMITATION, f"over {MAX_REFERENCES} sequence items in one request")

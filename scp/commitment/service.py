@@ -17,7 +17,7 @@ from scp import dimse
 from scp.commitment.committer import Evidence, at_deadline
 from scp.commitment.pending import Added, PendingRequest, PendingRequests
 from scp.commitment.report import Report, build_report
-from scp.commitment.request import ActionData, Refused, check_command, parse_request
+from scp.commitment.request import ActionBudget, ActionData, Refused, check_command, parse_request
 from scp.commitment.sender import DeliveryFailed, ReportSender
 from scp.config import CommitmentPeer
 from scp.logs import printable
@@ -86,6 +86,7 @@ class CommitmentService:
         # One request decoded at a time: 10,000 references take about 26 MiB and a second of CPU to decode, and
         # the GIL runs one decode at a time anyway, so associations decoding at once would only add up the memory.
         self._decoding = threading.Lock()
+        self._budget = ActionBudget()
         self._held: set[str] = set()  # accepted, N-ACTION-RSP not yet sent: no report may overtake it
         self._channels: dict[str, ReportChannel] = {}
         self._in_flight: dict[str, _InFlight] = {}
@@ -96,6 +97,10 @@ class CommitmentService:
         self._thread = threading.Thread(target=self._run, name="commitment", daemon=True)
 
     # -- the association's side ------------------------------------------------------------------------------
+
+    def new_action(self) -> ActionData:
+        """Where an N-ACTION's data set is held as it arrives, within what all associations may hold together."""
+        return ActionData(self._budget)
 
     def handle_action(
         self, command: dimse.Command, transfer_syntax: str, action: ActionData | None, calling_ae_title: str,
@@ -108,6 +113,9 @@ class CommitmentService:
                 request = parse_request(action, transfer_syntax)
         except Refused as refused:
             return self._refuse(refused.status, refused.reason, log_fields)
+        finally:
+            if action is not None:
+                action.release()
         now = self._clock()
         try:
             added = self._pending.add(request, calling_ae_title, now, now + self._timeout)

@@ -4,12 +4,14 @@ the association and the daemon go on, memory bounded."""
 from __future__ import annotations
 
 import struct
+import uuid
 
 import pytest
 
 from tests.robustness import wire
 from tests.robustness.conftest import Watched
 from tests.robustness.wire import Peer
+from tests.support.waits import wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 
@@ -110,3 +112,37 @@ def test_an_unexpected_n_event_report_response_is_logged_and_ignored(watched: Wa
         peer.release()
     [logged] = watched.log_messages("unexpected N-EVENT-REPORT response")
     assert logged["message_id"] == 77
+
+
+def one_reference(transaction_uid: str) -> bytes:
+    references = explicit(0x0008, 0x1150, b"UI", wire.uid(wire.CT_IMAGE_STORAGE)) + explicit(
+        0x0008, 0x1155, b"UI", wire.uid(f"{transaction_uid}.1")
+    )
+    item = struct.pack("<HHL", 0xFFFE, 0xE000, len(references)) + references
+    return explicit(0x0008, 0x1195, b"UI", wire.uid(transaction_uid)) + explicit(0x0008, 0x1199, b"SQ", item)
+
+
+def test_requests_cut_short_give_back_what_they_held(watched: Watched) -> None:
+    # Eight data sets of the largest size a request may have (2 MiB), each dropped with its connection before its
+    # last fragment: together all that every association may hold (16 MiB), so that any byte of them kept would
+    # crowd out the request that follows.
+    header = transaction() + explicit(0x0009, 0x0010, b"UN", b"", 0)
+    partial = transaction() + explicit(0x0009, 0x0010, b"UN", bytes(2 * 1024 * 1024 - len(header)))
+    for _ in range(8):
+        with Peer(watched.port) as peer:
+            peer.associate(wire.associate_rq(contexts=CONTEXTS))
+            peer.send(wire.p_data(COMMITMENT_CONTEXT, n_action_rq(), command=True))
+            for start in range(0, len(partial), 16_000):
+                peer.send(wire.p_data(COMMITMENT_CONTEXT, partial[start : start + 16_000], command=False, last=False))
+    wait_for(lambda: len(watched.log_messages("association aborted")) >= 8, 30, "eight associations ended")
+    transaction_uid = f"2.25.{uuid.uuid4().int}"
+
+    def accepted() -> bool:
+        with Peer(watched.port) as peer:
+            peer.associate(wire.associate_rq(contexts=CONTEXTS))
+            status = request(peer, one_reference(transaction_uid))
+            peer.release()
+        return status == 0x0000
+
+    # Polled only because an ended association gives its bytes back just after its log line.
+    wait_for(accepted, 10, "a commitment request accepted after the cut-short ones")

@@ -33,6 +33,7 @@ from scp.commitment.report import Report, build_report
 from scp.commitment.request import (
     MAX_DATA_SET_BYTES,
     MAX_REFERENCES,
+    ActionBudget,
     ActionData,
     CommitmentRequest,
     Reference,
@@ -52,7 +53,7 @@ EXPLICIT, IMPLICIT = "1.2.840.10008.1.2.1", "1.2.840.10008.1.2"
 
 
 def action(dataset: Dataset, implicit: bool = False) -> ActionData:
-    data = ActionData()
+    data = ActionData(ActionBudget())
     encoded = encode(dataset, implicit, True)
     assert encoded is not None
     data.append(encoded)
@@ -102,7 +103,7 @@ def test_malformed_requests_are_refused_with_their_reason() -> None:
         with pytest.raises(Refused, match=reason) as refused:
             parse_request(data, EXPLICIT)
         assert refused.value.status == Status.INVALID_ARGUMENT_VALUE
-    garbage = ActionData()
+    garbage = ActionData(ActionBudget())
     garbage.append(b"\x08\x00\x95\x11UI\xff\xff" + b"\x00" * 10)  # an element longer than the data set
     with pytest.raises(Refused, match=r"undecodable|Transaction UID"):
         parse_request(garbage, EXPLICIT)
@@ -115,13 +116,32 @@ def test_too_many_references_and_too_large_a_data_set_are_resource_limitations()
     with pytest.raises(Refused, match=f"over {MAX_REFERENCES}") as refused:
         parse_request(action(many), EXPLICIT)
     assert refused.value.status == Status.RESOURCE_LIMITATION
-    huge = ActionData()
+    huge = ActionData(ActionBudget())
     for _ in range(MAX_DATA_SET_BYTES // 65536 + 1):
         huge.append(bytes(65536))
     assert huge.oversized and huge.data() == b""  # nothing past the cap is held
     with pytest.raises(Refused) as refused:
         parse_request(huge, EXPLICIT)
     assert refused.value.status == Status.RESOURCE_LIMITATION
+
+
+def test_requests_arriving_at_once_share_one_budget_and_give_their_bytes_back() -> None:
+    budget = ActionBudget(limit=1000)
+    first, second = ActionData(budget), ActionData(budget)
+    first.append(bytes(800))
+    second.append(bytes(300))  # over what all associations may hold together
+    assert budget.held == 800 and second.crowded
+    with pytest.raises(Refused) as refused:
+        parse_request(second, EXPLICIT)
+    assert refused.value.status == Status.RESOURCE_LIMITATION and "retry later" in refused.value.reason
+    first.release()
+    assert budget.held == 0
+    third = ActionData(budget)
+    third.append(bytes(900))
+    assert budget.held == 900 and not third.crowded
+    third.release()
+    third.release()  # once given back, the bytes are not given back again
+    assert budget.held == 0
 
 
 def test_the_command_must_name_the_commitment_class_its_instance_and_action_1() -> None:
@@ -365,6 +385,29 @@ def test_requests_from_several_associations_are_decoded_one_at_a_time(
         thread.join(10)
     assert answers == [Status.SUCCESS] * 6
     assert most[0] == 1, "two requests were decoded at once"
+    ledger.close()
+    pending.close()
+
+
+def test_the_service_gives_a_decoded_request_s_bytes_back(tmp_path: Path) -> None:
+    pending = PendingRequests(tmp_path / "requests.sqlite")
+    ledger = Ledger(tmp_path / "stored.sqlite")
+    service = CommitmentService(
+        pending, StoreEvidence(ledger, LocalFiles(tmp_path)), ReportSender(Settings.from_env({})), (), 60
+    )
+    # A data set of the largest size with no Referenced SOP Sequence: refused once decoded, never crowded out.
+    dataset = Dataset()
+    dataset.TransactionUID = "1.2.3.4"
+    dataset.add_new(0x00091010, "UN", b"")
+    dataset[0x00091010].value = bytes(MAX_DATA_SET_BYTES - len(encode(dataset, False, True) or b""))
+    largest = encode(dataset, False, True)
+    assert largest is not None and len(largest) == MAX_DATA_SET_BYTES
+    # Nine times in turn, more than all associations may hold at once: each is given back.
+    for _ in range(9):
+        data = service.new_action()
+        data.append(largest)
+        answer = service.handle_action(command(), EXPLICIT, data, "CT1", {})
+        assert answer.status == Status.INVALID_ARGUMENT_VALUE, answer
     ledger.close()
     pending.close()
 
