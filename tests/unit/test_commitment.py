@@ -329,12 +329,16 @@ def test_a_request_waits_for_its_instances_until_the_deadline_then_reports_the_m
     pending.close()
 
 
-def test_a_request_that_cannot_be_recorded_is_refused_with_a_processing_failure_not_success(tmp_path: Path) -> None:
+def service_in(tmp_path: Path) -> tuple[CommitmentService, PendingRequests]:
+    """A service over a fresh pending store, judging by an empty ledger (nothing is ever committed)."""
     pending = PendingRequests(tmp_path / "requests.sqlite")
     ledger = Ledger(tmp_path / "stored.sqlite")
-    service = CommitmentService(
-        pending, StoreEvidence(ledger, LocalFiles(tmp_path)), ReportSender(Settings.from_env({})), (), 60
-    )
+    evidence = StoreEvidence(ledger, LocalFiles(tmp_path))
+    return CommitmentService(pending, evidence, ReportSender(Settings.from_env({})), (), 60), pending
+
+
+def test_a_request_that_cannot_be_recorded_is_refused_with_a_processing_failure_not_success(tmp_path: Path) -> None:
+    service, pending = service_in(tmp_path)
     # The references' table is gone: the request's row is written, its references are not.
     other = sqlite3.connect(tmp_path / "requests.sqlite")
     other.execute("DROP TABLE request_references")
@@ -344,7 +348,6 @@ def test_a_request_that_cannot_be_recorded_is_refused_with_a_processing_failure_
     assert (answer.status, answer.transaction_uid) == (Status.PROCESSING_FAILURE, None)
     # One transaction: no half-recorded request is left to be reported on.
     assert pending.state("1.2.3.4") is None
-    ledger.close()
     pending.close()
 
 
@@ -367,11 +370,7 @@ def test_requests_from_several_associations_are_decoded_one_at_a_time(
                 decoding[0] -= 1
 
     monkeypatch.setattr(service_module, "parse_request", observed_parse)
-    pending = PendingRequests(tmp_path / "requests.sqlite")
-    ledger = Ledger(tmp_path / "stored.sqlite")
-    service = CommitmentService(
-        pending, StoreEvidence(ledger, LocalFiles(tmp_path)), ReportSender(Settings.from_env({})), (), 60
-    )
+    service, pending = service_in(tmp_path)
     answers: list[int] = []
 
     def associate(number: int) -> None:
@@ -385,16 +384,11 @@ def test_requests_from_several_associations_are_decoded_one_at_a_time(
         thread.join(10)
     assert answers == [Status.SUCCESS] * 6
     assert most[0] == 1, "two requests were decoded at once"
-    ledger.close()
     pending.close()
 
 
 def test_the_service_gives_a_decoded_request_s_bytes_back(tmp_path: Path) -> None:
-    pending = PendingRequests(tmp_path / "requests.sqlite")
-    ledger = Ledger(tmp_path / "stored.sqlite")
-    service = CommitmentService(
-        pending, StoreEvidence(ledger, LocalFiles(tmp_path)), ReportSender(Settings.from_env({})), (), 60
-    )
+    service, pending = service_in(tmp_path)
     # A data set of the largest size with no Referenced SOP Sequence: refused once decoded, never crowded out.
     dataset = Dataset()
     dataset.TransactionUID = "1.2.3.4"
@@ -408,7 +402,6 @@ def test_the_service_gives_a_decoded_request_s_bytes_back(tmp_path: Path) -> Non
         data.append(largest)
         answer = service.handle_action(command(), EXPLICIT, data, "CT1", {})
         assert answer.status == Status.INVALID_ARGUMENT_VALUE, answer
-    ledger.close()
     pending.close()
 
 
