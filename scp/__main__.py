@@ -6,14 +6,16 @@ import argparse
 import logging
 import os
 import signal
+import socket
 import sqlite3
 import sys
 from collections.abc import Sequence
 
-from scp import __version__, logs, server
+from scp import __version__, logs, receivers, server
 from scp.commitment.startup import start_commitment
 from scp.config import Settings, SettingsError
 from scp.handlers import StoreHandler
+from scp.limits import Limits
 from scp.metrics import Metrics
 from scp.spool import Spool
 from scp.storage import Store
@@ -88,38 +90,78 @@ def serve(settings: Settings) -> int:
     signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
     logs.configure(settings.log_level)
     spool = Spool(settings.storage_dir)
-    metrics = Metrics()
     try:
-        leftovers = spool.prepare()
+        leftovers = spool.prepare()  # once, before any receiver: the spool is theirs in common
+        listening = server.bind(settings)
+    except OSError as error:
+        LOG.error("cannot start", extra={"error": str(error)})
+        return EXIT_FAILURE
+    if settings.receiver_processes == 1:
+        limits = Limits(settings.maximum_associations)
+        return _receive(settings, spool, listening, limits, receiver=None, leftovers=leftovers)
+    _log_listening(settings, int(listening.getsockname()[1]), leftovers)
+    return receivers.supervise(
+        settings,
+        listening,
+        lambda sock, limits, number: _receive(settings, spool, sock, limits, receiver=number),
+    )
+
+
+def _receive(
+    settings: Settings,
+    spool: Spool,
+    listening: socket.socket,
+    limits: Limits,
+    receiver: int | None,
+    leftovers: int = 0,
+) -> int:
+    """Serve until SIGTERM, drain, close the store. ``receiver``: this process's number among several receiver
+    processes, None when it is the only one."""
+    if receiver is not None:
+        logs.tag_receiver(receiver)
+        metrics = Metrics(task_open=limits.open_associations)
+    else:
+        metrics = Metrics()
+    try:
         store = build_store(settings, metrics)
-        commitment, store = start_commitment(settings, store)
+        commitment, store = start_commitment(settings, store, receiver or 0)
         listener = server.start(
-            settings, StoreHandler(store, spool, metrics), metrics, _stop_this_process, commitment
+            settings, StoreHandler(store, spool, metrics), metrics, _stop_this_process, commitment, listening, limits
         )
     except (OSError, sqlite3.Error) as error:  # sqlite3: the commitment databases under STORAGE_DIR
         LOG.error("cannot start", extra={"error": str(error)})
         return EXIT_FAILURE
     metrics.start()
-    LOG.info(
-        "listening",
-        extra={
-            "address": settings.bind_address,
-            "port": listener.port,
-            "ae_title": settings.ae_title,
-            "store": (settings.dicom_bucket and f"s3://{settings.dicom_bucket}") or str(settings.storage_dir),
-            "version": __version__,
-            "spool_files_removed": leftovers,
-        },
-    )
+    if receiver is None:
+        _log_listening(settings, listener.port, leftovers)
+    else:
+        LOG.info("receiver started", extra={"pid": os.getpid()})
     signal.sigwait(_STOP_SIGNALS)
-    LOG.info("stopping: no new associations", extra={"grace_seconds": settings.shutdown_grace_seconds})
+    if receiver is None:
+        LOG.info("stopping: no new associations", extra={"grace_seconds": settings.shutdown_grace_seconds})
     aborted = server.drain(listener, settings.shutdown_grace_seconds)
     commitment.stop(_COMMITMENT_STOP_SECONDS)  # what is still pending is answered after the next start
     store.close()
     metrics.stop()  # after the store: closing the last batch is counted too
-    LOG.info("stopped", extra={"associations_aborted": aborted})
+    # With several receivers, the parent's "stopped" line sums what each aborted.
+    LOG.info("stopped" if receiver is None else "receiver stopped", extra={"associations_aborted": aborted})
     # A listener that died leaves a process that looks alive to a TCP check: exit non-zero to be replaced.
     return EXIT_FAILURE if listener.failure is not None else 0
+
+
+def _log_listening(settings: Settings, port: int, leftovers: int) -> None:
+    LOG.info(
+        "listening",
+        extra={
+            "address": settings.bind_address,
+            "port": port,
+            "ae_title": settings.ae_title,
+            "store": (settings.dicom_bucket and f"s3://{settings.dicom_bucket}") or str(settings.storage_dir),
+            "version": __version__,
+            "spool_files_removed": leftovers,
+            "receiver_processes": settings.receiver_processes,
+        },
+    )
 
 
 def healthcheck(settings: Settings) -> int:

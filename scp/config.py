@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import os
 import re
 import urllib.parse
 from collections.abc import Callable, Mapping
@@ -11,6 +12,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, TypeVar
 
+from scp.cpus import usable_cpus
 from scp.uids import is_valid_uid
 
 T = TypeVar("T")
@@ -34,6 +36,9 @@ _ACSE_TIMEOUT_CEILING = 30.0
 _ACSE_TIMEOUT_DEFAULT = f"min({_ACSE_TIMEOUT_CEILING:g}, NETWORK_TIMEOUT)"
 
 _DATASTORE_ID_LENGTH = 32
+
+_AUTO = "auto"
+_PROCESSES_MAX = 64
 
 _TRUE = {"true", "yes", "1", "on"}
 _FALSE = {"false", "no", "0", "off"}
@@ -123,6 +128,11 @@ class Settings:
     commitment_timeout: float = _setting(
         "600", "seconds a Storage Commitment request waits for its instances before the missing ones are failed"
     )
+    receiver_processes: int = _setting(
+        "auto",
+        "processes receiving on SCP_PORT; auto: one per CPU the task may use (CPU affinity and cgroup quota), "
+        "1 with DATASTORE_ID",
+    )
 
     @property
     def effective_pdu_size(self) -> int:
@@ -146,7 +156,8 @@ class Settings:
                 problems.append(f"{name}: {error}, got {raw!r}")
         if not problems:
             for key, derive in _DERIVED_DEFAULTS.items():
-                values.setdefault(key, derive(values))
+                if values.get(key) is None:  # unset, or "auto"
+                    values[key] = derive(values)
             problems.extend(_cross_checks(values, env))
         if problems:
             raise SettingsError(problems)
@@ -161,6 +172,8 @@ class Settings:
 # Settings whose default follows other settings: unset (or empty), they are computed from the parsed values.
 _DERIVED_DEFAULTS: dict[str, Callable[[dict[str, Any]], Any]] = {
     "acse_timeout": lambda values: min(_ACSE_TIMEOUT_CEILING, values["network_timeout"]),
+    # StoreDICOM forwarding keeps one outbox and one request rate: it runs in one process.
+    "receiver_processes": lambda values: 1 if values["datastore_id"] else min(usable_cpus(), _PROCESSES_MAX),
 }
 
 
@@ -176,6 +189,13 @@ def _cross_checks(values: dict[str, Any], env: Mapping[str, str]) -> list[str]:
             f"ACSE_TIMEOUT: {values['acse_timeout']:g} exceeds NETWORK_TIMEOUT ({network}); set NETWORK_TIMEOUT to "
             f"at least {values['acse_timeout']:g}, or ACSE_TIMEOUT to at most {values['network_timeout']:g}"
         )
+    if values["receiver_processes"] > 1 and values["datastore_id"]:
+        problems.append(
+            "RECEIVER_PROCESSES: StoreDICOM forwarding (DATASTORE_ID) runs in one receiver process; "
+            "set RECEIVER_PROCESSES=1 or leave it unset"
+        )
+    if values["receiver_processes"] > 1 and not hasattr(os, "memfd_create"):
+        problems.append("RECEIVER_PROCESSES: more than one receiver process needs Linux; set RECEIVER_PROCESSES=1")
     if values["commitment_after"] == COMMITMENT_AFTER_HEALTHIMAGING and not values["datastore_id"]:
         # HealthImaging's confirmation comes from StoreDICOM forwarding's results.
         problems.append("COMMITMENT_AFTER: healthimaging needs StoreDICOM forwarding; set DATASTORE_ID")
@@ -305,6 +325,12 @@ def _dicomweb_url(raw: str) -> str | None:
     return raw.rstrip("/")
 
 
+def _processes(raw: str) -> int | None:
+    if raw.lower() == _AUTO:
+        return None  # derived once every setting is parsed
+    return _integer(1, _PROCESSES_MAX)(raw)
+
+
 def _commitment_after(raw: str) -> str:
     if raw not in (COMMITMENT_AFTER_STORE, COMMITMENT_AFTER_HEALTHIMAGING):
         raise ValueError(f"expected {COMMITMENT_AFTER_STORE} or {COMMITMENT_AFTER_HEALTHIMAGING}")
@@ -378,4 +404,5 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "commitment_peers": _commitment_peers,
     "commitment_after": _commitment_after,
     "commitment_timeout": _seconds(1, 86_400),
+    "receiver_processes": _processes,
 }

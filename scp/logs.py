@@ -47,3 +47,19 @@ def configure(level: str) -> None:
     logging.getLogger("pynetdicom").setLevel(level if level == "DEBUG" else "WARNING")
     for noisy in ("botocore", "boto3", "urllib3", "s3transfer"):
         logging.getLogger(noisy).setLevel("WARNING")
+
+
+class _ReceiverTag(logging.Filter):
+    def __init__(self, receiver: int) -> None:
+        super().__init__()
+        self._receiver = receiver
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.receiver = self._receiver
+        return True
+
+
+def tag_receiver(receiver: int) -> None:
+    """Every line of this receiver process names it, among several on one port."""
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_ReceiverTag(receiver))

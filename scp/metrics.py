@@ -79,10 +79,14 @@ class Metrics:
         write: Callable[[str], None] = write_stdout,
         interval: float = FLUSH_SECONDS,
         clock: Callable[[], float] = time.time,
+        task_open: Callable[[int], int] = lambda here: here,
     ) -> None:
+        """``task_open`` is told this process's open associations and answers the task's: with several receiver
+        processes, ActiveAssociations is the task's peak, which each process sees when it accepts one."""
         self._write = write
         self._interval = interval
         self._clock = clock
+        self._task_open = task_open
         self._lock = threading.Lock()
         self._counts: Counter[str] = Counter()
         self._rejected: Counter[str] = Counter()
@@ -103,11 +107,12 @@ class Metrics:
         with self._lock:
             self._counts["AssociationsAccepted"] += 1
             self._open.add(association)
-            self._peak_open = max(self._peak_open, len(self._open))
+            self._peak_open = max(self._peak_open, self._task_open(len(self._open)))
 
     def association_ended(self, association: object) -> None:
         with self._lock:
             self._open.discard(association)
+            self._task_open(len(self._open))
 
     def association_rejected(self, reason: str) -> None:
         with self._lock:
@@ -198,7 +203,7 @@ class Metrics:
             failures, self._failures = self._failures, Counter()
             latencies, self._latencies = self._latencies, []
             self._latencies_seen = 0
-            peak, self._peak_open = self._peak_open, len(self._open)
+            peak, self._peak_open = self._peak_open, self._task_open(len(self._open))
             forward_latencies, self._forward_latencies = self._forward_latencies, []
             backlog = self._backlog
             forwarding = self._forwarding

@@ -10,10 +10,11 @@ import threading
 import time
 from collections.abc import Callable
 
-from scp.association import Association, Registry
+from scp.association import Association
 from scp.commitment.service import CommitmentService
 from scp.config import Settings
 from scp.handlers import StoreHandler
+from scp.limits import LimitedRegistry, Limits
 from scp.metrics import Metrics
 from scp.negotiation import Policy
 
@@ -21,14 +22,6 @@ LOG = logging.getLogger(__name__)
 
 # A burst of modalities connecting at once must queue in the kernel, not be refused.
 _LISTEN_BACKLOG = 512
-# Connections that never send an association request hold a thread until ACSE_TIMEOUT; past this many beyond
-# MAXIMUM_ASSOCIATIONS a new connection is closed at once instead of costing another thread.
-_SPARE_CONNECTIONS = 64
-# Beyond that, a few connections from the host itself are still served: the container's health check runs there
-# (`dicom-store-scp healthcheck`), and a task that is only busy must not be replaced for being busy. Under a
-# flood, the flood comes through the load balancer, never from the task's own loopback.
-_HEALTH_CHECK_RESERVE = 2
-_LOOPBACK = frozenset({"127.0.0.1", "::1", "::ffff:127.0.0.1"})
 # Connections refused under a flood are counted and reported in one line per interval, not one line each.
 REFUSALS_REPORT_SECONDS = 10.0
 _ACCEPT_POLL_SECONDS = 1.0
@@ -37,7 +30,9 @@ _ACCEPT_POLL_SECONDS = 1.0
 _LISTENER_BROKEN = frozenset({errno.EBADF, errno.ENOTSOCK, errno.EINVAL, errno.EFAULT})
 # During shutdown, each association still open gets this long to be aborted; the aborts run at once, in parallel.
 _ABORT_SECONDS = 3.0
-_REGULAR, _RESERVED = "regular", "reserved"
+# A receiver process that holds more connections than another leaves the next one to it, and looks again this
+# often: the kernel would otherwise hand a burst of connections to whichever process happens to wait in accept().
+_DEFER_SECONDS = 0.005
 
 
 def _start_thread(target: Callable[[], None], name: str) -> None:
@@ -56,7 +51,11 @@ class Listener:
         on_failure: Callable[[], None] = lambda: None,
         spawn: Callable[[Callable[[], None], str], None] = _start_thread,
         commitment: CommitmentService | None = None,
+        listening: socket.socket | None = None,
+        limits: Limits | None = None,
     ) -> None:
+        """``listening``: a socket bound before the receiver processes were forked (default: bind one here);
+        ``limits``: the counts shared with the other receiver processes (default: this process's alone)."""
         self._settings = settings
         self._commitment = commitment
         self._metrics = metrics
@@ -64,18 +63,13 @@ class Listener:
         self._handler = handler
         self._on_failure = on_failure
         self._spawn = spawn
-        self.registry = Registry()
+        self.limits = limits or Limits(settings.maximum_associations)
+        self.registry = LimitedRegistry(self.limits)
         self.failure: BaseException | None = None
-        self._connections = 0
-        self._reserved = 0
-        self._connections_lock = threading.Lock()
         self._refused = 0
         self._refusals_reported = time.monotonic()
         self._stopping = threading.Event()
-        family = socket.AF_INET6 if ":" in settings.bind_address else socket.AF_INET
-        self._socket = socket.create_server(
-            (settings.bind_address, settings.scp_port), family=family, backlog=_LISTEN_BACKLOG
-        )
+        self._socket = listening or bind(settings)
         self._socket.settimeout(_ACCEPT_POLL_SECONDS)
         self.port = int(self._socket.getsockname()[1])
         self._thread = threading.Thread(target=self._accept_loop, name="dicom-listener", daemon=True)
@@ -103,6 +97,9 @@ class Listener:
     def _accept_until_stopped(self) -> None:
         while not self._stopping.is_set():
             self._report_refusals()
+            if not self.limits.least_loaded():
+                self._stopping.wait(_DEFER_SECONDS)
+                continue
             try:
                 connection, address = self._socket.accept()
             except TimeoutError:
@@ -119,7 +116,7 @@ class Listener:
 
     def _serve(self, connection: socket.socket, address: tuple[str, int]) -> None:
         """Give the connection its thread; whatever fails for this one connection, the listener goes on."""
-        slot = self._take_slot(address[0])
+        slot = self.limits.take_connection(address[0])
         if slot is None:
             self._refused += 1
             connection.close()
@@ -131,32 +128,14 @@ class Listener:
             connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             association = Association(
                 connection, address, self._settings, self._policy, self._handler, self.registry,
-                self._metrics, on_end=functools.partial(self._connection_ended, slot),
+                self._metrics, on_end=functools.partial(self.limits.connection_ended, slot),
                 commitment=self._commitment,
             )  # fmt: skip
             self._spawn(association.run, f"association-{peer}")
         except Exception as error:  # noqa: BLE001 - e.g. no thread to be had: this connection only
             LOG.error("connection not served", extra={"peer": peer, "error": f"{type(error).__name__}: {error}"})
             connection.close()
-            self._connection_ended(slot)
-
-    def _take_slot(self, source: str) -> str | None:
-        limit = self._settings.maximum_associations + _SPARE_CONNECTIONS
-        with self._connections_lock:
-            if self._connections < limit:
-                self._connections += 1
-                return _REGULAR
-            if source in _LOOPBACK and self._reserved < _HEALTH_CHECK_RESERVE:
-                self._reserved += 1
-                return _RESERVED
-        return None
-
-    def _connection_ended(self, slot: str) -> None:
-        with self._connections_lock:
-            if slot == _RESERVED:
-                self._reserved -= 1
-            else:
-                self._connections -= 1
+            self.limits.connection_ended(slot)
 
     def _report_refusals(self) -> None:
         now = time.monotonic()
@@ -168,11 +147,17 @@ class Listener:
                 extra={
                     "connections_refused": self._refused,
                     "seconds": round(now - self._refusals_reported, 1),
-                    "limit": self._settings.maximum_associations + _SPARE_CONNECTIONS,
+                    "limit": self.limits.connection_limit,
                 },
             )
             self._refused = 0
         self._refusals_reported = now
+
+
+def bind(settings: Settings) -> socket.socket:
+    """The listening socket; bound once, before any receiver process is forked, when there are several."""
+    family = socket.AF_INET6 if ":" in settings.bind_address else socket.AF_INET
+    return socket.create_server((settings.bind_address, settings.scp_port), family=family, backlog=_LISTEN_BACKLOG)
 
 
 def start(
@@ -181,9 +166,13 @@ def start(
     metrics: Metrics,
     on_failure: Callable[[], None],
     commitment: CommitmentService | None = None,
+    listening: socket.socket | None = None,
+    limits: Limits | None = None,
 ) -> Listener:
     """Listen on the configured address and serve associations on background threads."""
-    listener = Listener(settings, handler, metrics, on_failure, commitment=commitment)
+    listener = Listener(
+        settings, handler, metrics, on_failure, commitment=commitment, listening=listening, limits=limits
+    )
     listener.start()
     return listener
 
@@ -211,4 +200,5 @@ def drain(listener: Listener, grace_seconds: float) -> int:
     end = time.monotonic() + 5
     while listener.registry.snapshot() and time.monotonic() < end:
         time.sleep(0.05)
+    listener.limits.aborted_at_shutdown(len(remaining))
     return len(remaining)

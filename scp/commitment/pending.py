@@ -71,9 +71,12 @@ class ReferenceState:
     outcome: int | None  # None while undecided
 
 
-def database_path(storage_dir: Path) -> Path:
-    # Beside the receive spool, outside the <Study>/<Series> tree, so no UID can collide with it.
-    return storage_dir / ".commitment" / DATABASE_NAME
+def database_path(storage_dir: Path, receiver: int = 0) -> Path:
+    """Beside the receive spool, outside the <Study>/<Series> tree, so no UID can collide with it. Each receiver
+    process keeps its own requests (it alone holds their associations); the first keeps the one database a single
+    process has always had."""
+    name = DATABASE_NAME if receiver == 0 else f"requests-{receiver}.sqlite"
+    return storage_dir / ".commitment" / name
 
 
 def _fingerprint(request: CommitmentRequest) -> str:

@@ -14,9 +14,12 @@ from scp.forwarding.results import database_path
 from scp.storage import Store
 
 
-def start_commitment(settings: Settings, store: Store) -> tuple[CommitmentService, Store]:
-    """The running service, and the store the receive path must use from now on."""
-    requests = pending.PendingRequests(pending.database_path(settings.storage_dir))
+def start_commitment(settings: Settings, store: Store, receiver: int = 0) -> tuple[CommitmentService, Store]:
+    """The running service of receiver process ``receiver``, and the store the receive path must use from now on.
+
+    The ledger of stored instances is one database that every receiver process writes, since a study may arrive
+    on associations served by different processes; the requests are each process's own."""
+    requests = pending.PendingRequests(pending.database_path(settings.storage_dir, receiver))
     evidence: Evidence
     if settings.commitment_after == COMMITMENT_AFTER_HEALTHIMAGING:
         # The forwarding database exists by now: the store was built, and forwarding started, before this.
