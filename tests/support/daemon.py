@@ -111,6 +111,8 @@ def start_daemon(
         "BIND_ADDRESS": "127.0.0.1",
         "STORAGE_DIR": str(storage_dir),
         "SHUTDOWN_GRACE_SECONDS": "20",
+        # One receiver process unless the run asks for more: what a test sees must not follow the machine's CPUs.
+        "RECEIVER_PROCESSES": os.environ.get("RECEIVER_PROCESSES", "1"),
         **settings,
     }
     env = {name: value for name, value in given.items() if value is not None}

@@ -1,0 +1,181 @@
+"""Two receiver processes on one port: the association limit holds across them, SIGTERM drains both with every
+acknowledged object stored, a killed receiver is replaced and its slots come back, and ActiveAssociations is the
+task's count."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pynetdicom import _config
+
+from scp.metrics import SERVICE
+from tests.operations.emf import data_from_lines
+from tests.support.corpus import comparable, make_instance, read
+from tests.support.daemon import Daemon, start_daemon
+from tests.support.waits import wait_for
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
+
+CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
+EXPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2.1"
+LIMIT = 4
+ATTEMPTS_BEYOND_THE_LIMIT = 6
+
+
+def two_receivers(tmp_path: Path, **settings: str) -> Daemon:
+    daemon = start_daemon(tmp_path, RECEIVER_PROCESSES="2", **settings)
+    wait_for(lambda: len(daemon.log_messages("receiver started")) == 2, 30, "both receivers to start")
+    return daemon
+
+
+def receivers_of(daemon: Daemon, calling: str) -> list[int]:
+    """The receiver process that accepted each of ``calling``'s associations, in order."""
+    accepted = daemon.log_messages("association accepted")
+    return [entry["receiver"] for entry in accepted if entry["calling_ae"] == calling]
+
+
+def pid_of(daemon: Daemon, receiver: int) -> int:
+    started = [entry for entry in daemon.log_messages("receiver started") if entry["receiver"] == receiver]
+    return int(started[-1]["pid"])
+
+
+def healthcheck(daemon: Daemon) -> subprocess.CompletedProcess[str]:
+    environment = {**os.environ, "SCP_PORT": str(daemon.port), "BIND_ADDRESS": "127.0.0.1"}
+    return subprocess.run(
+        [sys.executable, "-m", "scp", "healthcheck"], capture_output=True, text=True, timeout=30, env=environment
+    )
+
+
+def test_the_association_limit_holds_across_both_processes(tmp_path: Path) -> None:
+    daemon = two_receivers(tmp_path, MAXIMUM_ASSOCIATIONS=str(LIMIT))
+    held = [daemon.associate(calling="HOLDER") for _ in range(LIMIT)]
+    try:
+        assert all(association.is_established for association in held)
+        # Each receiver holds some: a limit counted per process would let either of them admit more.
+        assert sorted(receivers_of(daemon, "HOLDER")) == [0, 0, 1, 1]
+        for _ in range(ATTEMPTS_BEYOND_THE_LIMIT):
+            assert daemon.associate(calling="EXTRA").is_rejected
+        rejected = [e for e in daemon.log_messages("association rejected") if e["calling_ae"] == "EXTRA"]
+        assert len(rejected) == ATTEMPTS_BEYOND_THE_LIMIT
+        assert all(entry["code"] == [2, 3, 2] for entry in rejected), "local limit exceeded"
+        assert {entry["receiver"] for entry in rejected} == {0, 1}
+        # The container's health check still gets an answer from a task at its limit.
+        result = healthcheck(daemon)
+        assert result.returncode == 0, result.stdout
+        # A slot given back in one process is free for both.
+        held.pop().release()
+        wait_for(lambda: len(daemon.log_messages("association released")) >= 1, 10, "the release")
+        again = daemon.associate(calling="AGAIN")
+        assert again.is_established
+        held.append(again)
+        assert daemon.associate(calling="EXTRA").is_rejected
+    finally:
+        for association in held:
+            association.release()
+    assert daemon.stop() == 0
+    data = data_from_lines(daemon.log_path.read_text().splitlines())
+    active = [value for d in data if d.name == "ActiveAssociations" for value in d.values]
+    # Each process writes its own lines; the gauge in them is the task's peak, not the process's own.
+    assert max(active) == LIMIT
+    accepted = sum(sum(d.values) for d in data if d.name == "AssociationsAccepted" and d.dimensions == (
+        ("service", SERVICE),))  # fmt: skip
+    assert accepted == len(daemon.log_messages("association accepted"))
+
+
+class PacedSender(threading.Thread):
+    """One association sending its files with a pause between them, so that it is still sending at SIGTERM."""
+
+    def __init__(self, daemon: Daemon, files: list[Path], pause: float) -> None:
+        super().__init__(daemon=True)
+        self._daemon, self._files, self._pause = daemon, files, pause
+        self.statuses: list[int] = []
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            _config.STORE_SEND_CHUNKED_DATASET = True
+            contexts: list[Any] = [(CT_IMAGE_STORAGE, [EXPLICIT_VR_LITTLE_ENDIAN])]
+            association = self._daemon.associate(calling="PACED", contexts=contexts)
+            assert association.is_established
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    for path in self._files:
+                        self.statuses.append(association.send_c_store(path).Status)
+                        time.sleep(self._pause)
+            finally:
+                association.release()
+        except Exception as error:  # noqa: BLE001 - reported by the test, which joins the thread
+            self.error = error
+
+
+def test_sigterm_drains_both_processes_and_every_acknowledged_object_is_stored(tmp_path: Path) -> None:
+    daemon = two_receivers(tmp_path, SHUTDOWN_GRACE_SECONDS="30")
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    paced = [[make_instance(corpus, pixel_bytes=128 * 1024) for _ in range(12)] for _ in range(4)]
+    bulk = [[make_instance(corpus, pixel_bytes=512 * 1024) for _ in range(20)] for _ in range(4)]
+    senders = [PacedSender(daemon, files, pause=0.15) for files in paced]
+    for sender in senders:
+        sender.start()
+    storescu = [
+        subprocess.Popen(
+            ["storescu", "-aec", daemon.ae_title, "127.0.0.1", str(daemon.port), *map(str, files)],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )  # fmt: skip
+        for files in bulk
+    ]
+    wait_for(lambda: len(daemon.stored_files()) >= 8, 30, "objects to be stored")
+    daemon.signal(signal.SIGTERM)
+    for sender in senders:
+        sender.join(timeout=60)
+    outputs = [process.communicate(timeout=60)[0] for process in storescu]
+    assert daemon.wait(timeout=60) == 0
+    assert [sender.error for sender in senders] == [None] * len(senders)
+    for sender, files in zip(senders, paced, strict=True):
+        assert sender.statuses == [0] * len(files), "the drain let each paced association finish"
+    assert [process.returncode for process in storescu] == [0] * len(storescu), outputs
+    # Both receivers served, and drained, the associations in flight at SIGTERM.
+    assert set(receivers_of(daemon, "PACED") + receivers_of(daemon, "STORESCU")) == {0, 1}
+    (stopped,) = daemon.log_messages("stopped")
+    assert stopped["associations_aborted"] == 0 and stopped["receiver_exit_codes"] == [0, 0]
+    assert len(daemon.log_messages("receiver stopped")) == 2
+    sent = [path for files in paced + bulk for path in files]
+    stored = {path.name: path for path in daemon.stored_files()}
+    assert sorted(stored) == sorted(path.name for path in sent)
+    for path in sent:
+        assert comparable(read(stored[path.name])) == comparable(read(path))
+    assert daemon.spool_files() == []
+
+
+def test_a_killed_receiver_is_replaced_and_its_slots_come_back(tmp_path: Path) -> None:
+    daemon = two_receivers(tmp_path, MAXIMUM_ASSOCIATIONS="2")
+    first, second = daemon.associate(calling="HOLDER"), daemon.associate(calling="HOLDER")
+    assert first.is_established and second.is_established
+    assert sorted(receivers_of(daemon, "HOLDER")) == [0, 1]
+    os.kill(pid_of(daemon, 1), signal.SIGKILL)
+    (killed,) = wait_for(lambda: daemon.log_messages("receiver process killed; starting another"), 10, "the kill")
+    assert killed["receiver"] == 1 and killed["signal"] == "SIGKILL" and killed["level"] == "ERROR"
+    wait_for(lambda: len(daemon.log_messages("receiver started")) == 3, 30, "a new receiver 1")
+    # The association the killed process held is gone, and so is its slot: one more fits, not two.
+    wait_for(lambda: first.is_aborted or second.is_aborted, 10, "the killed receiver's association to end")
+    survivor = first if first.is_established else second
+    replacement = daemon.associate(calling="REPLACED")
+    try:
+        assert replacement.is_established
+        assert daemon.associate(calling="EXTRA").is_rejected
+        assert survivor.send_c_echo().Status == 0
+    finally:
+        replacement.release()
+        survivor.release()
+    assert daemon.process.poll() is None
+    assert daemon.stop() == 0
