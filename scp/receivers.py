@@ -100,13 +100,17 @@ def supervise(settings: Settings, listening: socket.socket, receive: Receiver) -
 
 def _fork(number: int, settings: Settings, listening: socket.socket, counts: Counts, receive: Receiver) -> _Child:
     counts.starting(number)
+    parent = os.getpid()
     pid = os.fork()
     if pid:
         return _Child(number, pid)
     code = EXIT_FAILURE
     try:
-        # A receiver must not outlive its parent: SIGKILL of the parent stops (and drains) every receiver.
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        # SIGKILL of the daemon kills every receiver with it, as it kills a single process: none goes on serving
+        # beside a restarted daemon, which empties the receive spool they would still be writing to.
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent:  # the parent died before the request took effect
+            os._exit(EXIT_FAILURE)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
         code = receive(listening, Limits(settings.maximum_associations, counts, number), number)
     except Exception:

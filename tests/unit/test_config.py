@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from scp.config import DEFAULT_MAXIMUM_PDU_SIZE, Settings, SettingsError
+from scp.cpus import usable_cpus
 
 
 def test_defaults_match_the_container_readme() -> None:
@@ -163,3 +164,28 @@ def test_commitment_after_healthimaging_needs_forwarding() -> None:
         Settings.from_env({"COMMITMENT_AFTER": "healthimaging"})
     forwarding = {"COMMITMENT_AFTER": "healthimaging", "DATASTORE_ID": "0123456789abcdef0123456789abcdef"}
     assert Settings.from_env(forwarding).commitment_after == "healthimaging"
+
+
+def test_receiver_processes_follow_the_usable_cpus_unless_forwarding() -> None:
+    cpus = min(usable_cpus(), 64)
+    assert Settings.from_env({}).receiver_processes == cpus
+    assert Settings.from_env({"RECEIVER_PROCESSES": "auto"}).receiver_processes == cpus
+    assert Settings.from_env({"RECEIVER_PROCESSES": "3"}).receiver_processes == 3
+    forwarding = {"DATASTORE_ID": "a" * 32}
+    assert Settings.from_env(forwarding).receiver_processes == 1
+    assert Settings.from_env({**forwarding, "RECEIVER_PROCESSES": "1"}).receiver_processes == 1
+
+
+@pytest.mark.parametrize("value", ["0", "65", "two", "-1"])
+def test_invalid_receiver_processes(value: str) -> None:
+    with pytest.raises(SettingsError, match="RECEIVER_PROCESSES"):
+        Settings.from_env({"RECEIVER_PROCESSES": value})
+
+
+def test_several_receiver_processes_are_refused_with_forwarding() -> None:
+    with pytest.raises(SettingsError) as raised:
+        Settings.from_env({"RECEIVER_PROCESSES": "2", "DATASTORE_ID": "a" * 32})
+    assert raised.value.problems == [
+        "RECEIVER_PROCESSES: StoreDICOM forwarding (DATASTORE_ID) runs in one receiver process; "
+        "set RECEIVER_PROCESSES=1 or leave it unset"
+    ]
