@@ -96,7 +96,6 @@ class Counts:
         with self.locked():
             for column in range(_COLUMNS):
                 self.set(row, column, 0)
-            self.set(row, _ALIVE, 1)
 
     def ended(self, row: int) -> None:
         with self.locked():
@@ -146,6 +145,11 @@ class Limits:
     def admission_ended(self) -> None:
         with self._counts.locked():
             self._counts.add(self._row, _ADMITTED, -1)
+
+    def serving(self) -> None:
+        """This process accepts from now on: the others may leave connections to it (not before, or a receiver
+        still starting, its S3 bucket being checked, would hold up the connections left to it)."""
+        self._counts.set(self._row, _ALIVE, 1)
 
     def least_loaded(self) -> bool:
         """Whether no other live receiver holds fewer connections than this one: the one that should accept next.

@@ -92,8 +92,12 @@ def supervise(settings: Settings, listening: socket.socket, receive: Receiver) -
         if failed:
             break
     LOG.info("stopping: no new associations", extra={"grace_seconds": settings.shutdown_grace_seconds})
-    codes = _stop(children, settings.shutdown_grace_seconds + _STOP_MARGIN_SECONDS)
+    for pid in children:
+        os.kill(pid, signal.SIGTERM)
+    # The socket closes once the receivers have closed theirs too: from then on a new connection is refused at
+    # once, as by a single process, instead of waiting in the backlog for the whole drain.
     listening.close()
+    codes = _wait(children, settings.shutdown_grace_seconds + _STOP_MARGIN_SECONDS)
     LOG.info("stopped", extra={"associations_aborted": counts.aborted(), "receiver_exit_codes": codes})
     return EXIT_FAILURE if failed or any(code != 0 for code in codes) else 0
 
@@ -135,10 +139,8 @@ def _reap(children: dict[int, _Child]) -> list[tuple[_Child, int]]:
     return ended
 
 
-def _stop(children: dict[int, _Child], seconds: float) -> list[int]:
-    """SIGTERM to every receiver; their exit codes once they have drained (-9 for one killed past ``seconds``)."""
-    for pid in children:
-        os.kill(pid, signal.SIGTERM)
+def _wait(children: dict[int, _Child], seconds: float) -> list[int]:
+    """The receivers' exit codes once they have drained (-9 for one killed past ``seconds``)."""
     codes = []
     deadline = time.monotonic() + seconds
     while children and time.monotonic() < deadline:

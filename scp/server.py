@@ -76,6 +76,7 @@ class Listener:
 
     def start(self) -> None:
         self._thread.start()
+        self.limits.serving()
 
     def stop_accepting(self) -> None:
         """Close the listening socket; associations in progress go on."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -33,7 +34,10 @@ ATTEMPTS_BEYOND_THE_LIMIT = 6
 
 def two_receivers(tmp_path: Path, **settings: str) -> Daemon:
     daemon = start_daemon(tmp_path, RECEIVER_PROCESSES="2", **settings)
-    wait_for(lambda: len(daemon.log_messages("receiver started")) == 2, 30, "both receivers to start")
+    try:
+        wait_for(lambda: len(daemon.log_messages("receiver started")) == 2, 30, "both receivers to start")
+    except AssertionError as error:
+        raise AssertionError(f"{error}; log:\n{daemon.log_path.read_text()}") from None
     return daemon
 
 
@@ -41,6 +45,11 @@ def receivers_of(daemon: Daemon, calling: str) -> list[int]:
     """The receiver process that accepted each of ``calling``'s associations, in order."""
     accepted = daemon.log_messages("association accepted")
     return [entry["receiver"] for entry in accepted if entry["calling_ae"] == calling]
+
+
+def accepted_by(daemon: Daemon, calling: str, associations: int) -> list[int]:
+    """Once logged (just after the peer has its answer), which receiver accepted each association."""
+    return wait_for(lambda: len(r := receivers_of(daemon, calling)) == associations and r, 10, "the log lines")
 
 
 def pid_of(daemon: Daemon, receiver: int) -> int:
@@ -55,15 +64,23 @@ def healthcheck(daemon: Daemon) -> subprocess.CompletedProcess[str]:
     )
 
 
+def assert_rejected(association: Any) -> None:
+    assert association.is_rejected, f"established: {association.is_established}, aborted: {association.is_aborted}"
+
+
+def established(association: Any) -> Any:
+    return association if association.is_established else None
+
+
 def test_the_association_limit_holds_across_both_processes(tmp_path: Path) -> None:
     daemon = two_receivers(tmp_path, MAXIMUM_ASSOCIATIONS=str(LIMIT))
     held = [daemon.associate(calling="HOLDER") for _ in range(LIMIT)]
     try:
         assert all(association.is_established for association in held)
         # Each receiver holds some: a limit counted per process would let either of them admit more.
-        assert sorted(receivers_of(daemon, "HOLDER")) == [0, 0, 1, 1]
+        assert sorted(accepted_by(daemon, "HOLDER", LIMIT)) == [0, 0, 1, 1]
         for _ in range(ATTEMPTS_BEYOND_THE_LIMIT):
-            assert daemon.associate(calling="EXTRA").is_rejected
+            assert_rejected(daemon.associate(calling="EXTRA"))
         rejected = [e for e in daemon.log_messages("association rejected") if e["calling_ae"] == "EXTRA"]
         assert len(rejected) == ATTEMPTS_BEYOND_THE_LIMIT
         assert all(entry["code"] == [2, 3, 2] for entry in rejected), "local limit exceeded"
@@ -73,11 +90,10 @@ def test_the_association_limit_holds_across_both_processes(tmp_path: Path) -> No
         assert result.returncode == 0, result.stdout
         # A slot given back in one process is free for both.
         held.pop().release()
-        wait_for(lambda: len(daemon.log_messages("association released")) >= 1, 10, "the release")
-        again = daemon.associate(calling="AGAIN")
-        assert again.is_established
+        # Its thread gives the slot back just after the release: the next association is admitted within moments.
+        again = wait_for(lambda: established(daemon.associate(calling="AGAIN")), 10, "the slot to be free again")
         held.append(again)
-        assert daemon.associate(calling="EXTRA").is_rejected
+        assert_rejected(daemon.associate(calling="EXTRA"))
     finally:
         for association in held:
             association.release()
@@ -114,8 +130,16 @@ class PacedSender(threading.Thread):
                         time.sleep(self._pause)
             finally:
                 association.release()
-        except Exception as error:  # noqa: BLE001 - reported by the test, which joins the thread
+        except Exception as error:  # reported by the test, which joins the thread
             self.error = error
+
+
+def refused(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+    except ConnectionRefusedError:
+        return True
+    return False
 
 
 def test_sigterm_drains_both_processes_and_every_acknowledged_object_is_stored(tmp_path: Path) -> None:
@@ -127,15 +151,18 @@ def test_sigterm_drains_both_processes_and_every_acknowledged_object_is_stored(t
     senders = [PacedSender(daemon, files, pause=0.15) for files in paced]
     for sender in senders:
         sender.start()
+    command = ["storescu", "-aec", daemon.ae_title, "127.0.0.1", str(daemon.port)]
     storescu = [
-        subprocess.Popen(
-            ["storescu", "-aec", daemon.ae_title, "127.0.0.1", str(daemon.port), *map(str, files)],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        )  # fmt: skip
+        subprocess.Popen([*command, *map(str, files)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for files in bulk
     ]
-    wait_for(lambda: len(daemon.stored_files()) >= 8, 30, "objects to be stored")
+    # Every peer associated before SIGTERM: one connecting after it is refused, rightly, and sends nothing.
+    peers = len(senders) + len(storescu)
+    wait_for(lambda: len(receivers_of(daemon, "PACED") + receivers_of(daemon, "STORESCU")) == peers, 30, "peers")
     daemon.signal(signal.SIGTERM)
+    # Stopped accepting at once, as a single process does: no connection waits in the backlog for the drain.
+    wait_for(lambda: refused(daemon.port), 10, "new connections to be refused")
+    assert any(sender.is_alive() for sender in senders), "the drain was to be seen with associations in flight"
     for sender in senders:
         sender.join(timeout=60)
     outputs = [process.communicate(timeout=60)[0] for process in storescu]
@@ -161,7 +188,7 @@ def test_a_killed_receiver_is_replaced_and_its_slots_come_back(tmp_path: Path) -
     daemon = two_receivers(tmp_path, MAXIMUM_ASSOCIATIONS="2")
     first, second = daemon.associate(calling="HOLDER"), daemon.associate(calling="HOLDER")
     assert first.is_established and second.is_established
-    assert sorted(receivers_of(daemon, "HOLDER")) == [0, 1]
+    assert sorted(accepted_by(daemon, "HOLDER", 2)) == [0, 1]
     os.kill(pid_of(daemon, 1), signal.SIGKILL)
     (killed,) = wait_for(lambda: daemon.log_messages("receiver process killed; starting another"), 10, "the kill")
     assert killed["receiver"] == 1 and killed["signal"] == "SIGKILL" and killed["level"] == "ERROR"
@@ -172,7 +199,7 @@ def test_a_killed_receiver_is_replaced_and_its_slots_come_back(tmp_path: Path) -
     replacement = daemon.associate(calling="REPLACED")
     try:
         assert replacement.is_established
-        assert daemon.associate(calling="EXTRA").is_rejected
+        assert_rejected(daemon.associate(calling="EXTRA"))
         assert survivor.send_c_echo().Status == 0
     finally:
         replacement.release()

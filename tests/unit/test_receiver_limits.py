@@ -63,6 +63,12 @@ def test_the_least_loaded_live_receiver_accepts_next() -> None:
     counts.starting(0)
     counts.starting(1)
     first, second = Limits(8, counts, 0), Limits(8, counts, 1)
+    first.serving()
+    first.take_connection("10.0.0.1")
+    assert first.least_loaded(), "the other is still starting"
+    second.serving()
+    assert not first.least_loaded() and second.least_loaded()
+    first.connection_ended(REGULAR)
     assert first.least_loaded() and second.least_loaded()
     first.take_connection("10.0.0.1")
     assert not first.least_loaded() and second.least_loaded()
