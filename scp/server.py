@@ -32,7 +32,9 @@ _LISTENER_BROKEN = frozenset({errno.EBADF, errno.ENOTSOCK, errno.EINVAL, errno.E
 _ABORT_SECONDS = 3.0
 # A receiver process that holds more connections than another leaves the next one to it, and looks again this
 # often: the kernel would otherwise hand a burst of connections to whichever process happens to wait in accept().
-_DEFER_SECONDS = 0.005
+# A connection waits this long at most, when the process it is left to is itself between two looks; a shorter
+# wait would take the interpreter lock from the busier process's associations more often.
+_DEFER_SECONDS = 0.02
 
 
 def _start_thread(target: Callable[[], None], name: str) -> None:
