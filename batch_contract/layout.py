@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from dataclasses import dataclass
@@ -35,6 +36,17 @@ class ObjectKey:
 def new_batch_id(opened: datetime) -> str:
     """``<UTC open time>-<16 random hex digits>``: sortable by age, unique across every daemon."""
     return f"{batch_id_time_part(opened)}-{os.urandom(8).hex()}"
+
+
+def late_batch_id(batch_id: str) -> str:
+    """The one batch that takes the objects a manifest written by another writer left out of ``batch_id``.
+
+    Derived, not drawn: the daemon and the sweeper, each finding such objects, name the same batch, and the first
+    manifest written for it (If-None-Match) is final for both. The time part is the sealed batch's, so a listing
+    that reaches the batch reaches its late batch too; the late batch of a late batch continues the chain.
+    """
+    digest = hashlib.sha256(f"late:{check_batch_id(batch_id)}".encode()).hexdigest()
+    return f"{batch_id[:16]}-{digest[:16]}"
 
 
 def is_batch_id(candidate: str) -> bool:

@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 
-from batch_contract.layout import batch_prefix, manifest_key, new_batch_id, object_key
+from batch_contract.layout import batch_prefix, late_batch_id, manifest_key, new_batch_id, object_key
 from batch_contract.manifest import (
     CLOSED_BY_BYTES,
     CLOSED_BY_FILES,
@@ -84,17 +84,19 @@ class Batch:
             fallback_from=self.fallback_from,
         )
 
-    def late_batch(self, listed: set[str], opened: datetime) -> Batch | None:
+    def late_batch(self, listed: set[str]) -> Batch | None:
         """The batch for the objects a manifest written by another (the sweeper) does not list; None if none.
 
-        Such objects were stored after the other writer listed the prefix. Each is copied into the new batch under
-        its own key there, so that every acknowledged object is listed in exactly one manifest.
+        Such objects were stored after the other writer listed the prefix. Each is copied into the late batch under
+        its own key there, so that every acknowledged object is listed in exactly one manifest. The late batch's id
+        is derived from this one's (``late_batch_id``): the sweeper, should the copies never be made here, puts the
+        objects left out into the same batch, and whichever manifest of it is written first is final.
         """
         if self.successor is None:
             late = [item for key, item in sorted(self.objects.items()) if key not in listed]
             if not late:
                 return None
-            successor = Batch(new_batch_id(opened), closed_by=CLOSED_BY_LATE, late_from=self.batch_id)
+            successor = Batch(late_batch_id(self.batch_id), closed_by=CLOSED_BY_LATE, late_from=self.batch_id)
             # A late object StoreDICOM stored keeps its answer: the late batch of a split batch is all stored too.
             _move(late, successor)
             self.successor = successor
@@ -227,11 +229,10 @@ class Batches:
             left = list(self._closing)
         for batch in left:
             if batch.successor is not None:
-                # Sealed elsewhere: the sweeper will not look at this batch again, and closes the late batch with
-                # only the copies that were made. This line is the one trace of the acknowledged instances that
-                # may be in no manifest.
-                LOG.error(
-                    "late objects of a batch sealed elsewhere not copied: those without a copy are in no manifest",
+                # Sealed elsewhere: the sweeper copies the objects its manifest left out into the same late batch
+                # once they are older than its minimum age (docs/s3-layout.rst).
+                LOG.warning(
+                    "late objects of a batch sealed elsewhere not copied: left to the sweeper",
                     extra={
                         "batch_id": batch.batch_id,
                         "late_batch_id": batch.successor.batch_id,

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import os
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -221,7 +220,7 @@ class S3Store:
                 raise
         sealed = self._client.get_object(Bucket=self._bucket, Key=batch.manifest_key)["Body"].read()
         listed = {item.key for item in parse_manifest(sealed, batch.batch_id, self._bucket).objects}
-        late = batch.late_batch(listed, datetime.now(UTC))
+        late = batch.late_batch(listed)
         if late is None:
             LOG.info("batch manifest written elsewhere, listing every object", extra={"batch_id": batch.batch_id})
             return

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import replace
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -99,15 +99,16 @@ def test_a_late_batch_holds_exactly_what_the_sealed_manifest_left_out() -> None:
     batch = daemon_batch(4)
     listed = set(sorted(batch.objects)[:2])
     opened = datetime.now(UTC)
-    late = batch.late_batch(listed, opened)
+    late = batch.late_batch(listed)
 
     assert late is not None and late.closed_by == manifest.CLOSED_BY_LATE and late.late_from == batch.batch_id
-    assert late is batch.late_batch(listed, opened + timedelta(seconds=5)), "a retried close reuses the late batch"
+    assert late.batch_id == layout.late_batch_id(batch.batch_id)
+    assert late is batch.late_batch(listed), "a retried close reuses the late batch"
     assert sorted(late.copied_from(item) for item in late.objects.values()) == sorted(set(batch.objects) - listed)
     assert all(layout.parse_object_key(key).batch_id == late.batch_id for key in late.objects)
     read = manifest.parse_manifest(manifest.encode_manifest(late.manifest("b", opened)), late.batch_id, "b")
     assert read.late_from == batch.batch_id and len(read.objects) == 2
-    assert Batch("20261123T185700Z-0000000000000000").late_batch(set(), opened) is None, "nothing to move"
+    assert Batch("20261123T185700Z-0000000000000000").late_batch(set()) is None, "nothing to move"
 
 
 def test_keys_and_timestamps() -> None:
@@ -117,6 +118,12 @@ def test_keys_and_timestamps() -> None:
     assert layout.batch_opened_at(batch_id) == opened
     assert layout.batch_id_from_manifest_key(layout.manifest_key(batch_id)) == batch_id
     assert layout.batch_id_from_prefix(layout.batch_prefix(batch_id)) == batch_id
+    late = layout.late_batch_id(batch_id)
+    # Derived: every writer names the same late batch, with the sealed batch's time part, and a chain goes on.
+    assert layout.is_batch_id(late) and late.startswith("20261123T185700Z-") and late != batch_id
+    assert late == layout.late_batch_id(batch_id) and layout.late_batch_id(late) not in (late, batch_id)
+    with pytest.raises(LayoutError):
+        layout.late_batch_id("../x")
     with pytest.raises(LayoutError):
         layout.object_key(batch_id, STUDY, SERIES, "1.2/../3")
     from batch_contract.timestamps import iso_millis, parse_iso
@@ -177,7 +184,7 @@ def test_a_daemon_batch_splits_by_what_storedicom_stored_once_and_for_good() -> 
     assert not rest.stored_by_storedicom and rest.fallback_from == batch.batch_id and len(rest.objects) == 2
     batch.split({}, opened)
     assert batch.fallback is fallback and len(batch.objects) == 2, "a retried close keeps the first split"
-    late = batch.late_batch({keys[0]}, opened)
+    late = batch.late_batch({keys[0]})
     assert late is not None and [item.stored_by_storedicom for item in late.objects.values()] == [stored]
 
     whole, none = daemon_batch(2), daemon_batch(2)

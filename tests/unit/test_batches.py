@@ -10,6 +10,7 @@ from datetime import UTC, datetime
 
 import pytest
 
+from batch_contract.layout import late_batch_id
 from scp.batches import Batch, Batches, BatchLimits
 from scp.instances import ReceivedInstance
 from scp.metrics import Metrics
@@ -50,14 +51,14 @@ def closed_batch(write_manifest: Callable[[Batch], None]) -> Closed:
     return Closed(batches, batch)
 
 
-def test_late_objects_not_copied_by_shutdown_are_named_and_their_sealed_batch_is_not_left_to_the_sweeper(
+def test_late_objects_not_copied_by_shutdown_are_named_and_left_to_the_sweeper_in_their_derived_late_batch(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     attempted, copying = threading.Event(), threading.Event()  # copying set: S3 takes the copies again
 
     def write_manifest(batch: Batch) -> None:
         # Another writer sealed the batch listing none of its objects; the copies into the late batch fail.
-        late = batch.late_batch(set(), datetime.now(UTC))
+        late = batch.late_batch(set())
         assert late is not None
         attempted.set()
         if not copying.is_set():
@@ -70,10 +71,12 @@ def test_late_objects_not_copied_by_shutdown_are_named_and_their_sealed_batch_is
     finally:
         copying.set()  # lets the closer finish
     (logged,) = [r for r in caplog.records if r.getMessage().startswith("late objects of a batch sealed elsewhere")]
-    assert logged.levelname == "ERROR"
+    assert logged.levelname == "WARNING"
     batch = sealed.batch
     assert (logged.batch_id, logged.instances, logged.sop_instance_uids) == (batch.batch_id, 1, ["1.2.3.4"])
+    # The batch the sweeper puts them into, should the copies never be made here.
     assert batch.successor is not None and logged.late_batch_id == batch.successor.batch_id
+    assert batch.successor.batch_id == late_batch_id(batch.batch_id)
 
 
 def test_a_batch_without_a_manifest_at_shutdown_is_left_to_the_sweeper() -> None:
