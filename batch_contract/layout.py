@@ -13,6 +13,8 @@ BATCH_ID_PATTERN = r"[0-9]{8}T[0-9]{6}Z-[0-9a-f]{16}"
 UID_PATTERN = r"(?=.{1,64}$)[0-9]+(\.[0-9]+)*"
 BATCHES_PREFIX = "batches/"
 MANIFESTS_PREFIX = "manifests/"
+# One empty object per batch the sweeper sealed: the batches whose late objects it looks for (docs/s3-layout.rst).
+SEALED_PREFIX = "sealed/"
 RESULTS_PREFIX = "jobs/"
 OBJECT_SUFFIX = ".dcm"
 MANIFEST_SUFFIX = ".json"
@@ -83,6 +85,16 @@ def batch_id_from_manifest_key(key: str) -> str:
     if not key.startswith(MANIFESTS_PREFIX) or not key.endswith(MANIFEST_SUFFIX):
         raise LayoutError(f"not a manifest key: {key!r}")
     return check_batch_id(key[len(MANIFESTS_PREFIX) : -len(MANIFEST_SUFFIX)])
+
+
+def sealed_marker_key(batch_id: str) -> str:
+    return f"{SEALED_PREFIX}{check_batch_id(batch_id)}"
+
+
+def batch_id_from_sealed_marker_key(key: str) -> str:
+    if not key.startswith(SEALED_PREFIX):
+        raise LayoutError(f"not a sealed marker key: {key!r}")
+    return check_batch_id(key[len(SEALED_PREFIX) :])
 
 
 def batch_id_from_prefix(prefix: str) -> str:

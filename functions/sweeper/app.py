@@ -18,19 +18,34 @@ import boto3
 from aws_lambda_powertools import Logger, Metrics
 from aws_lambda_powertools.metrics import MetricUnit
 from aws_lambda_powertools.utilities.typing import LambdaContext
+from botocore.exceptions import ClientError
 from common.config import EnvironmentReader
 from common.layout import (
     BATCHES_PREFIX,
     MANIFESTS_PREFIX,
+    SEALED_PREFIX,
     LayoutError,
+    ObjectKey,
     batch_id_from_manifest_key,
+    batch_id_from_sealed_marker_key,
     batch_id_time_part,
     batch_opened_at,
     batch_prefix,
     check_batch_id,
+    late_batch_id,
+    object_key,
     parse_object_key,
+    sealed_marker_key,
 )
-from common.manifest import CLOSED_BY_SWEEPER, Manifest, ManifestObject, iso_millis, write_manifest_once
+from common.manifest import (
+    CLOSED_BY_LATE,
+    CLOSED_BY_SWEEPER,
+    Manifest,
+    ManifestObject,
+    iso_millis,
+    read_manifest,
+    write_manifest_once,
+)
 from common.records import batch_key, utc_now
 
 if TYPE_CHECKING:
@@ -121,6 +136,22 @@ def _manifests(s3: S3Client, bucket: str, start: datetime) -> dict[str, ObjectTy
     return manifests
 
 
+def listed_object(entry: ObjectTypeDef, parsed: ObjectKey, stored_at: datetime) -> ManifestObject:
+    """An object's manifest entry from its listing (UIDs from its key); ``stored_at`` is when S3 stored it first."""
+    return ManifestObject(
+        key=entry["Key"],
+        sop_instance_uid=parsed.sop_instance_uid,
+        study_instance_uid=parsed.study_instance_uid,
+        series_instance_uid=parsed.series_instance_uid,
+        sop_class_uid=None,
+        size=int(entry["Size"]),
+        calling_ae_title=None,
+        # When S3 stored it, moments after its receipt: what decides, should the modality have sent the
+        # instance again into another batch, which receipt is newer.
+        received_at=iso_millis(stored_at),
+    )
+
+
 def manifest_from_listing(
     s3: S3Client, bucket: str, batch_id: str, now: datetime
 ) -> tuple[Manifest, datetime] | None:
@@ -135,20 +166,7 @@ def manifest_from_listing(
                 logger.error("object outside the key layout left out of the manifest", key=entry["Key"])
                 continue
             times.append(entry["LastModified"])
-            objects.append(
-                ManifestObject(
-                    key=entry["Key"],
-                    sop_instance_uid=parsed.sop_instance_uid,
-                    study_instance_uid=parsed.study_instance_uid,
-                    series_instance_uid=parsed.series_instance_uid,
-                    sop_class_uid=None,
-                    size=int(entry["Size"]),
-                    calling_ae_title=None,
-                    # When S3 stored it, moments after its receipt: what decides, should the modality have
-                    # sent the instance again into another batch, which receipt is newer.
-                    received_at=iso_millis(entry["LastModified"]),
-                )
-            )
+            objects.append(listed_object(entry, parsed, entry["LastModified"]))
     if not objects:
         return None
     manifest = Manifest(
@@ -180,12 +198,135 @@ def sweep(s3: S3Client, bucket: str, now: datetime, min_age_seconds: int, lookba
         manifest, newest = rebuilt
         if now - newest < min_age:
             continue
+        # Before the manifest, so that no batch this run seals escapes the late-object pass (recover_late).
+        s3.put_object(Bucket=bucket, Key=sealed_marker_key(batch_id), Body=b"")
         if write_manifest_once(s3, manifest):
             logger.warning("abandoned batch closed", batch_id=batch_id, objects=len(manifest.objects))
             swept.append(batch_id)
         else:
             logger.info("batch closed meanwhile by its daemon", batch_id=batch_id)
     return swept
+
+
+Uids = tuple[str, str, str]  # study, series and SOP Instance UID: an instance's identity in every batch's keys
+
+
+def _uids(parsed: ObjectKey) -> Uids:
+    return parsed.study_instance_uid, parsed.series_instance_uid, parsed.sop_instance_uid
+
+
+def _listed_uids(manifest: Manifest) -> set[Uids]:
+    return {(item.study_instance_uid, item.series_instance_uid, item.sop_instance_uid) for item in manifest.objects}
+
+
+def _stored_objects(s3: S3Client, bucket: str, batch_id: str) -> dict[Uids, tuple[ObjectTypeDef, ObjectKey]]:
+    """The objects under a batch's prefix that follow the key layout, by their UIDs."""
+    stored = {}
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=batch_prefix(batch_id)):
+        for entry in page.get("Contents", []):
+            try:
+                parsed = parse_object_key(entry["Key"])
+            except LayoutError:
+                continue  # the sealing pass has logged it
+            stored[_uids(parsed)] = entry, parsed
+    return stored
+
+
+def _manifest_if_written(s3: S3Client, bucket: str, batch_id: str) -> Manifest | None:
+    try:
+        return read_manifest(s3, bucket, batch_id)
+    except ClientError as error:
+        if error.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+            return None
+        raise
+
+
+def _sealed_batch_ids(s3: S3Client, bucket: str, start: datetime) -> list[str]:
+    """The batches opened since ``start`` that a sweeper run sealed (or set out to), from their markers."""
+    ids = []
+    pages = s3.get_paginator("list_objects_v2").paginate(
+        Bucket=bucket, Prefix=SEALED_PREFIX, StartAfter=f"{SEALED_PREFIX}{batch_id_time_part(start)}"
+    )
+    for page in pages:
+        for entry in page.get("Contents", []):
+            try:
+                ids.append(batch_id_from_sealed_marker_key(entry["Key"]))
+            except LayoutError:
+                logger.warning("key that is not a sealed marker under sealed/", key=entry["Key"])
+    return ids
+
+
+def recover_late_batch(s3: S3Client, bucket: str, batch_id: str, now: datetime, min_age: timedelta) -> str | None:
+    """Put the objects of a batch this function sealed that no manifest lists into their late batch.
+
+    The late batches of a batch form a chain (``late_batch_id`` of the batch, of that one, ...); an object left
+    out of the sealed manifest belongs to the first link whose manifest lists it. Every writer, the daemon and
+    this pass, copies an object into a link only after reading every earlier link's manifest without it, and
+    writes a link's manifest once (If-None-Match): as manifests never change, no two links list one object. The
+    first link without a manifest takes every object still unlisted, with the copies already under its prefix
+    (each made under the same rule). Returns the id of the late batch whose manifest this call wrote.
+    """
+    sealed = _manifest_if_written(s3, bucket, batch_id)
+    if sealed is None or sealed.closed_by != CLOSED_BY_SWEEPER:
+        return None  # not sealed yet (the sealing pass will), or its daemon's manifest won and lists all it stored
+    originals = _stored_objects(s3, bucket, batch_id)
+    unlisted = set(originals) - _listed_uids(sealed)
+    previous, link = batch_id, late_batch_id(batch_id)
+    while unlisted:
+        written = _manifest_if_written(s3, bucket, link)
+        if written is None:
+            break
+        unlisted -= _listed_uids(written)
+        previous, link = link, late_batch_id(link)
+    if not unlisted:
+        return None
+    if any(now - originals[uids][0]["LastModified"] < min_age for uids in unlisted):
+        # Its daemon may be copying them still; the chain waits for the next run.
+        logger.info("late objects of a sealed batch not yet settled", batch_id=batch_id, late_batch_id=link)
+        return None
+    for uids in sorted(unlisted):
+        s3.copy({"Bucket": bucket, "Key": originals[uids][0]["Key"]}, bucket, object_key(link, *uids))
+    objects, times = [], []
+    for uids, (entry, parsed) in sorted(_stored_objects(s3, bucket, link).items()):
+        # A copy's LastModified is when it was copied; its original's, when it was received.
+        stored_at = originals[uids][0]["LastModified"] if uids in originals else entry["LastModified"]
+        times.append(stored_at)
+        objects.append(listed_object(entry, parsed, stored_at))
+    late = Manifest(
+        batch_id=link,
+        bucket=bucket,
+        closed_by=CLOSED_BY_LATE,
+        closed_at=iso_millis(now),
+        first_received_at=iso_millis(min(times)),
+        last_received_at=iso_millis(max(times)),
+        calling_ae_titles=(),
+        objects=tuple(sorted(objects, key=lambda item: item.key)),
+        late_from=previous,
+    )
+    if not write_manifest_once(s3, late):
+        logger.info("late batch closed meanwhile by the daemon", batch_id=batch_id, late_batch_id=link)
+        return None  # the next run goes on along the chain
+    logger.warning(
+        "objects stored after their batch was sealed: copied into its late batch",
+        batch_id=batch_id,
+        late_batch_id=link,
+        objects=len(objects),
+    )
+    return link
+
+
+def recover_late(s3: S3Client, bucket: str, now: datetime, min_age_seconds: int, lookback_hours: int) -> list[str]:
+    """The late-object pass over every batch sealed by this function and opened in the lookback window; returns
+    the ids of the late batches it closed. The window is the sealing pass's: a batch it may seal, this pass
+    keeps looking after for as long."""
+    start = now - timedelta(hours=lookback_hours)
+    min_age = timedelta(seconds=min_age_seconds)
+    recovered = []
+    for batch_id in _sealed_batch_ids(s3, bucket, start):
+        late = recover_late_batch(s3, bucket, batch_id, now, min_age)
+        if late is not None:
+            recovered.append(late)
+    return recovered
 
 
 def manifest_created_event(bucket: str, manifest: ObjectTypeDef, now: datetime) -> dict[str, Any]:
@@ -257,6 +398,8 @@ def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
     now = utc_now()
     swept = sweep(S3, SETTINGS.dicom_bucket, now, SETTINGS.min_age_seconds, lookback)
     metrics.add_metric(name="BatchesSwept", unit=MetricUnit.Count, value=len(swept))
+    late = recover_late(S3, SETTINGS.dicom_bucket, now, SETTINGS.min_age_seconds, lookback)
+    metrics.add_metric(name="LateBatchesClosed", unit=MetricUnit.Count, value=len(late))
     reconciled = reconcile(S3, SFN, TABLE, SETTINGS, now, lookback)
     metrics.add_metric(name="BatchesReconciled", unit=MetricUnit.Count, value=len(reconciled))
-    return {"closed": swept, "reconciled": reconciled}
+    return {"closed": swept, "late": late, "reconciled": reconciled}

@@ -1,8 +1,11 @@
-"""The sweeper on moto_server: abandoned batches get a manifest once; young and closed ones are left alone."""
+"""The sweeper on moto_server: abandoned batches get a manifest once; young and closed ones are left alone; objects
+stored into a batch after it was sealed end up in exactly one late batch's manifest."""
 
 from __future__ import annotations
 
 import json
+from collections import Counter
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import ModuleType
@@ -11,8 +14,9 @@ from typing import Any
 import boto3
 import pytest
 
+from batch_contract.layout import late_batch_id, parse_object_key
 from tests.functions.conftest import Aws
-from tests.functions.workflow import FakeContext, daemon_batch, load_app, unique
+from tests.functions.workflow import FakeContext, daemon_batch, load_app, object_key, sop_uid, unique
 
 EVENTS = Path(__file__).resolve().parents[1] / "statemachine" / "events"
 
@@ -122,7 +126,7 @@ def test_the_handler_sweeps_with_its_settings(aws: Aws, app: ModuleType, now: da
     # Nothing is old enough yet under the real clock, so the scheduled run closes nothing and says so.
     daemon_batch(aws.s3, aws.dicom_bucket, batch_id_at(now, "0000000000000107"), 1, False)
     daemon_batch(aws.s3, aws.dicom_bucket, batch_id_at(now, "0000000000000108"), 1)
-    assert app.handler({"source": "aws.scheduler"}, FakeContext()) == {"closed": [], "reconciled": []}
+    assert app.handler({"source": "aws.scheduler"}, FakeContext()) == {"closed": [], "late": [], "reconciled": []}
 
 
 @pytest.mark.parametrize(("window", "expected"), [(60, 900), (300, 900), (3600, 4200)])
@@ -200,3 +204,92 @@ def test_a_registered_or_out_of_window_manifest_is_not_re_driven(
         == []
     )
     assert executions(state_machine) == []
+
+
+def listed_sop_uids(aws: Aws) -> Counter[str]:
+    """How many manifests list each SOP Instance UID."""
+    listed: Counter[str] = Counter()
+    for entry in aws.s3.list_objects_v2(Bucket=aws.dicom_bucket, Prefix="manifests/").get("Contents", []):
+        body = json.loads(aws.s3.get_object(Bucket=aws.dicom_bucket, Key=entry["Key"])["Body"].read())
+        listed.update(str(item["sopInstanceUid"]) for item in body["objects"])
+    return listed
+
+
+def store_late(aws: Aws, batch_id: str, numbers: range) -> None:
+    """Objects a live daemon stores into ``batch_id`` after the sweeper listed it."""
+    for number in numbers:
+        body = b"\0" * 128 + b"DICM" + number.to_bytes(4, "little")
+        aws.s3.put_object(Bucket=aws.dicom_bucket, Key=object_key(batch_id, number), Body=body)
+
+
+def test_objects_stored_after_the_sweeper_sealed_their_batch_are_put_into_its_late_batch_once_settled(
+    aws: Aws, app: ModuleType, now: datetime
+) -> None:
+    batch = daemon_batch(aws.s3, aws.dicom_bucket, batch_id_at(now - timedelta(hours=1), "0000000000000401"), 3, False)
+    assert app.sweep(aws.s3, aws.dicom_bucket, now + timedelta(minutes=20), 900, 24) == [batch.batch_id]
+    # Its daemon was alive after all: two more objects, whose copies it never made (S3 refused, or it died).
+    store_late(aws, batch.batch_id, range(4, 6))
+    late_id = late_batch_id(batch.batch_id)
+
+    # Still young: its daemon may be copying them; the pass waits.
+    assert app.recover_late(aws.s3, aws.dicom_bucket, now + timedelta(minutes=5), 900, 24) == []
+    assert "Contents" not in aws.s3.list_objects_v2(Bucket=aws.dicom_bucket, Prefix=f"manifests/{late_id}")
+
+    later = now + timedelta(minutes=20)
+    assert app.recover_late(aws.s3, aws.dicom_bucket, later, 900, 24) == [late_id]
+    late = manifest(aws, late_id)
+    assert (late["closedBy"], late["lateFrom"], late["objectCount"]) == ("late", batch.batch_id, 2)
+    assert [o["sopInstanceUid"] for o in late["objects"]] == [sop_uid(4), sop_uid(5)]
+    for entry in late["objects"]:
+        assert parse_object_key(entry["key"]).batch_id == late_id
+        number = int(entry["sopInstanceUid"].rsplit(".", 1)[1])
+        original = aws.s3.get_object(Bucket=aws.dicom_bucket, Key=object_key(batch.batch_id, number))
+        copy = aws.s3.get_object(Bucket=aws.dicom_bucket, Key=entry["key"])
+        assert copy["Body"].read() == original["Body"].read() and entry["bytes"] == original["ContentLength"]
+        # The original's store time, not the copy's, stands for the receipt.
+        stored = original["LastModified"].astimezone(UTC)
+        assert entry["receivedAt"] == stored.strftime("%Y-%m-%dT%H:%M:%S.") + f"{stored.microsecond // 1000:03d}Z"
+    assert listed_sop_uids(aws) == Counter({sop_uid(n): 1 for n in range(1, 6)})
+
+    # Idempotent, and the late batch is never taken for an abandoned batch of its own.
+    assert app.recover_late(aws.s3, aws.dicom_bucket, later, 900, 24) == []
+    assert app.sweep(aws.s3, aws.dicom_bucket, later, 900, 24) == []
+    assert listed_sop_uids(aws) == Counter({sop_uid(n): 1 for n in range(1, 6)})
+
+
+def test_what_a_late_batch_written_first_by_the_daemon_left_out_goes_on_along_the_chain(
+    aws: Aws, app: ModuleType, now: datetime
+) -> None:
+    batch = daemon_batch(aws.s3, aws.dicom_bucket, batch_id_at(now - timedelta(hours=1), "0000000000000402"), 2, False)
+    assert app.sweep(aws.s3, aws.dicom_bucket, now + timedelta(minutes=20), 900, 24) == [batch.batch_id]
+    store_late(aws, batch.batch_id, range(3, 6))
+    first = late_batch_id(batch.batch_id)
+    second = late_batch_id(first)
+    # The daemon copied object 3 into the late batch and wrote its manifest; objects 4 and 5 came later. It then
+    # began the late batch of that one: object 4's copy is there, object 5's never made (the daemon died).
+    for number, into in ((3, first), (4, second)):
+        source = {"Bucket": aws.dicom_bucket, "Key": object_key(batch.batch_id, number)}
+        aws.s3.copy_object(Bucket=aws.dicom_bucket, Key=object_key(into, number), CopySource=source)
+    rebuilt = app.manifest_from_listing(aws.s3, aws.dicom_bucket, first, now)
+    assert rebuilt is not None
+    written = replace(rebuilt[0], closed_by="late", late_from=batch.batch_id)
+    assert app.write_manifest_once(aws.s3, written)
+
+    assert app.recover_late(aws.s3, aws.dicom_bucket, now + timedelta(minutes=20), 900, 24) == [second]
+    chained = manifest(aws, second)
+    assert (chained["closedBy"], chained["lateFrom"]) == ("late", first)
+    assert [o["sopInstanceUid"] for o in chained["objects"]] == [sop_uid(4), sop_uid(5)]
+    assert listed_sop_uids(aws) == Counter({sop_uid(n): 1 for n in range(1, 6)})
+
+
+def test_a_batch_whose_daemon_wrote_its_manifest_first_gets_no_late_batch(
+    aws: Aws, app: ModuleType, now: datetime
+) -> None:
+    # The sweeper marked the batch and lost the race for its manifest: the daemon's lists every object it
+    # acknowledged, and one it did not (its upload answered too late) must not be imported.
+    batch = daemon_batch(aws.s3, aws.dicom_bucket, batch_id_at(now - timedelta(hours=1), "0000000000000403"), 2)
+    aws.s3.put_object(Bucket=aws.dicom_bucket, Key=f"sealed/{batch.batch_id}", Body=b"")
+    store_late(aws, batch.batch_id, range(3, 4))
+
+    assert app.recover_late(aws.s3, aws.dicom_bucket, now + timedelta(hours=1), 900, 24) == []
+    assert listed_sop_uids(aws) == Counter({sop_uid(1): 1, sop_uid(2): 1})
