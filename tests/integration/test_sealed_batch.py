@@ -3,7 +3,9 @@
 The sweeper writes a manifest for a batch it judges abandoned from a listing of the prefix. Objects the daemon
 stores into that batch afterwards are not in that manifest; the daemon, finding the manifest written when it
 closes the batch, copies them into a batch of their own and writes its manifest (closedBy "late"); copies that
-fail are made again, into the same late batch, when the close is retried.
+fail are made again, into the same late batch, when the close is retried. Copies never made, because S3 refused
+them until the daemon stopped or the daemon died, the sweeper makes into the same late batch, or the next one
+along the chain.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from batch_contract.layout import BATCHES_PREFIX, batch_id_from_prefix, parse_object_key
+from batch_contract.layout import BATCHES_PREFIX, batch_id_from_prefix, late_batch_id, object_key, parse_object_key
 from tests.functions.workflow import load_app
 from tests.integration.test_s3_store import bucket, manifests, objects, read_part10, s3, s3_daemon, send_files
 
@@ -122,3 +124,65 @@ def test_late_objects_whose_copies_fail_are_copied_again_into_the_same_late_batc
     assert daemon.log_messages("batch manifest not written, will retry"), "the first close did not fail"
     stored = objects(moto, bucket, f"{BATCHES_PREFIX}{late_id}/")
     assert sorted(read_part10(body).SOPInstanceUID for body in stored.values()) == sorted(acknowledged[2:])
+
+
+@pytest.mark.parametrize("end", ["stopped", "killed"])
+def test_late_objects_the_daemon_never_copied_are_put_into_exactly_one_manifest_by_the_sweeper(
+    s3_daemon: Callable[..., Daemon],
+    moto: MotoServer,
+    aws_env: MotoServer,
+    bucket: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    end: str,
+) -> None:
+    with fault_proxy(moto.endpoint) as proxy:
+        # Killed: the batch closes on its window, so that the daemon has tried its copies before it dies.
+        daemon = s3_daemon(BATCH_WINDOW_SECONDS="600" if end == "stopped" else "6", AWS_ENDPOINT_URL=proxy.endpoint)
+        sweeper = load_app("sweeper", monkeypatch, {"DICOM_BUCKET": bucket, **SWEEPER_ENV})
+        files = [make_instance(tmp_path, pixel_bytes=2048) for _ in range(5)]
+        acknowledged = [str(read(f).SOPInstanceUID) for f in files]
+        assert send_files(daemon, files[:2]) == [0, 0]
+        (sealed_id,) = open_batch_ids(moto, bucket)
+        later = datetime.now(UTC) + timedelta(hours=1)
+        assert sweeper.sweep(sweeper.S3, bucket, later, 900, 72) == [sealed_id]
+        assert send_files(daemon, files[2:]) == [0, 0, 0]
+        late_id = late_batch_id(sealed_id)
+        if end == "stopped":
+            # S3 refuses every copy into the late batch until the daemon has stopped.
+            proxy.fail(INTERNAL_ERROR, key_prefix=f"{BATCHES_PREFIX}{late_id}/")
+            daemon.signal(signal.SIGTERM)
+            assert daemon.wait(120) == 0
+            (logged,) = daemon.log_messages("late objects of a batch sealed elsewhere not copied: left to the sweeper")
+            assert (logged["batch_id"], logged["late_batch_id"], logged["instances"]) == (sealed_id, late_id, 3)
+        else:
+            # One copy is refused, the two others made; the daemon dies before its late batch has a manifest.
+            last = read(files[-1])
+            refused = object_key(late_id, last.StudyInstanceUID, last.SeriesInstanceUID, last.SOPInstanceUID)
+            proxy.fail(INTERNAL_ERROR, key_prefix=refused)
+            wait_for(lambda: daemon.log_messages("batch manifest not written, will retry"), 30, "a failed close")
+            daemon.signal(signal.SIGKILL)
+            daemon.wait(30)
+        assert proxy.faulted, "no copy was refused"
+    assert {m["closedBy"] for m in manifests(moto, bucket)} == {"sweeper"}, "the daemon's late manifest was written"
+
+    # The sweeper's next run, once the objects have settled: the sealing pass, then the late-object pass.
+    closed = sweeper.sweep(sweeper.S3, bucket, later, 900, 72)
+    recovered = sweeper.recover_late(sweeper.S3, bucket, later, 900, 72)
+    if end == "stopped":
+        # Nothing was copied: the late batch takes all three.
+        assert (closed, recovered) == ([], [late_id])
+    else:
+        # The late batch the daemon began is sealed from its copies like any abandoned batch; the object it
+        # could not copy goes into the next late batch along the chain.
+        assert (closed, recovered) == ([late_id], [late_batch_id(late_id)])
+    found = manifests(moto, bucket)
+    listed = Counter(str(o["sopInstanceUid"]) for m in found for o in m["objects"])
+    assert sorted(listed) == sorted(acknowledged) and set(listed.values()) == {1}, listed
+    stored = objects(moto, bucket, BATCHES_PREFIX)
+    for entry in (o for m in found if m["batchId"] != sealed_id for o in m["objects"]):
+        original = stored[entry["key"].replace(parse_object_key(entry["key"]).batch_id, sealed_id)]
+        assert stored[entry["key"]] == original and read_part10(original).SOPInstanceUID == entry["sopInstanceUid"]
+    # Another run finds nothing more to do.
+    assert sweeper.sweep(sweeper.S3, bucket, later, 900, 72) == []
+    assert sweeper.recover_late(sweeper.S3, bucket, later, 900, 72) == []
