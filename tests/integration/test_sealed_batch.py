@@ -186,3 +186,42 @@ def test_late_objects_the_daemon_never_copied_are_put_into_exactly_one_manifest_
     # Another run finds nothing more to do.
     assert sweeper.sweep(sweeper.S3, bucket, later, 900, 72) == []
     assert sweeper.recover_late(sweeper.S3, bucket, later, 900, 72) == []
+
+
+def test_a_daemon_whose_late_batch_the_sweeper_closed_first_converges_on_that_manifest(
+    s3_daemon: Callable[..., Daemon],
+    moto: MotoServer,
+    aws_env: MotoServer,
+    bucket: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    with fault_proxy(moto.endpoint) as proxy:
+        daemon = s3_daemon(BATCH_WINDOW_SECONDS="6", AWS_ENDPOINT_URL=proxy.endpoint)
+        sweeper = load_app("sweeper", monkeypatch, {"DICOM_BUCKET": bucket, **SWEEPER_ENV})
+        files = [make_instance(tmp_path, pixel_bytes=2048) for _ in range(5)]
+        acknowledged = [str(read(f).SOPInstanceUID) for f in files]
+        assert send_files(daemon, files[:2]) == [0, 0]
+        (sealed_id,) = open_batch_ids(moto, bucket)
+        later = datetime.now(UTC) + timedelta(hours=1)
+        assert sweeper.sweep(sweeper.S3, bucket, later, 900, 72) == [sealed_id]
+        assert send_files(daemon, files[2:]) == [0, 0, 0]
+        late_id = late_batch_id(sealed_id)
+        proxy.fail(INTERNAL_ERROR, key_prefix=f"{BATCHES_PREFIX}{late_id}/")
+        wait_for(lambda: daemon.log_messages("batch manifest not written, will retry"), 30, "a failed close")
+        # While the daemon retries, the sweeper's late-object pass closes the same late batch.
+        assert sweeper.recover_late(sweeper.S3, bucket, later, 900, 72) == [late_id]
+        proxy.heal()
+
+        def converged() -> list[dict[str, Any]]:
+            found = daemon.log_messages("batch manifest written elsewhere, listing every object")
+            return [entry for entry in found if entry["batch_id"] == late_id]
+
+        wait_for(converged, 60, "the daemon finding the late batch's manifest written")
+        daemon.signal(signal.SIGTERM)
+        assert daemon.wait(30) == 0
+    found = {m["batchId"]: m for m in manifests(moto, bucket)}
+    assert set(found) == {sealed_id, late_id}, "the daemon went on to another late batch"
+    assert (found[late_id]["closedBy"], found[late_id]["lateFrom"]) == ("late", sealed_id)
+    listed = Counter(str(o["sopInstanceUid"]) for m in found.values() for o in m["objects"])
+    assert sorted(listed) == sorted(acknowledged) and set(listed.values()) == {1}, listed
