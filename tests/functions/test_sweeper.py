@@ -293,3 +293,21 @@ def test_a_batch_whose_daemon_wrote_its_manifest_first_gets_no_late_batch(
 
     assert app.recover_late(aws.s3, aws.dicom_bucket, now + timedelta(hours=1), 900, 24) == []
     assert listed_sop_uids(aws) == Counter({sop_uid(1): 1, sop_uid(2): 1})
+
+
+def test_the_late_object_pass_waits_for_the_seal_and_keeps_to_the_lookback_window(
+    aws: Aws, app: ModuleType, now: datetime
+) -> None:
+    # Sealed by the sweeper, with an object stored after, but opened before a 24-hour lookback window.
+    old = daemon_batch(aws.s3, aws.dicom_bucket, batch_id_at(now - timedelta(days=3), "0000000000000404"), 1, False)
+    assert app.sweep(aws.s3, aws.dicom_bucket, now + timedelta(minutes=20), 900, 96) == [old.batch_id]
+    store_late(aws, old.batch_id, range(2, 3))
+    # Marked, but the run that marked it ended before its manifest: the sealing pass closes it, not this one.
+    unsealed = batch_id_at(now - timedelta(hours=1), "0000000000000405")
+    daemon_batch(aws.s3, aws.dicom_bucket, unsealed, 2, False)
+    aws.s3.put_object(Bucket=aws.dicom_bucket, Key=f"sealed/{unsealed}", Body=b"")
+
+    later = now + timedelta(minutes=20)
+    assert app.recover_late(aws.s3, aws.dicom_bucket, later, 900, 24) == []
+    assert app.recover_late(aws.s3, aws.dicom_bucket, later, 900, 96) == [late_batch_id(old.batch_id)]
+    assert listed_sop_uids(aws) == Counter({sop_uid(1): 1, sop_uid(2): 1})
