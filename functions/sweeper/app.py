@@ -1,8 +1,10 @@
 """Lambda function (scheduled): close batches a dead daemon left open, and start the import of lost triggers.
 
 Abandoned: objects under the batch prefix, no manifest, newest object older than the minimum age (the larger
-of SWEEP_MIN_AGE_SECONDS and the daemon's BATCH_WINDOW_SECONDS plus a drain margin). Lost trigger: a manifest
-older than the minimum age without a batch item in the workflow table; its S3 event never started a workflow.
+of SWEEP_MIN_AGE_SECONDS and the daemon's BATCH_WINDOW_SECONDS plus a drain margin). Late objects: objects a
+live daemon stored into a batch this function sealed, which the daemon could not copy into the batch's late batch
+(docs/s3-layout.rst). Lost trigger: a manifest older than the minimum age without a batch item in the workflow
+table; its S3 event never started a workflow.
 """
 
 from __future__ import annotations
