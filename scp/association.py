@@ -289,9 +289,10 @@ class Association:
             if header & _LAST_FRAGMENT:
                 self._answer_action(message)
             return
+        last = bool(header & _LAST_FRAGMENT)
         if message.receive_file is not None:
-            message.receive_file.write(data)
-        if header & _LAST_FRAGMENT:
+            message.receive_file.write(data, last)
+        if last:
             self._store(message)
 
     def _command_complete(self, message: _Message) -> None:
