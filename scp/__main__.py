@@ -126,7 +126,14 @@ def _receive(
         store = build_store(settings, metrics)
         commitment, store = start_commitment(settings, store, receiver or 0)
         listener = server.start(
-            settings, StoreHandler(store, spool, metrics), metrics, _stop_this_process, commitment, listening, limits
+            settings,
+            # The local store flushes the receive file where it lies, the S3 store uploads it and removes it.
+            StoreHandler(store, spool, metrics, writeback=settings.dicom_bucket is None),
+            metrics,
+            _stop_this_process,
+            commitment,
+            listening,
+            limits,
         )
     except (OSError, sqlite3.Error) as error:  # sqlite3: the commitment databases under STORAGE_DIR
         LOG.error("cannot start", extra={"error": str(error)})

@@ -41,6 +41,7 @@ from scp.upper_layer import (
     abort,
     p_data,
     release_rp,
+    send_within,
 )
 
 LOG = logging.getLogger("scp.association")
@@ -125,6 +126,7 @@ class Association:
         self._report_channel: AssociationChannel | None = None
         self._peer_maximum_length = 0
         self._ended = False  # released or aborted: nothing more may be sent from another thread
+        sock.setblocking(False)  # reads and sends wait in poll under their own deadlines (scp/upper_layer.py)
         self._reader = PduReader(sock)
         self._send_lock = threading.Lock()
         self._contexts: dict[int, tuple[str, str]] = {}
@@ -287,9 +289,10 @@ class Association:
             if header & _LAST_FRAGMENT:
                 self._answer_action(message)
             return
+        last = bool(header & _LAST_FRAGMENT)
         if message.receive_file is not None:
-            message.receive_file.write(data)
-        if header & _LAST_FRAGMENT:
+            message.receive_file.write(data, last)
+        if last:
             self._store(message)
 
     def _command_complete(self, message: _Message) -> None:
@@ -363,10 +366,9 @@ class Association:
             # One message's fragments are never interleaved with another message of ours (PS3.7 8.1).
             if self._ended or self._aborted_by_us:
                 raise PeerClosed("association ended")
-            self._socket.settimeout(self._settings.network_timeout)
             try:
                 for pdu in pdus:
-                    self._socket.sendall(pdu)
+                    send_within(self._socket, pdu, self._settings.network_timeout)
             except OSError as error:
                 raise PeerClosed(str(error)) from None
 
@@ -394,15 +396,14 @@ class Association:
         message.store.discard()
 
     def _send(self, data: bytes, after_end: bool = False) -> None:
-        # The deadline of the whole send: a socket timeout bounds all of sendall, not each partial write
-        # (Python 3.5+), so a peer that stops reading holds this thread NETWORK_TIMEOUT at most.
+        # The deadline of the whole send, not of each partial write: a peer that stops reading holds this thread
+        # NETWORK_TIMEOUT at most.
         seconds = self._settings.network_timeout
         with self._send_lock:
             if self._aborted_by_us or (self._ended and not after_end):
                 raise PeerClosed("association aborted")
-            self._socket.settimeout(seconds)
             try:
-                self._socket.sendall(data)
+                send_within(self._socket, data, seconds)
             except TimeoutError:
                 raise PeerSilent(f"peer did not take our answer within {seconds:g} s") from None
             except OSError as error:
@@ -418,8 +419,7 @@ class Association:
             if self._aborted_by_us:
                 return
             self._aborted_by_us = True
-            self._socket.settimeout(_ABORT_SEND_SECONDS)
-            self._socket.sendall(abort(_PROVIDER, int(reason)))
+            send_within(self._socket, abort(_PROVIDER, int(reason)), _ABORT_SEND_SECONDS)
         except OSError:
             pass  # the peer is gone already, or not reading; closing is all that is left
         finally:

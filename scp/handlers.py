@@ -59,10 +59,13 @@ def handle_echo() -> Status:
 
 
 class StoreHandler:
-    def __init__(self, store: Store, spool: Spool, metrics: Metrics) -> None:
+    def __init__(self, store: Store, spool: Spool, metrics: Metrics, writeback: bool = False) -> None:
+        """``writeback``: the store keeps the receive file where it is and flushes it (the local store), so its
+        writeback starts while the data arrives."""
         self._store = store
         self._spool = spool
         self._metrics = metrics
+        self._writeback = writeback
 
     def begin(self, command: dimse.Command, context: tuple[str, str], calling_ae_title: str) -> PendingStore:
         """The command of a C-STORE on ``context`` (abstract syntax, transfer syntax) has arrived: check it and
@@ -76,7 +79,7 @@ class StoreHandler:
                 pending.calling_ae_title,
             )  # fmt: skip
             try:
-                pending.receive_file = ReceiveFile(self._spool.new_path(".rx"), header)
+                pending.receive_file = ReceiveFile(self._spool.new_path(".rx"), header, self._writeback)
             except OSError as error:
                 pending.failure = StoreFailure(Status.OUT_OF_RESOURCES, f"receive spool failed: {error.strerror}")
         return pending

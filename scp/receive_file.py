@@ -3,6 +3,10 @@
 It is the only code that writes, sizes or removes the file; the store takes it over by its path once complete.
 A full disk answers a write with a short count before it raises ENOSPC, so every count is checked: a file that
 lost a byte is never handed on, and it is removed at once so the space comes back to the other associations.
+
+A file the store keeps where it is (the local store renames it into place and flushes it) has its writeback
+started as the data arrives, every ``WRITEBACK_EVERY`` bytes, so the store's flush waits for the tail alone; a file
+only read back (the S3 store uploads it, then removes it) is left to the page cache.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import os
 from pathlib import Path
 
 from scp.dataset_header import DatasetIdentity, read_identity
+from scp.fsync import start_writeback
 from scp.status import Status, StoreFailure
 
 # Created like open(path, "xb+"): a fresh file the store may rename into place, readable as the umask allows.
@@ -20,21 +25,29 @@ _FLAGS = os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
 _MODE = 0o666
 # The identity reader steps over small element headers; a buffer turns them into few system calls.
 _READ_BUFFER = 64 * 1024
+# Small enough that a CT slice (512 KiB) is mostly on its way to the disk when its last fragment arrives, large
+# enough to be a few system calls per object.
+WRITEBACK_EVERY = 256 * 1024
 
 
 class ReceiveFile:
     """A Part-10 header, then the data set fragments exactly as they arrive."""
 
-    def __init__(self, path: Path, header: bytes) -> None:
+    def __init__(self, path: Path, header: bytes, writeback: bool = False) -> None:
         self.path = path
         self.header_length = len(header)
         self.bytes_received = 0  # data set bytes, whether or not they could be written
         self._error: OSError | None = None
+        # File offset up to which writeback has been started; None: this file is not flushed by its store.
+        self._written_back: int | None = 0 if writeback else None
         self._descriptor = os.open(path, _FLAGS, _MODE)  # -1 once closed
         self._write(header)
 
-    def write(self, data: memoryview) -> None:
-        """Append one data set fragment; after a failed write the rest is counted, not written."""
+    def write(self, data: memoryview, last: bool = False) -> None:
+        """Append one data set fragment; after a failed write the rest is counted, not written.
+
+        ``last``: the data set's last fragment, whose writeback is left to the store's flush that follows at once.
+        """
         self.bytes_received += len(data)
         if self._error is not None:
             return
@@ -46,6 +59,8 @@ class ReceiveFile:
             return
         if written != len(data):
             self._write(data[written:])
+        if self._written_back is not None and not last:
+            self._start_writeback()
 
     def complete(self, transfer_syntax: str) -> DatasetIdentity:
         """Check that every received byte is in the file, read the data set's identity, close the file.
@@ -85,6 +100,19 @@ class ReceiveFile:
                 view = view[written:]
         except OSError as error:
             self._fail(error)
+
+    def _start_writeback(self) -> None:
+        assert self._written_back is not None
+        end = self.header_length + self.bytes_received
+        if end - self._written_back < WRITEBACK_EVERY or self._error is not None:
+            return
+        try:
+            # Returns at once: the store's fdatasync still waits for these pages, and makes them durable.
+            start_writeback(self._descriptor, self._written_back, end - self._written_back)
+        except OSError as error:
+            self._fail(error)  # the store's flush would fail too
+            return
+        self._written_back = end
 
     def _fail(self, error: OSError) -> None:
         self._error = error

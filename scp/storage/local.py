@@ -1,7 +1,8 @@
 """Local disk store: fsync, atomic rename into <Study>/<Series>/<SOP>.dcm, fsync of the directory.
 
 Every directory on the path of an acknowledged object is durable in its parent before the object is acknowledged,
-whichever association created it.
+whichever association created it. Associations storing into one directory at the same time share its fsyncs
+(scp/fsync.py), each still answered only after an fsync that began after its own rename.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import logging
 import os
 from pathlib import Path
 
-from scp.fsync import fsync_directory
+from scp.fsync import DirectorySyncs
 from scp.instances import ReceivedInstance, StoredInstance
 from scp.status import Status, StoreFailure
 
@@ -28,6 +29,7 @@ class LocalStore:
         # Shared by every association's thread; set operations are atomic under the interpreter lock, and a
         # directory is added only after its own fsync, so a race costs at most a second fsync.
         self._durable: set[Path] = set()
+        self._directory_syncs = DirectorySyncs()
 
     def path_for(self, instance: ReceivedInstance) -> Path:
         names = (instance.study_instance_uid, instance.series_instance_uid, f"{instance.sop_instance_uid}.dcm")
@@ -51,7 +53,7 @@ class LocalStore:
                 self._durable.clear()
                 self._make_durable(final.parent)
                 os.replace(staged, final)
-            fsync_directory(final.parent)
+            self._directory_syncs.sync(final.parent)
         except OSError as error:
             raise StoreFailure(Status.OUT_OF_RESOURCES, _describe(error)) from error
         return StoredInstance(location=str(final), replaced=replaced)
@@ -76,7 +78,7 @@ class LocalStore:
                 if not directory.is_dir():
                     raise
                 # Another association created it a moment ago, or an earlier run did: fsync its parent anyway.
-        fsync_directory(directory.parent)
+        self._directory_syncs.sync(directory.parent)
         if len(self._durable) >= _DURABLE_DIRECTORIES_MAX:
             self._durable.clear()
         self._durable.add(directory)
@@ -89,7 +91,6 @@ def _fsync_file(path: Path) -> None:
         os.fdatasync(descriptor)
     finally:
         os.close(descriptor)
-
 
 
 def _describe(error: OSError) -> str:

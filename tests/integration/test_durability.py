@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -164,3 +165,92 @@ def test_directories_another_association_just_created_are_durable_before_success
         tracer.terminate()
         tracer.wait(timeout=30)
         daemon.stop()
+
+
+_CALL = re.compile(r"^(\d+) +([\d.]+) (\w+)\((.*?)(?:\) += (-?\d+).*<([\d.]+)>| <unfinished \.\.\.>)$")
+_RESUMED = re.compile(r"^(\d+) +([\d.]+) <\.\.\. (\w+) resumed>.*\) += (-?\d+).*<([\d.]+)>$")
+
+
+@dataclass
+class Call:
+    thread: int
+    name: str
+    arguments: str
+    began: float
+    ended: float = 0.0
+    result: int = 0
+
+
+def traced_calls(trace: str) -> list[Call]:
+    """The system calls of an ``strace -f -ttt -T -y`` trace, with when each began and ended, however interleaved."""
+    calls: list[Call] = []
+    unfinished: dict[tuple[int, str], Call] = {}
+    for line in trace.splitlines():
+        if match := _CALL.match(line):
+            thread, began, name, arguments, result, took = match.groups()
+            call = Call(int(thread), name, arguments, float(began))
+            if result is None:
+                unfinished[(call.thread, name)] = call
+            else:
+                call.ended, call.result = call.began + float(took), int(result)
+            calls.append(call)
+        elif match := _RESUMED.match(line):
+            thread, ended, name, result, _ = match.groups()
+            call = unfinished.pop((int(thread), name))
+            call.ended, call.result = float(ended), int(result)
+    return calls
+
+
+def test_concurrent_stores_into_one_series_are_each_answered_after_their_data_and_rename_are_flushed(
+    tmp_path: Path,
+) -> None:
+    """Eight associations store into one series at once, traced: for every object, writeback and fdatasync of its
+    spool file, then its rename, then an fsync of the series directory that *began* after that rename and ended
+    before the C-STORE response went out, whichever association's thread ran it."""
+    assert shutil.which("strace"), "strace is not installed; `make test` installs it"
+    daemon = start_daemon(tmp_path)
+    study, series = "1.2.826.0.1.3680043.10.1.1", "1.2.826.0.1.3680043.10.1.1.1"
+    batches = [
+        [make_instance(tmp_path, pixel_bytes=1024 * 1024, study_uid=study, series_uid=series) for _ in range(4)]
+        for _ in range(8)
+    ]
+    assert storescu_process(daemon, batches[0][0]).wait(timeout=60) == 0  # the directories exist and are durable
+    trace = tmp_path / "store.trace"
+    tracer = subprocess.Popen(
+        ["strace", "-f", "-qq", "-ttt", "-T", "-y", "-e", "trace=sync_file_range,fdatasync,rename,fsync,sendto",
+         "-o", str(trace), "-p", str(daemon.process.pid)],
+        stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+
+        def attached() -> bool:
+            assert storescu_process(daemon, make_instance(tmp_path, pixel_bytes=1024)).wait(timeout=60) == 0
+            return trace.exists() and "sendto" in trace.read_text()
+
+        wait_for(attached, 30, "strace to attach to the daemon")
+        senders = [storescu_process(daemon, *batch) for batch in batches]
+        for sender in senders:
+            output, _ = sender.communicate(timeout=120)
+            assert sender.returncode == 0, output
+    finally:
+        tracer.terminate()
+        tracer.wait(timeout=30)
+        daemon.stop()
+    calls = traced_calls(trace.read_text())
+    series_directory = str(daemon.storage_dir.resolve() / study / series)
+    renames = [call for call in calls if call.name == "rename" and series_directory in call.arguments]
+    assert len(renames) == 32, "every object sent while traced (the first one a second time)"
+    fsyncs = [c for c in calls if c.name == "fsync" and c.arguments.endswith(f"<{series_directory}>")]
+    for rename in renames:
+        spool_file = rename.arguments.split('"')[1]
+        on_thread = [call for call in calls if call.thread == rename.thread]
+        (fdatasync,) = [c for c in on_thread if c.name == "fdatasync" and f"<{spool_file}>" in c.arguments]
+        writebacks = [c for c in on_thread if c.name == "sync_file_range" and f"<{spool_file}>" in c.arguments]
+        assert writebacks and all(c.ended <= fdatasync.began for c in writebacks)
+        assert fdatasync.result == 0 and fdatasync.ended <= rename.began and rename.result == 0
+        response = min((c for c in on_thread if c.name == "sendto" and c.began >= rename.ended), key=lambda c: c.began)
+        assert any(
+            c in fsyncs and c.result == 0 and c.began >= rename.ended and c.ended <= response.began for c in calls
+        ), f"no fsync of the series directory between the rename and the response: {rename}"
+    # Shared or not is the scheduler's choice; never more than one per object.
+    assert len(fsyncs) <= len(renames)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import itertools
 import json
+import re
+import shutil
 import struct
 import subprocess
 import sys
@@ -10,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from scp.part10 import part10_header
-from scp.receive_file import ReceiveFile
+from scp.receive_file import WRITEBACK_EVERY, ReceiveFile
 from scp.status import Status
 
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
@@ -56,7 +59,7 @@ def test_every_byte_is_written_behind_the_header_and_the_identity_read_back(tmp_
 _UNDER_FILE_SIZE_LIMITS = """
 import json, resource, signal, sys
 from pathlib import Path
-from scp.receive_file import ReceiveFile
+from scp.receive_file import WRITEBACK_EVERY, ReceiveFile
 from scp.status import StoreFailure
 header, data_set = Path(sys.argv[1]).read_bytes(), Path(sys.argv[2]).read_bytes()
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the limit is an error, not the end of the process
@@ -101,3 +104,51 @@ def test_a_short_write_refuses_the_object_and_frees_the_room_mid_fragment_or_in_
         assert outcome["received"] == len(DATA_SET)
         assert outcome["status"] == Status.OUT_OF_RESOURCES and "write failed" in outcome["reason"]
         assert outcome["left"] == []
+
+
+# Traced in a child process: writeback started shows only as system calls (it changes no byte of the file).
+_WRITE_IN_FRAGMENTS = """
+import sys
+from pathlib import Path
+from scp.receive_file import WRITEBACK_EVERY, ReceiveFile
+writeback, fragment = sys.argv[2] == "writeback", int(sys.argv[3])
+data_set = bytes(range(256)) * (4 * WRITEBACK_EVERY // 256 + 1)
+received = ReceiveFile(Path(sys.argv[1]), b"H" * 132, writeback)
+starts = range(0, len(data_set), fragment)
+for start in starts:
+    received.write(memoryview(data_set)[start : start + fragment], last=start == starts[-1])
+assert received.path.read_bytes() == b"H" * 132 + data_set
+received.discard()
+"""
+_SYNC_FILE_RANGE = re.compile(r"sync_file_range\(\d+</[^>]*\.rx>, (\d+), (\d+), SYNC_FILE_RANGE_WRITE\) = 0")
+
+
+def traced_ranges(tmp_path: Path, mode: str, fragment: int) -> list[tuple[int, int]]:
+    assert shutil.which("strace"), "strace is not installed; `make test` installs it"
+    trace = tmp_path / f"{mode}-{fragment}.trace"
+    subprocess.run(
+        ["strace", "-f", "-qq", "-y", "-e", "trace=sync_file_range", "-o", str(trace), sys.executable, "-c",
+         _WRITE_IN_FRAGMENTS, str(tmp_path / f"{mode}-{fragment}.rx"), mode, str(fragment)],
+        check=True, timeout=60,
+    )  # fmt: skip
+    return [(int(offset), int(length)) for offset, length in _SYNC_FILE_RANGE.findall(trace.read_text())]
+
+
+def test_writeback_starts_every_so_many_bytes_while_fragments_arrive_but_not_for_the_last(tmp_path: Path) -> None:
+    size = 132 + 256 * (4 * WRITEBACK_EVERY // 256 + 1)
+    for fragment in (16_378, 131_060, 1_000_000):
+        ranges = traced_ranges(tmp_path, "writeback", fragment)
+        assert ranges, f"no writeback started for fragments of {fragment} bytes"
+        # Contiguous from the start of the file, each once the given number of bytes have been written since the
+        # last, never for the last fragment: the store's fdatasync, at once, covers that one.
+        assert ranges[0][0] == 0
+        assert all(offset == previous + length for (previous, length), (offset, _) in itertools.pairwise(ranges))
+        assert all(length >= WRITEBACK_EVERY for _, length in ranges)
+        ended = ranges[-1][0] + ranges[-1][1]
+        last_fragment = (size - 132) % fragment or fragment
+        assert size - last_fragment - ended < WRITEBACK_EVERY, "writeback lags by more than its interval"
+        assert ended <= size - last_fragment
+
+
+def test_a_file_only_read_back_gets_no_writeback(tmp_path: Path) -> None:
+    assert traced_ranges(tmp_path, "none", 16_378) == []
