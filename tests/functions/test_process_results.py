@@ -9,6 +9,8 @@ from types import ModuleType
 from typing import Any
 
 import pytest
+from common import job_results
+from common.manifest import read_manifest
 
 from tests.functions.conftest import Aws
 from tests.functions.workflow import (
@@ -467,14 +469,11 @@ def test_a_requeue_batch_registered_before_the_original_marks_keeps_its_instance
     # The re-queue manifest is written first, so its own execution may register before the instances are marked.
     registered = register(aws, monkeypatch)
     output_uri = upload_job_output(aws.s3, aws.results_bucket, FIXTURE_BATCH, "partial_failure")
-    requeue_id = app.claim_requeue_id(aws.table, FIXTURE_BATCH, app.utc_now())
-    manifest = app.read_manifest(aws.s3, aws.dicom_bucket, FIXTURE_BATCH)
-    failed = [
-        o
-        for o in app.outcomes_from_output(manifest, app.read_job_output(aws.s3, output_uri, JOB_ID, True), None)[0]
-        if o.server_error
-    ]
-    app.requeue(aws.s3, manifest, failed, requeue_id, app.utc_now())
+    requeue_id = job_results.claim_requeue_id(aws.table, FIXTURE_BATCH, app.utc_now())
+    manifest = read_manifest(aws.s3, aws.dicom_bucket, FIXTURE_BATCH)
+    output = job_results.read_job_output(aws.s3, output_uri, JOB_ID, True)
+    failed = [o for o in job_results.outcomes_from_output(manifest, output, None)[0] if o.server_error]
+    job_results.requeue(aws.s3, manifest, failed, requeue_id, app.utc_now())
     register_app = load_app("register_batch", monkeypatch, aws.env())
     register_app.handler(
         {"bucket": aws.dicom_bucket, "key": f"manifests/{requeue_id}.json", "executionArn": EXECUTION + "-requeue"},
