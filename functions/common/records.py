@@ -64,6 +64,7 @@ __all__ = [
     "BY_BATCH_INDEX",
     "BY_CALLING_AE_INDEX",
     "BY_STATUS_INDEX",
+    "ENTITY_BATCH",
     "FAILED",
     "IMPORTED",
     "IMPORTING",
@@ -77,7 +78,9 @@ __all__ = [
     "InstanceOutcome",
     "Retention",
     "batch_key",
+    "claim_recheck",
     "count_by_status",
+    "end_recheck",
     "fail_unfinished_instances",
     "finish_batch",
     "finish_job",
@@ -456,9 +459,12 @@ def finish_batch(
     }
     sets = ["#status = :status", "updatedAt = :now", "finishedAt = :now", "outcomeCounts = :counts"]
     sets += ["gsi3pk = :gsi3pk", "gsi3sk = :gsi3sk"]
+    removes = []
     if reason:
         sets.append("reason = :reason")
         values[":reason"] = shorten(reason)
+    else:
+        removes.append("reason")  # an unconfirmed batch whose output was read at last: its old reason is gone
     for name, value in (extra or {}).items():
         sets.append(f"{name} = :{name}")
         values[f":{name}"] = value
@@ -468,7 +474,7 @@ def finish_batch(
         values[":expires"] = expires
     table.update_item(
         Key=batch_key(batch_id),
-        UpdateExpression="SET " + ", ".join(sets),
+        UpdateExpression="SET " + ", ".join(sets) + (" REMOVE " + ", ".join(removes) if removes else ""),
         ExpressionAttributeNames={"#status": "status"},
         ExpressionAttributeValues=values,
     )
@@ -604,3 +610,43 @@ def count_by_status(outcomes: Iterable[InstanceOutcome]) -> dict[str, int]:
         if outcome.is_primary is False:
             counts[NON_PRIMARY] += 1
     return counts
+
+
+def claim_recheck(table: Table, batch_id: str, due: datetime, now: datetime) -> bool:
+    """Take an ``unconfirmed`` batch's next re-check unless one ran after ``due``; True if this caller has it.
+
+    Conditional, so two sweeper runs at once never re-check the same batch, and the cadence holds across runs.
+    """
+    return update_if_condition_holds(
+        table,
+        Key=batch_key(batch_id),
+        UpdateExpression="SET recheckedAt = :now, recheckCount = if_not_exists(recheckCount, :zero) + :one",
+        ConditionExpression=(
+            "#status = :unconfirmed AND attribute_not_exists(recheckEndedAt)"
+            " AND (attribute_not_exists(recheckedAt) OR recheckedAt <= :due)"
+        ),
+        ExpressionAttributeNames={"#status": "status"},
+        ExpressionAttributeValues={
+            ":now": iso_millis(now),
+            ":due": iso_millis(due),
+            ":unconfirmed": BATCH_UNCONFIRMED,
+            ":zero": 0,
+            ":one": 1,
+        },
+    )
+
+
+def end_recheck(table: Table, batch_id: str, reason: str, now: datetime) -> bool:
+    """Stop re-checking an ``unconfirmed`` batch: it stays unconfirmed, final, with ``reason`` saying why."""
+    return update_if_condition_holds(
+        table,
+        Key=batch_key(batch_id),
+        UpdateExpression="SET recheckEndedAt = :now, updatedAt = :now, reason = :reason",
+        ConditionExpression="#status = :unconfirmed",
+        ExpressionAttributeNames={"#status": "status"},
+        ExpressionAttributeValues={
+            ":now": iso_millis(now),
+            ":reason": shorten(reason),
+            ":unconfirmed": BATCH_UNCONFIRMED,
+        },
+    )

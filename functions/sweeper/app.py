@@ -1,18 +1,20 @@
-"""Lambda function (scheduled): close batches a dead daemon left open, and start the import of lost triggers.
+"""Lambda function (scheduled): close batches a dead daemon left open, start the import of lost triggers, and
+read again the output of import jobs that was not readable when they completed.
 
 Abandoned: objects under the batch prefix, no manifest, newest object older than the minimum age (the larger
 of SWEEP_MIN_AGE_SECONDS and the daemon's BATCH_WINDOW_SECONDS plus a drain margin). Late objects: objects a
 live daemon stored into a batch this function sealed, which the daemon could not copy into the batch's late batch
 (docs/s3-layout.rst). Lost trigger: a manifest older than the minimum age without a batch item in the workflow
-table; its S3 event never started a workflow.
+table; its S3 event never started a workflow. Unconfirmed: a batch whose job COMPLETED but whose output stayed
+unreadable through the workflow's retries.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -20,8 +22,10 @@ import boto3
 from aws_lambda_powertools import Logger, Metrics
 from aws_lambda_powertools.metrics import MetricUnit
 from aws_lambda_powertools.utilities.typing import LambdaContext
+from boto3.dynamodb.conditions import Attr, Key
 from botocore.exceptions import ClientError
 from common.config import EnvironmentReader
+from common.job_results import JobOutputNotReady, record_results
 from common.layout import (
     BATCHES_PREFIX,
     MANIFESTS_PREFIX,
@@ -45,10 +49,23 @@ from common.manifest import (
     Manifest,
     ManifestObject,
     iso_millis,
+    parse_iso,
     read_manifest,
     write_manifest_once,
 )
-from common.records import batch_key, utc_now
+from common.parallel import POOLED_CLIENT_CONFIG
+from common.records import (
+    BATCH_UNCONFIRMED,
+    BY_STATUS_INDEX,
+    ENTITY_BATCH,
+    Retention,
+    batch_key,
+    claim_recheck,
+    end_recheck,
+    job_key,
+    status_partition,
+    utc_now,
+)
 
 if TYPE_CHECKING:
     from mypy_boto3_dynamodb.service_resource import Table
@@ -65,6 +82,18 @@ metrics = Metrics(namespace="DICOMStoreSCP", service="import-workflow")
 # when an upload starts, so a slow upload looks older than it is; the margin covers that as well.
 DRAIN_MARGIN_SECONDS = 600
 
+# An unconfirmed batch is read again at most hourly for a week after its job completed; output that appears
+# meanwhile is recorded as ProcessResults records it. After that week the batch stays unconfirmed, final: the
+# output of a completed job that a week has not made readable will not be read, and "failed" could be untrue.
+RECHECK_INTERVAL = timedelta(hours=1)
+RECHECK_PERIOD = timedelta(days=7)
+# The re-check query reads a day past the period, so that some run makes the final write however runs fall.
+RECHECK_QUERY_MARGIN = timedelta(days=1)
+# Each run re-checks a bounded number of batches, and starts one only while the run has time to record a
+# large batch's outcomes (ProcessResults' own work, well under this).
+RECHECKS_PER_RUN = 10
+RECHECK_TIME_RESERVE_SECONDS = 120.0
+
 
 @dataclass(frozen=True)
 class Settings:
@@ -74,6 +103,7 @@ class Settings:
     configured_min_age_seconds: int
     batch_window_seconds: int
     lookback_hours: int
+    retention_days: int
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> Settings:
@@ -87,6 +117,7 @@ class Settings:
             configured_min_age_seconds=reader.integer("SWEEP_MIN_AGE_SECONDS", 900, 60, 86400),
             batch_window_seconds=reader.required_integer("BATCH_WINDOW_SECONDS", 1, 86400),
             lookback_hours=reader.integer("SWEEP_LOOKBACK_HOURS", 72, 1, 8760),
+            retention_days=reader.integer("RECORD_RETENTION_DAYS", 365, 0, 36500),
         )
         reader.finish()
         return settings
@@ -352,8 +383,10 @@ def reconcile(
     s3: S3Client,
     sfn: SFNClient,
     table: Table,
-    settings: Settings,
+    bucket: str,
+    state_machine_arn: str,
     now: datetime,
+    min_age_seconds: int,
     lookback_hours: int,
 ) -> list[str]:
     """Start the workflow for every manifest in the lookback that no execution has registered; returns their ids.
@@ -364,17 +397,17 @@ def reconcile(
     DuplicateTrigger. An execution name that carries the run's time lets a later run start it again.
     """
     start = now - timedelta(hours=lookback_hours)
-    settled = timedelta(seconds=settings.min_age_seconds)
+    settled = timedelta(seconds=min_age_seconds)
     started = []
-    for batch_id, manifest in sorted(_manifests(s3, settings.dicom_bucket, start).items()):
+    for batch_id, manifest in sorted(_manifests(s3, bucket, start).items()):
         if now - manifest["LastModified"] < settled:
             continue
         if "Item" in table.get_item(Key=batch_key(batch_id), ConsistentRead=True, ProjectionExpression="pk"):
             continue
         execution = sfn.start_execution(
-            stateMachineArn=settings.state_machine_arn,
+            stateMachineArn=state_machine_arn,
             name=f"reconcile-{batch_id}-{batch_id_time_part(now)}",
-            input=json.dumps(manifest_created_event(settings.dicom_bucket, manifest, now)),
+            input=json.dumps(manifest_created_event(bucket, manifest, now)),
         )
         logger.warning(
             "manifest without a batch item: import started", batch_id=batch_id, execution=execution["executionArn"]
@@ -383,10 +416,112 @@ def reconcile(
     return started
 
 
+@dataclass
+class Rechecked:
+    """What one run's re-check of unconfirmed batches found, by batch id."""
+
+    recorded: list[str] = field(default_factory=list)  # the output is readable now: outcomes recorded
+    unreadable: list[str] = field(default_factory=list)  # still not: read again in an hour
+    ended: list[str] = field(default_factory=list)  # still not, a week on: unconfirmed for good
+
+    def to_json(self) -> dict[str, list[str]]:
+        return {"recorded": self.recorded, "unreadable": self.unreadable, "ended": self.ended}
+
+
+def _unconfirmed_batches(table: Table, since: datetime) -> Iterator[dict[str, Any]]:
+    """Unconfirmed batches that became so since ``since`` and are still re-checked, the oldest first.
+
+    Their ByStatus sort key begins with the time they were recorded unconfirmed.
+    """
+    request: dict[str, Any] = {
+        "IndexName": BY_STATUS_INDEX,
+        "KeyConditionExpression": Key("gsi3pk").eq(status_partition(ENTITY_BATCH, BATCH_UNCONFIRMED))
+        & Key("gsi3sk").gte(iso_millis(since)),
+        "FilterExpression": Attr("recheckEndedAt").not_exists(),
+    }
+    while True:
+        page = table.query(**request)
+        yield from page.get("Items", [])
+        if "LastEvaluatedKey" not in page:
+            return
+        request["ExclusiveStartKey"] = page["LastEvaluatedKey"]
+
+
+def _results_event(batch: Mapping[str, Any], job: Mapping[str, Any]) -> dict[str, Any]:
+    """ProcessResults' input for the batch's job, from the table: what the state machine gave it."""
+    return {
+        "batchId": batch["batchId"],
+        "attempt": int(batch.get("attempt", 1)),
+        "job": {
+            "jobId": job["jobId"],
+            "datastoreId": job["datastoreId"],
+            "submittedAt": job["submittedAt"],
+            "outputS3Uri": job["outputS3Uri"],
+        },
+        # Only a COMPLETED job leaves its batch unconfirmed.
+        "jobStatus": {"jobStatus": "COMPLETED", "endedAt": None, "message": job.get("message")},
+    }
+
+
+def recheck_unconfirmed(
+    s3: S3Client,
+    table: Table,
+    bucket: str,
+    retention: Retention,
+    now: datetime,
+    seconds_left: Callable[[], float],
+) -> Rechecked:
+    """Read the output of unconfirmed batches' jobs again; record the outcomes of those readable now.
+
+    Each batch at most once per RECHECK_INTERVAL (claimed on its item, so overlapping runs never both do it),
+    for RECHECK_PERIOD after it became unconfirmed; then it stays unconfirmed with a reason saying so.
+    """
+    rechecked = Rechecked()
+    claimed = 0
+    for batch in _unconfirmed_batches(table, now - RECHECK_PERIOD - RECHECK_QUERY_MARGIN):
+        if claimed >= RECHECKS_PER_RUN or seconds_left() < RECHECK_TIME_RESERVE_SECONDS:
+            break
+        batch_id = str(batch["batchId"])
+        if not claim_recheck(table, batch_id, now - RECHECK_INTERVAL, now):
+            continue
+        claimed += 1
+        job_id = str(batch["jobId"])
+        job = table.get_item(Key=job_key(batch_id, job_id), ConsistentRead=True).get("Item")
+        if job is None or "outputS3Uri" not in job:
+            logger.error("unconfirmed batch without its job's record: not re-checked", batch_id=batch_id)
+            continue
+        try:
+            results = record_results(_results_event(batch, job), s3, table, bucket, retention, now)
+        except JobOutputNotReady as unreadable:
+            unconfirmed_for = now - parse_iso(str(batch["finishedAt"]))
+            if unconfirmed_for < RECHECK_PERIOD:
+                rechecked.unreadable.append(batch_id)
+                continue
+            reason = (
+                f"import job {job_id} COMPLETED; its output was still unreadable {unconfirmed_for.days} days"
+                f" later ({unreadable}), and re-checks have ended: HealthImaging may have imported these"
+                " instances; look the job up before sending them again"
+            )
+            end_recheck(table, batch_id, reason, now)
+            logger.warning("unconfirmed batch: re-checks ended, it stays unconfirmed", batch_id=batch_id)
+            rechecked.ended.append(batch_id)
+            continue
+        logger.warning(
+            "unconfirmed batch: its job's output is readable now, outcomes recorded",
+            batch_id=batch_id,
+            batch_status=results.batch_status,
+            counts=results.counts,
+        )
+        rechecked.recorded.append(batch_id)
+    return rechecked
+
+
 SETTINGS = Settings.from_env(os.environ)
-S3 = boto3.client("s3")
+RETENTION = Retention(SETTINGS.retention_days)
+# Pooled: recording a batch's outcomes writes its instances side by side (common/parallel.py).
+S3 = boto3.client("s3", config=POOLED_CLIENT_CONFIG)
 SFN = boto3.client("stepfunctions")
-TABLE = boto3.resource("dynamodb").Table(SETTINGS.table_name)
+TABLE = boto3.resource("dynamodb", config=POOLED_CLIENT_CONFIG).Table(SETTINGS.table_name)
 
 
 @logger.inject_lambda_context
@@ -402,6 +537,13 @@ def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
     metrics.add_metric(name="BatchesSwept", unit=MetricUnit.Count, value=len(swept))
     late = recover_late(S3, SETTINGS.dicom_bucket, now, SETTINGS.min_age_seconds, lookback)
     metrics.add_metric(name="LateBatchesClosed", unit=MetricUnit.Count, value=len(late))
-    reconciled = reconcile(S3, SFN, TABLE, SETTINGS, now, lookback)
+    reconciled = reconcile(
+        S3, SFN, TABLE, SETTINGS.dicom_bucket, SETTINGS.state_machine_arn, now, SETTINGS.min_age_seconds, lookback
+    )
     metrics.add_metric(name="BatchesReconciled", unit=MetricUnit.Count, value=len(reconciled))
-    return {"closed": swept, "late": late, "reconciled": reconciled}
+    rechecked = recheck_unconfirmed(
+        S3, TABLE, SETTINGS.dicom_bucket, RETENTION, now, lambda: context.get_remaining_time_in_millis() / 1000
+    )
+    metrics.add_metric(name="UnconfirmedBatchesRecorded", unit=MetricUnit.Count, value=len(rechecked.recorded))
+    metrics.add_metric(name="UnconfirmedBatchesEnded", unit=MetricUnit.Count, value=len(rechecked.ended))
+    return {"closed": swept, "late": late, "reconciled": reconciled, "rechecked": rechecked.to_json()}

@@ -13,10 +13,26 @@ from typing import Any
 
 import boto3
 import pytest
+from common.manifest import iso_millis
+from common.records import record_job_started, utc_now
 
 from batch_contract.layout import late_batch_id, parse_object_key
 from tests.functions.conftest import Aws
-from tests.functions.workflow import FakeContext, daemon_batch, load_app, object_key, sop_uid, unique
+from tests.functions.test_process_results import register, results_event
+from tests.functions.workflow import (
+    DATASTORE_ID,
+    FIXTURE_BATCH,
+    JOB_ID,
+    FakeContext,
+    batch_item,
+    daemon_batch,
+    instances,
+    load_app,
+    object_key,
+    sop_uid,
+    unique,
+    upload_job_output,
+)
 
 EVENTS = Path(__file__).resolve().parents[1] / "statemachine" / "events"
 
@@ -126,7 +142,12 @@ def test_the_handler_sweeps_with_its_settings(aws: Aws, app: ModuleType, now: da
     # Nothing is old enough yet under the real clock, so the scheduled run closes nothing and says so.
     daemon_batch(aws.s3, aws.dicom_bucket, batch_id_at(now, "0000000000000107"), 1, False)
     daemon_batch(aws.s3, aws.dicom_bucket, batch_id_at(now, "0000000000000108"), 1)
-    assert app.handler({"source": "aws.scheduler"}, FakeContext()) == {"closed": [], "late": [], "reconciled": []}
+    assert app.handler({"source": "aws.scheduler"}, FakeContext()) == {
+        "closed": [],
+        "late": [],
+        "reconciled": [],
+        "rechecked": {"recorded": [], "unreadable": [], "ended": []},
+    }
 
 
 @pytest.mark.parametrize(("window", "expected"), [(60, 900), (300, 900), (3600, 4200)])
@@ -159,6 +180,16 @@ def test_a_sweeper_without_its_settings_fails_at_cold_start_naming_each(
         load_app("sweeper", monkeypatch, aws.env())
 
 
+def reconcile(app: ModuleType, sfn: Any, now: datetime) -> list[str]:
+    """The reconcile pass with the function's own settings and a 24 h lookback."""
+    settings = app.SETTINGS
+    return list(
+        app.reconcile(
+            app.S3, sfn, app.TABLE, settings.dicom_bucket, settings.state_machine_arn, now, settings.min_age_seconds, 24
+        )
+    )
+
+
 def executions(state_machine: str) -> list[dict[str, Any]]:
     sfn = boto3.client("stepfunctions")
     listed = sfn.list_executions(stateMachineArn=state_machine)["executions"]
@@ -176,9 +207,9 @@ def test_a_manifest_whose_trigger_was_lost_gets_its_workflow_started(
     sfn = boto3.client("stepfunctions")
 
     # A fresh manifest is left to its own event; once settled, a manifest without a batch item is re-driven.
-    assert app.reconcile(aws.s3, sfn, aws.table, app.SETTINGS, now + timedelta(minutes=5), 24) == []
+    assert reconcile(app, sfn, now + timedelta(minutes=5)) == []
     later = now + timedelta(minutes=20)
-    assert app.reconcile(aws.s3, sfn, aws.table, app.SETTINGS, later, 24) == [lost.batch_id]
+    assert reconcile(app, sfn, later) == [lost.batch_id]
 
     (started,) = executions(state_machine)
     assert started["name"] == f"reconcile-{lost.batch_id}-{later.strftime('%Y%m%dT%H%M%SZ')}"
@@ -199,10 +230,7 @@ def test_a_registered_or_out_of_window_manifest_is_not_re_driven(
     # A failed registration leaves a batch item too (record_failure writes it): nothing to re-drive either.
     aws.table.put_item(Item={"pk": f"BATCH#{batch.batch_id}", "sk": "BATCH", "status": "failed"})
 
-    assert (
-        app.reconcile(aws.s3, boto3.client("stepfunctions"), aws.table, app.SETTINGS, now + timedelta(hours=1), 24)
-        == []
-    )
+    assert reconcile(app, boto3.client("stepfunctions"), now + timedelta(hours=1)) == []
     assert executions(state_machine) == []
 
 
@@ -311,3 +339,116 @@ def test_the_late_object_pass_waits_for_the_seal_and_keeps_to_the_lookback_windo
     assert app.recover_late(aws.s3, aws.dicom_bucket, later, 900, 24) == []
     assert app.recover_late(aws.s3, aws.dicom_bucket, later, 900, 96) == [late_batch_id(old.batch_id)]
     assert listed_sop_uids(aws) == Counter({sop_uid(1): 1, sop_uid(2): 1})
+
+
+# --- Unconfirmed batches: a COMPLETED job whose output the workflow could not read -----------------------------
+def unconfirmed_batch(aws: Aws, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The fixture batch registered, its job started, and its output never readable through the workflow's
+    retries: ProcessResults has recorded it unconfirmed. Returns the job's output URI (nothing there yet)."""
+    registered = register(aws, monkeypatch)
+    output_uri = f"s3://{aws.results_bucket}/jobs/{FIXTURE_BATCH}/"
+    job = {"jobId": JOB_ID, "datastoreId": DATASTORE_ID, "jobStatus": "SUBMITTED", "submittedAt": utc_now()}
+    record_job_started(aws.table, FIXTURE_BATCH, job, output_uri, 60, utc_now())
+    event = results_event(registered, output_uri)
+    cause = json.dumps({"errorType": "JobOutputNotReady", "errorMessage": "not readable yet"})
+    event.update(outputUnreadable=True, error={"Error": "JobOutputNotReady", "Cause": cause})
+    load_app("process_results", monkeypatch, aws.env()).handler(event, FakeContext())
+    assert batch_item(aws.table, FIXTURE_BATCH)["status"] == "unconfirmed"
+    return output_uri
+
+
+def recheck(app: ModuleType, aws: Aws, now: datetime, seconds_left: float = 290.0) -> dict[str, list[str]]:
+    retention = app.Retention(30)
+    rechecked = app.recheck_unconfirmed(aws.s3, aws.table, aws.dicom_bucket, retention, now, lambda: seconds_left)
+    return dict(rechecked.to_json())
+
+
+NOTHING = {"recorded": [], "unreadable": [], "ended": []}
+
+
+def test_an_unconfirmed_batch_is_read_again_hourly_and_its_late_output_recorded(
+    aws: Aws, monkeypatch: pytest.MonkeyPatch, app: ModuleType
+) -> None:
+    unconfirmed_batch(aws, monkeypatch)
+    became = utc_now()
+
+    # A run short of time leaves it for the next; the first re-check finds the output still missing.
+    assert recheck(app, aws, became + timedelta(minutes=10), seconds_left=60) == NOTHING
+    assert recheck(app, aws, became + timedelta(minutes=10)) == {**NOTHING, "unreadable": [FIXTURE_BATCH]}
+    assert {item["status"] for item in instances(aws.table).values()} == {"unconfirmed"}
+
+    # The output appears; the runs within the hour leave the batch alone, the next one records it.
+    upload_job_output(aws.s3, aws.results_bucket, FIXTURE_BATCH, "partial_failure")
+    assert recheck(app, aws, became + timedelta(minutes=40)) == NOTHING
+    assert recheck(app, aws, became + timedelta(minutes=71)) == {**NOTHING, "recorded": [FIXTURE_BATCH]}
+
+    # What ProcessResults records for this output (test_process_results): 8 imported, 1 parked, 1 re-queued.
+    recorded = instances(aws.table)
+    assert Counter(item["status"] for item in recorded.values()) == {"imported": 8, "failed": 1, "requeued": 1}
+    assert all(item["imageSetId"] for item in recorded.values() if item["status"] == "imported")
+    batch = batch_item(aws.table, FIXTURE_BATCH)
+    assert batch["status"] == "partial" and "reason" not in batch
+    assert batch["gsi3pk"] == "STATUS#batch#partial" and batch["recheckCount"] == 2
+    requeued = batch["requeueBatchId"]
+    assert aws.s3.head_object(Bucket=aws.dicom_bucket, Key=f"manifests/{requeued}.json")["ContentLength"] > 0
+    job = aws.table.get_item(Key={"pk": f"BATCH#{FIXTURE_BATCH}", "sk": f"JOB#{JOB_ID}"})["Item"]
+    assert job["jobStatus"] == "COMPLETED" and job["summary"]["numberOfImportedFiles"] == 8
+
+    # Recorded: no longer unconfirmed, never read again.
+    assert recheck(app, aws, became + timedelta(hours=3)) == NOTHING
+
+
+def test_an_unconfirmed_batch_whose_output_never_appears_stays_unconfirmed_once_re_checks_end(
+    aws: Aws, monkeypatch: pytest.MonkeyPatch, app: ModuleType
+) -> None:
+    output_uri = unconfirmed_batch(aws, monkeypatch)
+    became = utc_now()
+
+    assert recheck(app, aws, became + timedelta(days=6, hours=23)) == {**NOTHING, "unreadable": [FIXTURE_BATCH]}
+    assert recheck(app, aws, became + timedelta(days=7, hours=1)) == {**NOTHING, "ended": [FIXTURE_BATCH]}
+
+    # Unconfirmed for good, never failed: HealthImaging may hold these instances; the reasons say so.
+    batch = batch_item(aws.table, FIXTURE_BATCH)
+    assert batch["status"] == "unconfirmed" and "recheckEndedAt" in batch
+    assert JOB_ID in batch["reason"] and "re-checks have ended" in batch["reason"] and "7 days" in batch["reason"]
+    recorded = instances(aws.table)
+    assert {item["status"] for item in recorded.values()} == {"unconfirmed"}
+    assert all("may have imported" in item["reason"] for item in recorded.values())
+
+    # Ended: not read again, even once output appears.
+    upload_job_output(aws.s3, aws.results_bucket, FIXTURE_BATCH, "all_success")
+    assert output_uri.endswith(f"jobs/{FIXTURE_BATCH}/")
+    assert recheck(app, aws, became + timedelta(days=7, hours=3)) == NOTHING
+    assert {item["status"] for item in instances(aws.table).values()} == {"unconfirmed"}
+
+
+def test_each_run_re_checks_a_bounded_number_of_batches(
+    aws: Aws, monkeypatch: pytest.MonkeyPatch, app: ModuleType
+) -> None:
+    unconfirmed_batch(aws, monkeypatch)
+    # Unconfirmed batches without their job's record (an older stack's, say): each costs a claim, never more.
+    became = utc_now()
+    for number in range(app.RECHECKS_PER_RUN + 2):
+        batch_id = f"20261123T1{number:03d}00Z-{number:016x}"[:33]
+        aws.table.put_item(
+            Item={
+                "pk": f"BATCH#{batch_id}",
+                "sk": "BATCH",
+                "batchId": batch_id,
+                "status": "unconfirmed",
+                "jobId": f"{number:032x}",
+                "finishedAt": iso_millis(became),
+                "gsi3pk": "STATUS#batch#unconfirmed",
+                "gsi3sk": f"{iso_millis(became - timedelta(hours=1))}#{batch_id}",
+            }
+        )
+
+    first = recheck(app, aws, became + timedelta(minutes=10))
+    assert first == NOTHING  # the first ten claims went to the older, record-less batches
+    claimed = [item for item in batches(aws.table) if "recheckedAt" in item]
+    assert len(claimed) == app.RECHECKS_PER_RUN
+    assert recheck(app, aws, became + timedelta(minutes=20)) == {**NOTHING, "unreadable": [FIXTURE_BATCH]}
+
+
+def batches(table: Any) -> list[dict[str, Any]]:
+    return [item for item in table.scan(ConsistentRead=True)["Items"] if item.get("sk") == "BATCH"]
