@@ -64,7 +64,9 @@ class Plan:
     daemon_fault_every: tuple[float, float] = (4.0, 9.0)
     s3_fault_every: tuple[float, float] = (0.5, 3.0)
     sweep_every: tuple[float, float] = (1.0, 4.0)
+    reconcile_every: tuple[float, float] = (2.0, 8.0)
     duplicate_events: float = 0.15
+    lost_events: float = 0.05  # manifests whose event never starts an execution: the reconcile pass must
     drain_seconds: float = 75.0
 
 
@@ -295,15 +297,25 @@ def s3_fault(proxy: FaultProxy) -> Callable[[random.Random], str | None]:
 
 
 class EventBridge:
-    """S3 Object Created under manifests/ -> StartExecution, at least once: sometimes twice."""
+    """S3 Object Created under manifests/ -> StartExecution: sometimes twice, sometimes never (a lost trigger)."""
 
-    def __init__(self, sfn: Any, state_machine_arn: str, s3: Any, bucket: str, duplicates: float, rng: random.Random):
+    def __init__(
+        self,
+        sfn: Any,
+        state_machine_arn: str,
+        s3: Any,
+        bucket: str,
+        duplicates: float,
+        lost: float,
+        rng: random.Random,
+    ) -> None:
         self._sfn, self._arn, self._s3, self._bucket = sfn, state_machine_arn, s3, bucket
-        self._duplicates = duplicates
+        self._duplicates, self._lost = duplicates, lost
         self._rng = rng
         self.seen: set[str] = set()
         self.executions: list[str] = []
         self.duplicated = 0
+        self.lost = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="eventbridge", daemon=True)
 
@@ -323,6 +335,9 @@ class EventBridge:
                 if key in self.seen:
                     continue
                 self.seen.add(key)
+                if self._rng.random() < self._lost:
+                    self.lost += 1
+                    continue
                 self._start(key)
                 if self._rng.random() < self._duplicates:
                     self.duplicated += 1
@@ -335,10 +350,9 @@ class EventBridge:
         self.executions.append(str(started["executionArn"]))
 
     def running(self) -> list[str]:
-        return [
-            arn for arn in self.executions
-            if self._sfn.describe_execution(executionArn=arn)["status"] == "RUNNING"
-        ]  # fmt: skip
+        """Every running execution of the state machine: these events' and the reconcile pass's."""
+        pages = self._sfn.get_paginator("list_executions").paginate(stateMachineArn=self._arn, statusFilter="RUNNING")
+        return [str(execution["executionArn"]) for page in pages for execution in page["executions"]]
 
 
 def manifest_keys(s3: Any, bucket: str, since: datetime | None = None) -> list[str]:
@@ -399,6 +413,27 @@ def sweeper_run(
         if not closed:
             return "sweeper ran"
         return "sweeper sealed a batch too early" if min_age < min_age_seconds else "sweeper sealed a batch"
+
+    return run
+
+
+def reconcile_run(
+    sweeper: ModuleType, bucket: str, state_machine_arn: str, min_age_seconds: int, eager: bool = False
+) -> Callable[[random.Random], str | None]:
+    """The sweeper's own ``reconcile``: it starts the workflow for every settled manifest without a batch item.
+
+    ``eager`` runs sometimes take a manifest a second old for settled, so that they start a second execution
+    while the event's own one has not registered the batch yet.
+    """
+
+    def run(rng: random.Random) -> str | None:
+        min_age = rng.choice([1, min_age_seconds]) if eager else min_age_seconds
+        started = sweeper.reconcile(
+            sweeper.S3, sweeper.SFN, sweeper.TABLE, bucket, state_machine_arn, datetime.now(UTC), min_age, 72
+        )
+        if not started:
+            return "reconcile ran"
+        return "reconcile started an import early" if min_age < min_age_seconds else "reconcile started an import"
 
     return run
 

@@ -32,6 +32,7 @@ from moto.stepfunctions.parser.asl.component.state.exec.state_task import lambda
 from moto.stepfunctions.parser.asl.utils.boto_client import boto_client_for
 
 from batch_contract.layout import batch_id_from_manifest_key
+from batch_contract.table import batch_key
 from scp.import_status import command
 from scp.import_status.report import FAILED, IMPORTED, NON_PRIMARY, PENDING
 from tests.endtoend.harness import (
@@ -47,6 +48,7 @@ from tests.endtoend.harness import (
     manifest_keys,
     moto_clients,
     poll,
+    reconcile_run,
     s3_fault,
     sweeper_run,
 )
@@ -69,6 +71,7 @@ SOAK = Plan(
     pause_seconds=3.0,
     daemon_fault_every=(20.0, 90.0),
     sweep_every=(5.0, 20.0),
+    reconcile_every=(20.0, 90.0),
     drain_seconds=240,
 )
 RATES = Rates(
@@ -191,7 +194,7 @@ def test_every_acknowledged_instance_reaches_one_truthful_end_state(
     chaos = Chaos(rng)
     with fault_proxy(path.moto.endpoint) as proxy:
         receivers = Receivers(tmp_path, daemon_settings(path.bucket, proxy))
-        events = EventBridge(path.sfn, path.arn, path.s3, path.bucket, plan.duplicate_events, rng)
+        events = EventBridge(path.sfn, path.arn, path.s3, path.bucket, plan.duplicate_events, plan.lost_events, rng)
         events.start()
         modality = Modality(plan, ledger, lambda: receivers.port, tmp_path / "sent", rng)
         (tmp_path / "sent").mkdir()
@@ -199,6 +202,8 @@ def test_every_acknowledged_instance_reaches_one_truthful_end_state(
         chaos.every("s3", plan.s3_fault_every, s3_fault(proxy))
         eager_sweeper = sweeper_run(path.sweeper, path.bucket, SWEEP_MIN_AGE_SECONDS, eager=True)
         chaos.every("sweeper", plan.sweep_every, eager_sweeper)
+        eager_reconcile = reconcile_run(path.sweeper, path.bucket, path.arn, SWEEP_MIN_AGE_SECONDS, eager=True)
+        chaos.every("reconcile", plan.reconcile_every, eager_reconcile)
         started = time.monotonic()
         modality.start()
         while time.monotonic() - started < plan.send_seconds:
@@ -211,10 +216,13 @@ def test_every_acknowledged_instance_reaches_one_truthful_end_state(
         sent_for = time.monotonic() - started
 
         # Drain: the daemon closes its batches, the sweeper seals what killed daemons left open, every manifest
-        # becomes an execution, every execution ends. All within the drain time.
+        # becomes a registered batch (by its event or the reconcile pass), every execution ends. All within the
+        # drain time.
         sweep = sweeper_run(path.sweeper, path.bucket, SWEEP_MIN_AGE_SECONDS)
+        reconcile = reconcile_run(path.sweeper, path.bucket, path.arn, SWEEP_MIN_AGE_SECONDS)
+        registered: set[str] = set()
         drained_at = time.monotonic()
-        for state in poll(lambda: _drained(path, events, sweep), plan.drain_seconds, interval=1.0):
+        for state in poll(lambda: _drained(path, events, sweep, reconcile, registered), plan.drain_seconds, 1.0):
             last = state
         drain_seconds = time.monotonic() - drained_at
         receivers.stop()
@@ -268,6 +276,7 @@ def test_every_acknowledged_instance_reaches_one_truthful_end_state(
     faults.update({f"HealthImaging {kind}": n for kind, n in path.healthimaging.faults.items()})
     faults.update(Counter(f"S3 proxy {line.rsplit(' ', 1)[-1]}" for line in proxy.faulted))
     faults["duplicate events"] = events.duplicated
+    faults["lost events"] = events.lost
     late_batches = len(receivers.logs("batch sealed elsewhere without some objects: copied into a batch of their own"))
     summary = {
         "seed": plan.seed,
@@ -285,7 +294,8 @@ def test_every_acknowledged_instance_reaches_one_truthful_end_state(
         "batches": len(batch_ids(path.s3, path.bucket)),
         "manifests": len(manifest_keys(path.s3, path.bucket)),
         "late batches (sealed elsewhere)": late_batches,
-        "executions": len(events.executions),
+        "executions": len(_executions(path)),
+        "executions started by reconcile": sum(1 for arn in _executions(path) if ":reconcile-" in arn),
         "import jobs": len(path.healthimaging.jobs()),
         "daemons started": len(receivers.started),
         "faults injected": dict(sorted(faults.items())),
@@ -298,16 +308,27 @@ def test_every_acknowledged_instance_reaches_one_truthful_end_state(
     assert last, f"not drained within {plan.drain_seconds} s: {last!r}"
 
 
-def _drained(path: WholePath, events: EventBridge, sweep: Any) -> bool:
+def _drained(path: WholePath, events: EventBridge, sweep: Any, reconcile: Any, registered: set[str]) -> bool:
     sweep(random.Random())
+    reconcile(random.Random())
     manifests = set(manifest_keys(path.s3, path.bucket))
-    if batch_ids(path.s3, path.bucket) - {batch_id_from_manifest_key(key) for key in manifests}:
+    closed = {batch_id_from_manifest_key(key) for key in manifests}
+    if batch_ids(path.s3, path.bucket) - closed:
         return False  # a batch without a manifest yet
     if manifests - events.seen.copy():
-        return False  # a manifest that has not become an execution yet
+        return False  # a manifest whose event has not come yet
+    for batch_id in sorted(closed - registered):
+        if "Item" not in path.table.get_item(Key=batch_key(batch_id), ConsistentRead=True, ProjectionExpression="pk"):
+            return False  # a manifest no execution has registered yet (its event lost: the reconcile pass's)
+        registered.add(batch_id)
     if any(not job.output_written and job.status in ("COMPLETED", "FAILED") for job in path.healthimaging.jobs()):
         return False
     return not events.running()
+
+
+def _executions(path: WholePath) -> list[str]:
+    pages = path.sfn.get_paginator("list_executions").paginate(stateMachineArn=path.arn)
+    return [str(execution["executionArn"]) for page in pages for execution in page["executions"]]
 
 
 def _reason_kind(reason: str) -> str:
