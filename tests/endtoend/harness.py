@@ -65,9 +65,10 @@ class Plan:
     s3_fault_every: tuple[float, float] = (0.5, 3.0)
     sweep_every: tuple[float, float] = (1.0, 4.0)
     reconcile_every: tuple[float, float] = (2.0, 8.0)
+    recheck_every: tuple[float, float] = (2.0, 8.0)
     duplicate_events: float = 0.15
     lost_events: float = 0.05  # manifests whose event never starts an execution: the reconcile pass must
-    drain_seconds: float = 75.0
+    drain_seconds: float = 180.0  # an output that appears after the workflow stopped waiting takes up to 100 s
 
 
 @dataclass
@@ -434,6 +435,20 @@ def reconcile_run(
         if not started:
             return "reconcile ran"
         return "reconcile started an import early" if min_age < min_age_seconds else "reconcile started an import"
+
+    return run
+
+
+def recheck_run(sweeper: ModuleType, bucket: str, recorded: set[str]) -> Callable[[random.Random], str | None]:
+    """The sweeper's own re-check of unconfirmed batches (its interval shortened by the test, as retry waits are);
+    the batches whose outcomes it recorded are added to ``recorded``."""
+
+    def run(rng: random.Random) -> str | None:
+        rechecked = sweeper.recheck_unconfirmed(
+            sweeper.S3, sweeper.TABLE, bucket, sweeper.RETENTION, datetime.now(UTC), lambda: 300.0
+        )
+        recorded.update(rechecked.recorded)
+        return "re-check recorded an unconfirmed batch" if rechecked.recorded else "re-check ran"
 
     return run
 

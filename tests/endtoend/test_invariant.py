@@ -19,20 +19,21 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import ModuleType, SimpleNamespace
 from typing import Any
 
 import boto3
 import pytest
+from boto3.dynamodb.conditions import Key
 from moto import mock_aws
 from moto.stepfunctions.parser.asl.component.common.retry import retrier_decl
 from moto.stepfunctions.parser.asl.component.state.exec.state_task import lambda_eval_utils
 from moto.stepfunctions.parser.asl.utils.boto_client import boto_client_for
 
 from batch_contract.layout import batch_id_from_manifest_key
-from batch_contract.table import batch_key
+from batch_contract.table import BATCH_UNCONFIRMED, BY_STATUS_INDEX, ENTITY_BATCH, batch_key, status_partition
 from scp.import_status import command
 from scp.import_status.report import FAILED, IMPORTED, NON_PRIMARY, PENDING
 from tests.endtoend.harness import (
@@ -48,6 +49,7 @@ from tests.endtoend.harness import (
     manifest_keys,
     moto_clients,
     poll,
+    recheck_run,
     reconcile_run,
     s3_fault,
     sweeper_run,
@@ -79,6 +81,7 @@ RATES = Rates(
     server_error=0.05,
     transport=0.05,
     late_output=0.25,
+    very_late_output=0.05,
     file_server_error=0.04,
     customer_error=0.03,
     non_primary=0.03,
@@ -89,6 +92,8 @@ RATES = Rates(
 # deadline (0.75 x DIMSE_TIMEOUT) and shutdown grace, as the stack's setting must exceed them.
 SWEEP_MIN_AGE_SECONDS = 12
 RETRY_TIME_SCALE = 0.05
+# The sweeper reads an unconfirmed batch's output again hourly; here every few seconds, as retry waits are scaled.
+RECHECK_INTERVAL = timedelta(seconds=3)
 
 
 @dataclass
@@ -163,6 +168,7 @@ def whole_path(moto: MotoServer, monkeypatch: pytest.MonkeyPatch) -> Iterator[Wh
             name=unique("import"), definition=definition, roleArn="arn:aws:iam::123456789012:role/sfn"
         )["stateMachineArn"]
         sweeper = load_app("sweeper", monkeypatch, {**env, "STATE_MACHINE_ARN": arn})
+        monkeypatch.setattr(sweeper, "RECHECK_INTERVAL", RECHECK_INTERVAL)
         yield WholePath(s3, table, bucket, results, sfn, arn, healthimaging, sweeper, moto)
         healthimaging.stop()
 
@@ -204,6 +210,8 @@ def test_every_acknowledged_instance_reaches_one_truthful_end_state(
         chaos.every("sweeper", plan.sweep_every, eager_sweeper)
         eager_reconcile = reconcile_run(path.sweeper, path.bucket, path.arn, SWEEP_MIN_AGE_SECONDS, eager=True)
         chaos.every("reconcile", plan.reconcile_every, eager_reconcile)
+        rechecked: set[str] = set()
+        chaos.every("recheck", plan.recheck_every, recheck_run(path.sweeper, path.bucket, rechecked))
         started = time.monotonic()
         modality.start()
         while time.monotonic() - started < plan.send_seconds:
@@ -220,9 +228,11 @@ def test_every_acknowledged_instance_reaches_one_truthful_end_state(
         # drain time.
         sweep = sweeper_run(path.sweeper, path.bucket, SWEEP_MIN_AGE_SECONDS)
         reconcile = reconcile_run(path.sweeper, path.bucket, path.arn, SWEEP_MIN_AGE_SECONDS)
+        recheck = recheck_run(path.sweeper, path.bucket, rechecked)
         registered: set[str] = set()
         drained_at = time.monotonic()
-        for state in poll(lambda: _drained(path, events, sweep, reconcile, registered), plan.drain_seconds, 1.0):
+        passes = (sweep, reconcile, recheck)
+        for state in poll(lambda: _drained(path, events, passes, registered), plan.drain_seconds, 1.0):
             last = state
         drain_seconds = time.monotonic() - drained_at
         receivers.stop()
@@ -295,6 +305,7 @@ def test_every_acknowledged_instance_reaches_one_truthful_end_state(
         "manifests": len(manifest_keys(path.s3, path.bucket)),
         "late batches (sealed elsewhere)": late_batches,
         "executions": len(_executions(path)),
+        "unconfirmed batches recorded by the re-check": len(rechecked),
         "executions started by reconcile": sum(1 for arn in _executions(path) if ":reconcile-" in arn),
         "import jobs": len(path.healthimaging.jobs()),
         "daemons started": len(receivers.started),
@@ -308,9 +319,10 @@ def test_every_acknowledged_instance_reaches_one_truthful_end_state(
     assert last, f"not drained within {plan.drain_seconds} s: {last!r}"
 
 
-def _drained(path: WholePath, events: EventBridge, sweep: Any, reconcile: Any, registered: set[str]) -> bool:
-    sweep(random.Random())
-    reconcile(random.Random())
+def _drained(path: WholePath, events: EventBridge, passes: tuple[Any, ...], registered: set[str]) -> bool:
+    """Whether everything has ended; first the sweeper's passes, as its schedule runs them."""
+    for sweeper_pass in passes:
+        sweeper_pass(random.Random())
     manifests = set(manifest_keys(path.s3, path.bucket))
     closed = {batch_id_from_manifest_key(key) for key in manifests}
     if batch_ids(path.s3, path.bucket) - closed:
@@ -323,6 +335,13 @@ def _drained(path: WholePath, events: EventBridge, sweep: Any, reconcile: Any, r
         registered.add(batch_id)
     if any(not job.output_written and job.status in ("COMPLETED", "FAILED") for job in path.healthimaging.jobs()):
         return False
+    unconfirmed = path.table.query(
+        IndexName=BY_STATUS_INDEX,
+        KeyConditionExpression=Key("gsi3pk").eq(status_partition(ENTITY_BATCH, BATCH_UNCONFIRMED)),
+        Limit=1,
+    )
+    if unconfirmed["Items"]:
+        return False  # the sweeper's next re-check reads its output
     return not events.running()
 
 

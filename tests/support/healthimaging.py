@@ -38,6 +38,8 @@ class Rates:
     server_error: float = 0.0  # InternalServerException on a call
     transport: float = 0.0  # a read timeout (after the service acted) or a connection error (before)
     late_output: float = 0.0  # a COMPLETED job's output files appear only some seconds later
+    # ... or only 70-100 s later, after the workflow (its retries 20 times as fast) has stopped waiting for them
+    very_late_output: float = 0.0
     file_server_error: float = 0.0  # one file of a job fails with InternalServerException (worth a retry)
     customer_error: float = 0.0  # an instance HealthImaging refuses (ValidationException), in every job
     non_primary: float = 0.0  # an instance whose metadata conflicts: imported into a non-primary image set
@@ -239,14 +241,20 @@ class HealthImaging:
             record.jobs.append(job.job_id)
             self.refused.pop(sop, None)
         job.status = "COMPLETED"
-        if self._rng.random() < self._rates.late_output:
+        draw, delay = self._rng.random(), None
+        if draw < self._rates.very_late_output:
+            self.faults["job:output after the workflow stopped waiting"] += 1
+            delay = 70.0 + self._rng.random() * 30
+        elif draw < self._rates.very_late_output + self._rates.late_output:
             self.faults["job:late output"] += 1
-            timer = threading.Timer(1.0 + self._rng.random() * 3, self._write_output, (job, success, failure, warning))
-            timer.daemon = True
-            self._timers.append(timer)
-            timer.start()
-        else:
+            delay = 1.0 + self._rng.random() * 3
+        if delay is None:
             self._write_output(job, success, failure, warning)
+            return
+        timer = threading.Timer(delay, self._write_output, (job, success, failure, warning))
+        timer.daemon = True
+        self._timers.append(timer)
+        timer.start()
 
     def _problem(self, sop: str) -> str | None:
         """What is wrong with an instance, drawn once: the same data gets the same answer in every job."""
