@@ -603,7 +603,11 @@ def test_a_lost_trigger_is_re_driven_by_the_sweeper_and_imported(
 
     opened = datetime.strptime(FIXTURE_BATCH[:16], "%Y%m%dT%H%M%SZ").replace(tzinfo=UTC)
     lookback = int((later - opened).total_seconds() // 3600) + 1  # back to the fixture batch, whatever the day
-    started = sweeper.reconcile(workflow.s3, workflow.sfn, workflow.table, sweeper.SETTINGS, later, lookback)
+    settings = sweeper.SETTINGS
+    targets = (settings.dicom_bucket, settings.state_machine_arn)
+    started = sweeper.reconcile(
+        workflow.s3, workflow.sfn, workflow.table, *targets, later, settings.min_age_seconds, lookback
+    )
 
     assert started == [FIXTURE_BATCH]
     (execution,) = workflow.sfn.list_executions(stateMachineArn=workflow.state_machine_arn)["executions"]
@@ -611,7 +615,10 @@ def test_a_lost_trigger_is_re_driven_by_the_sweeper_and_imported(
     assert described["status"] == "SUCCEEDED", described
     assert {item["status"] for item in instances(workflow.table).values()} == {"imported"}
     # Registered now: the next run leaves it alone.
-    assert sweeper.reconcile(workflow.s3, workflow.sfn, workflow.table, sweeper.SETTINGS, later, lookback) == []
+    again = sweeper.reconcile(
+        workflow.s3, workflow.sfn, workflow.table, *targets, later, settings.min_age_seconds, lookback
+    )
+    assert again == []
 
 
 def test_a_results_task_cut_off_at_its_timeout_runs_again(workflow: Workflow) -> None:
