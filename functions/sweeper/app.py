@@ -24,7 +24,7 @@ from aws_lambda_powertools.metrics import MetricUnit
 from aws_lambda_powertools.utilities.typing import LambdaContext
 from boto3.dynamodb.conditions import Attr, Key
 from botocore.exceptions import ClientError
-from common.config import EnvironmentReader
+from common.config import EnvironmentReader, record_retention_days
 from common.job_results import JobOutputNotReady, record_results
 from common.layout import (
     BATCHES_PREFIX,
@@ -117,7 +117,7 @@ class Settings:
             configured_min_age_seconds=reader.integer("SWEEP_MIN_AGE_SECONDS", 900, 60, 86400),
             batch_window_seconds=reader.required_integer("BATCH_WINDOW_SECONDS", 1, 86400),
             lookback_hours=reader.integer("SWEEP_LOOKBACK_HOURS", 72, 1, 8760),
-            retention_days=reader.integer("RECORD_RETENTION_DAYS", 365, 0, 36500),
+            retention_days=record_retention_days(reader),
         )
         reader.finish()
         return settings
