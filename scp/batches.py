@@ -51,6 +51,9 @@ class Batch:
     split_done: bool = False
     fallback: Batch | None = None
     fallback_from: str | None = None
+    # Keys whose upload failed without a clear answer (a timeout): S3 may hold the object all the same, and an
+    # import job takes everything under the prefix, so the store removes them before the manifest is written.
+    unsettled: set[str] = field(default_factory=set)
 
     @property
     def prefix(self) -> str:
@@ -202,11 +205,12 @@ class Batches:
             self._leave(batch)
         return replaced
 
-    def leave(self, batch: Batch, size: int) -> None:
-        """An object that joined ``batch`` was not stored after all."""
+    def leave(self, batch: Batch, size: int, key: str) -> None:
+        """An object that joined ``batch`` under ``key`` was not stored after all (S3 may hold it anyway)."""
         with self._lock:
             batch.reserved_files -= 1
             batch.reserved_bytes -= size
+            batch.unsettled.add(key)
             self._leave(batch)
 
     # -- closing -----------------------------------------------------------------------------------------------
@@ -284,7 +288,7 @@ class Batches:
                 backoff = 1.0
 
     def _finish(self, batch: Batch) -> bool:
-        if batch.objects:
+        if batch.objects or batch.unsettled:
             try:
                 self._write_manifest(batch)
             except Exception as error:  # noqa: BLE001 - retried; the sweeper closes the batch if we never can
@@ -293,6 +297,7 @@ class Batches:
                     extra={"batch_id": batch.batch_id, "error": f"{type(error).__name__}: {error}"},
                 )
                 return False
+        if batch.objects:
             self._metrics.batch_closed()
             LOG.info(
                 "batch closed",

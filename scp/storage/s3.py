@@ -130,7 +130,7 @@ class S3Store:
             uploaded = True
         finally:
             if not uploaded:
-                self.batches.leave(batch, size)
+                self.batches.leave(batch, size, key)
         try:
             if self.forwarding is not None:
                 # Before ``complete``: the batch cannot close, and be split, before its forwarding knows the object.
@@ -182,12 +182,25 @@ class S3Store:
         """The batch's manifests: split by StoreDICOM's results first, if forwarding; a fallback batch's manifest
         is written before the split batch's, because until the latter exists the sweeper would seal the batch whole
         (every object imported), never leave the fallback objects in no manifest."""
+        self._remove_unsettled(batch)
+        if not batch.objects:
+            return
         if self.forwarding is not None:
             self.forwarding.closing(batch)
         if batch.fallback is not None:
             self._copy_into(batch.fallback)
             self._write_manifest(batch.fallback)
         self._write_manifest(batch)
+
+    def _remove_unsettled(self, batch: Batch) -> None:
+        """Delete what failed uploads may have left under the batch's prefix: its import job would take it, for an
+        instance the modality was told is not stored and has likely sent again into another batch. An object a
+        later C-STORE of the same instance completed in this batch is kept. Raises on S3 errors (the closer
+        retries); deleting a key S3 never stored succeeds."""
+        for key in sorted(batch.unsettled - batch.objects.keys()):
+            self._client.delete_object(Bucket=self._bucket, Key=key)
+            LOG.info("object of a failed upload removed", extra={"batch_id": batch.batch_id, "key": key})
+        batch.unsettled.clear()
 
     def _copy_into(self, batch: Batch) -> None:
         """Server-side copies of a late or fallback batch's objects from the batch they were stored into."""

@@ -21,6 +21,7 @@ from tests.support.corpus import make_instance, read
 from tests.support.moto import CREDENTIALS, MotoServer
 from tests.support.s3_faults import (
     ACCESS_DENIED,
+    ANSWER_LOST,
     HANG,
     INTERNAL_ERROR,
     SLOW_DOWN,
@@ -151,6 +152,27 @@ def test_hanging_s3_is_refused_within_the_dimse_timeout(case: S3Case) -> None:
     status, elapsed = case.store()
     assert status == 0xA700
     assert elapsed < DIMSE_TIMEOUT, f"answered after {elapsed:.1f}s, the sender waits {DIMSE_TIMEOUT}s"
+
+
+def test_an_object_stored_by_an_upload_whose_answer_was_lost_is_removed_before_its_batch_is_imported(
+    case: S3Case,
+) -> None:
+    # Every attempt reaches S3 and is stored; no answer comes back, so the modality is refused.
+    case.proxy.fail(ANSWER_LOST, key_prefix="batches/")
+    status, _ = case.store()
+    assert status == 0xA700 and case.refused
+    assert objects(case.moto, case.bucket, "batches/"), "the proxy did not let the upload reach S3"
+    case.proxy.heal()
+    assert case.store()[0] == 0x0000
+
+    def strays() -> tuple[list[str], ...]:
+        stored = [read_part10(body).SOPInstanceUID for body in objects(case.moto, case.bucket, "batches/").values()]
+        return () if case.refused & set(stored) else (stored,)
+
+    (stored,) = wait_for(strays, 15, "the refused object to be removed from its batch's prefix")
+    assert sorted(stored) == sorted(case.acknowledged)
+    (removed,) = case.watched.log_messages("object of a failed upload removed")
+    assert removed["key"].startswith("batches/"), removed
 
 
 def test_manifest_refused_while_objects_succeed_is_written_once_s3_recovers(case: S3Case) -> None:

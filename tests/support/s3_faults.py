@@ -42,6 +42,8 @@ SLOW_DOWN = Fault("SlowDown", 503, "Please reduce your request rate.")
 INTERNAL_ERROR = Fault("InternalError", 500, "We encountered an internal error. Please try again.")
 ACCESS_DENIED = Fault("AccessDenied", 403, "Access Denied")
 HANG = Fault("Hang")
+# The write reaches S3 and is stored, but its answer never comes back: the client times out on an object that exists.
+ANSWER_LOST = Fault("AnswerLost")
 
 
 def error_body(fault: Fault, resource: str) -> bytes:
@@ -155,6 +157,10 @@ class _Handler(BaseHTTPRequestHandler):
         if fault is HANG:
             proxy.hang()
             return
+        if fault is ANSWER_LOST:
+            self._forward(answer=False)
+            proxy.hang()
+            return
         if fault is not None:
             if not expects_continue:
                 # Read the body first: closing on unread bytes resets the connection and the client would see
@@ -176,7 +182,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
-    def _forward(self) -> None:
+    def _forward(self, answer: bool = True) -> None:
         proxy = self.server.proxy
         upstream = http.client.HTTPConnection(proxy.upstream_host, proxy.upstream_port, timeout=60)
         try:
@@ -187,6 +193,9 @@ class _Handler(BaseHTTPRequestHandler):
             upstream.endheaders()
             self._copy_body(upstream.send)
             response = upstream.getresponse()
+            if not answer:
+                response.read()
+                return
             if proxy.latency_seconds:
                 time.sleep(proxy.latency_seconds)
             self.send_response_only(response.status, response.reason)

@@ -194,9 +194,12 @@ def test_receivers_put_only_under_their_prefixes(template: dict[str, Any], forwa
         for statement in objects
         for resource in statement["Resource"]
     )
+    # Deleting only what a failed upload may have left among the received objects, never a manifest.
+    deletes = [s for s in statements if "s3:DeleteObject" in _actions(s)]
+    assert [s["Resource"] for s in deletes] == [{"Fn::Sub": "${DicomBucket.Arn}/batches/*"}]
     granted = {action for statement in statements for action in _actions(statement)}
-    s3 = {"s3:ListBucket", "s3:PutObject", "s3:AbortMultipartUpload", "s3:GetObject", "kms:GenerateDataKey",
-          "kms:Decrypt"}  # fmt: skip
+    s3 = {"s3:ListBucket", "s3:PutObject", "s3:AbortMultipartUpload", "s3:GetObject", "s3:DeleteObject",
+          "kms:GenerateDataKey", "kms:Decrypt"}  # fmt: skip
     # StoreDICOMForwarding: StoreDICOM into the data store, and its key through HealthImaging.
     forwarded = {"medical-imaging:StoreDICOM"} | KMS_FOR_HEALTHIMAGING if forwarding == "Enabled" else set()
     assert granted == s3 | forwarded

@@ -29,7 +29,7 @@ def test_a_batch_quiet_for_its_window_takes_no_new_object_even_while_an_upload_i
     first = batches.join(10)  # still uploading: the closer may not close it yet
     clock[0] += 59
     assert batches.join(10) is first
-    batches.leave(first, 10)
+    batches.leave(first, 10, "batches/x")
     clock[0] += 60
     second = batches.join(10)
     assert second is not first
