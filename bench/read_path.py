@@ -1,4 +1,4 @@
-"""Micro-benchmark of reading PDUs: pynetdicom's own 4 KiB recv loop versus the daemon's PduReader (recv_into).
+"""Micro-benchmark of reading PDUs: pynetdicom's own 4 KiB recv loop versus the daemon's PduReader (readv).
 
 Both read the same 1 MiB P-DATA PDUs from a loopback TCP connection fed by a writer thread; the figure is the
 reading thread's own CPU time (``time.thread_time``), so the writer does not count.
@@ -42,6 +42,7 @@ def _pynetdicom(reader: socket.socket) -> Callable[[], None]:
 
 
 def _daemon(reader: socket.socket) -> Callable[[], None]:
+    reader.setblocking(False)  # as the daemon's sockets are: PduReader waits in poll itself
     pdu_reader = PduReader(reader)
 
     def read() -> None:

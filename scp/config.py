@@ -128,8 +128,9 @@ class Settings:
     commitment_timeout: float = _setting(
         "600", "seconds a Storage Commitment request waits for its instances before the missing ones are failed"
     )
+    # One by default, several opt-in: docs/architecture.rst, "Receiver processes", says why.
     receiver_processes: int = _setting(
-        "auto",
+        "1",
         "processes receiving on SCP_PORT; auto: one per CPU the task may use (CPU affinity and cgroup quota), "
         "1 with DATASTORE_ID",
     )
@@ -155,7 +156,7 @@ class Settings:
             except ValueError as error:
                 problems.append(f"{name}: {error}, got {raw!r}")
         if not problems:
-            for key, derive in _DERIVED_DEFAULTS.items():
+            for key, derive in (_DERIVED_DEFAULTS | _AUTO_VALUES).items():
                 if values.get(key) is None:  # unset, or "auto"
                     values[key] = derive(values)
             problems.extend(_cross_checks(values, env))
@@ -172,6 +173,9 @@ class Settings:
 # Settings whose default follows other settings: unset (or empty), they are computed from the parsed values.
 _DERIVED_DEFAULTS: dict[str, Callable[[dict[str, Any]], Any]] = {
     "acse_timeout": lambda values: min(_ACSE_TIMEOUT_CEILING, values["network_timeout"]),
+}
+# Settings whose value ``auto`` is computed from the parsed values.
+_AUTO_VALUES: dict[str, Callable[[dict[str, Any]], Any]] = {
     # StoreDICOM forwarding keeps one outbox and one request rate: it runs in one process.
     "receiver_processes": lambda values: 1 if values["datastore_id"] else min(usable_cpus(), _PROCESSES_MAX),
 }
