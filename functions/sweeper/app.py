@@ -169,6 +169,9 @@ def _manifests(s3: S3Client, bucket: str, start: datetime) -> dict[str, ObjectTy
     return manifests
 
 
+Listed = tuple["ObjectTypeDef", ObjectKey, datetime]  # an object's listing, its key's parts, when S3 stored it first
+
+
 def listed_object(entry: ObjectTypeDef, parsed: ObjectKey, stored_at: datetime) -> ManifestObject:
     """An object's manifest entry from its listing (UIDs from its key); ``stored_at`` is when S3 stored it first."""
     return ManifestObject(
@@ -185,12 +188,31 @@ def listed_object(entry: ObjectTypeDef, parsed: ObjectKey, stored_at: datetime) 
     )
 
 
+def manifest_from_listed(
+    bucket: str, batch_id: str, closed_by: str, now: datetime, listed: list[Listed], late_from: str | None = None
+) -> Manifest:
+    """The manifest this function writes for objects it found by listing (``listed``, at least one)."""
+    times = [stored_at for _, _, stored_at in listed]
+    objects = sorted((listed_object(*item) for item in listed), key=lambda item: item.key)
+    return Manifest(
+        batch_id=batch_id,
+        bucket=bucket,
+        closed_by=closed_by,
+        closed_at=iso_millis(now),
+        first_received_at=iso_millis(min(times)),
+        last_received_at=iso_millis(max(times)),
+        # The listing does not name the senders; the objects' files do, and the workflow does not need them.
+        calling_ae_titles=(),
+        objects=tuple(objects),
+        late_from=late_from,
+    )
+
+
 def manifest_from_listing(
     s3: S3Client, bucket: str, batch_id: str, now: datetime
 ) -> tuple[Manifest, datetime] | None:
     """Rebuild the manifest of a batch from its objects (UIDs from the keys); None if the batch is empty."""
-    objects: list[ManifestObject] = []
-    times: list[datetime] = []
+    listed: list[Listed] = []
     for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=batch_prefix(batch_id)):
         for entry in page.get("Contents", []):
             try:
@@ -198,21 +220,11 @@ def manifest_from_listing(
             except LayoutError:
                 logger.error("object outside the key layout left out of the manifest", key=entry["Key"])
                 continue
-            times.append(entry["LastModified"])
-            objects.append(listed_object(entry, parsed, entry["LastModified"]))
-    if not objects:
+            listed.append((entry, parsed, entry["LastModified"]))
+    if not listed:
         return None
-    manifest = Manifest(
-        batch_id=batch_id,
-        bucket=bucket,
-        closed_by=CLOSED_BY_SWEEPER,
-        closed_at=iso_millis(now),
-        first_received_at=iso_millis(min(times)),
-        last_received_at=iso_millis(max(times)),
-        calling_ae_titles=(),
-        objects=tuple(sorted(objects, key=lambda item: item.key)),
-    )
-    return manifest, max(times)
+    newest = max(stored_at for _, _, stored_at in listed)
+    return manifest_from_listed(bucket, batch_id, CLOSED_BY_SWEEPER, now, listed), newest
 
 
 def sweep(s3: S3Client, bucket: str, now: datetime, min_age_seconds: int, lookback_hours: int) -> list[str]:
@@ -319,23 +331,12 @@ def recover_late_batch(s3: S3Client, bucket: str, batch_id: str, now: datetime, 
         return None
     for uids in sorted(unlisted):
         s3.copy({"Bucket": bucket, "Key": originals[uids][0]["Key"]}, bucket, object_key(link, *uids))
-    objects, times = [], []
-    for uids, (entry, parsed) in sorted(_stored_objects(s3, bucket, link).items()):
+    listed: list[Listed] = [
         # A copy's LastModified is when it was copied; its original's, when it was received.
-        stored_at = originals[uids][0]["LastModified"] if uids in originals else entry["LastModified"]
-        times.append(stored_at)
-        objects.append(listed_object(entry, parsed, stored_at))
-    late = Manifest(
-        batch_id=link,
-        bucket=bucket,
-        closed_by=CLOSED_BY_LATE,
-        closed_at=iso_millis(now),
-        first_received_at=iso_millis(min(times)),
-        last_received_at=iso_millis(max(times)),
-        calling_ae_titles=(),
-        objects=tuple(sorted(objects, key=lambda item: item.key)),
-        late_from=previous,
-    )
+        (entry, parsed, originals[uids][0]["LastModified"] if uids in originals else entry["LastModified"])
+        for uids, (entry, parsed) in sorted(_stored_objects(s3, bucket, link).items())
+    ]
+    late = manifest_from_listed(bucket, link, CLOSED_BY_LATE, now, listed, late_from=previous)
     if not write_manifest_once(s3, late):
         logger.info("late batch closed meanwhile by the daemon", batch_id=batch_id, late_batch_id=link)
         return None  # the next run goes on along the chain
@@ -343,7 +344,7 @@ def recover_late_batch(s3: S3Client, bucket: str, batch_id: str, now: datetime, 
         "objects stored after their batch was sealed: copied into its late batch",
         batch_id=batch_id,
         late_batch_id=link,
-        objects=len(objects),
+        objects=len(late.objects),
     )
     return link
 
