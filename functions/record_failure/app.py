@@ -1,6 +1,8 @@
 """Lambda function: record why a batch's import failed, on the batch and on every instance still importing.
 
-The state machine's Catch rules all lead here, so that no failure ends without a trace an admin can query.
+The state machine's Catch rules all lead here, so that no failure ends without a trace an admin can query. A batch
+StoreDICOM stored is not failed: its manifest holds every instance's outcome, recorded here as registration records
+it (an error in the workflow, such as a registration cut short, changes nothing HealthImaging holds).
 """
 
 from __future__ import annotations
@@ -19,13 +21,17 @@ from aws_lambda_powertools.utilities.typing import LambdaContext
 from botocore.exceptions import ClientError
 from common.config import EnvironmentReader, record_retention_days
 from common.layout import LayoutError, batch_id_from_manifest_key, check_batch_id
-from common.manifest import ManifestError, iso_millis, read_manifest
+from common.manifest import Manifest, ManifestError, iso_millis, read_manifest
 from common.parallel import POOLED_CLIENT_CONFIG
 from common.records import (
     BATCH_FAILED,
+    DuplicateBatch,
     Retention,
     batch_key,
     fail_unfinished_instances,
+    finish_stored_batch,
+    register_batch,
+    register_instances,
     shorten,
     status_partition,
     update_if_condition_holds,
@@ -117,6 +123,30 @@ def mark_batch_failed(
     )
 
 
+def record_stored_batch(
+    table: Table, manifest: Manifest, execution_arn: str, retention: Retention, now: datetime
+) -> bool:
+    """Record a batch StoreDICOM stored as its registration does: every instance imported (or warning), with
+    StoreDICOM's answer, then the batch; False if another execution owns the batch. Each write is repeatable, and an
+    instance a newer receipt holds keeps its record."""
+    try:
+        attempt = register_batch(table, manifest, execution_arn, now)
+    except DuplicateBatch:
+        return False
+    register_instances(table, manifest, attempt, retention, now)
+    finish_stored_batch(table, manifest, retention, now)
+    return True
+
+
+def _manifest_if_readable(s3: S3Client, bucket: str, batch_id: str) -> Manifest | None:
+    try:
+        return read_manifest(s3, bucket, batch_id)
+    except (ClientError, ManifestError) as error:
+        # The failure may be the manifest itself; the batch item carries the reason, there are no instances.
+        logger.warning("manifest unreadable, no instance records to fail", batch_id=batch_id, error=str(error))
+        return None
+
+
 def record_failure(
     event: Mapping[str, Any], s3: S3Client, table: Table, settings: Settings, now: datetime
 ) -> dict[str, Any]:
@@ -126,21 +156,23 @@ def record_failure(
     batch_id = batch_id_of(state)
     if batch_id is None:
         logger.error("import failed before a batch could be named", reason=reason, execution=execution_arn)
-        return {"batchId": None, "reason": reason, "instancesFailed": 0}
+        return {"batchId": None, "reason": reason, "instancesFailed": 0, "batchFailed": True}
     retention = Retention(settings.retention_days)
+    manifest = _manifest_if_readable(s3, settings.dicom_bucket, batch_id)
+    if manifest is not None and manifest.stored_by_storedicom:
+        if record_stored_batch(table, manifest, execution_arn, retention, now):
+            logger.warning(
+                "workflow failed on a batch StoreDICOM stored: recorded imported", batch_id=batch_id, reason=reason
+            )
+        else:
+            logger.warning("batch owned by another execution; left as it is", batch_id=batch_id, reason=reason)
+        return {"batchId": batch_id, "reason": reason, "instancesFailed": 0, "batchFailed": False}
     if not mark_batch_failed(table, batch_id, execution_arn, reason, retention, now):
         logger.warning("batch owned by another execution; left as it is", batch_id=batch_id, reason=reason)
-        return {"batchId": batch_id, "reason": reason, "instancesFailed": 0}
-    failed = 0
-    try:
-        manifest = read_manifest(s3, settings.dicom_bucket, batch_id)
-    except (ClientError, ManifestError) as error:
-        # The failure may be the manifest itself; the batch item carries the reason, there are no instances.
-        logger.warning("manifest unreadable, no instance records to fail", batch_id=batch_id, error=str(error))
-    else:
-        failed = fail_unfinished_instances(table, manifest, reason, retention, now)
+        return {"batchId": batch_id, "reason": reason, "instancesFailed": 0, "batchFailed": True}
+    failed = 0 if manifest is None else fail_unfinished_instances(table, manifest, reason, retention, now)
     logger.error("batch failed", batch_id=batch_id, reason=reason, instances_failed=failed)
-    return {"batchId": batch_id, "reason": reason, "instancesFailed": failed}
+    return {"batchId": batch_id, "reason": reason, "instancesFailed": failed, "batchFailed": True}
 
 
 SETTINGS = Settings.from_env(os.environ)
@@ -153,5 +185,5 @@ TABLE = boto3.resource("dynamodb", config=POOLED_CLIENT_CONFIG).Table(SETTINGS.t
 def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
     result = record_failure(event, S3, TABLE, SETTINGS, utc_now())
     metrics.add_metric(name="InstancesFailed", unit=MetricUnit.Count, value=result["instancesFailed"])
-    metrics.add_metric(name="BatchesFailed", unit=MetricUnit.Count, value=1)
+    metrics.add_metric(name="BatchesFailed", unit=MetricUnit.Count, value=int(result["batchFailed"]))
     return result

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from common import job_results
 from common.manifest import read_manifest
+from common.records import register_batch, utc_now
 
 from tests.functions.conftest import Aws
 from tests.functions.workflow import (
@@ -24,6 +25,8 @@ from tests.functions.workflow import (
     instances,
     load_app,
     sop_uid,
+    stored_by_storedicom,
+    stored_seconds_after_receipt,
     upload_job_output,
 )
 
@@ -296,7 +299,7 @@ def test_record_failure_marks_the_batch_and_its_unfinished_instances(aws: Aws, m
     result = app.handler({"executionArn": EXECUTION, "state": state}, FakeContext())
 
     reason = "ImportRejected: AccessDeniedException: no access"
-    assert result == {"batchId": FIXTURE_BATCH, "reason": reason, "instancesFailed": 10}
+    assert result == {"batchId": FIXTURE_BATCH, "reason": reason, "instancesFailed": 10, "batchFailed": True}
     record = batch_item(aws.table, FIXTURE_BATCH)
     assert (record["status"], record["reason"], record["gsi3pk"]) == ("failed", reason, "STATUS#batch#failed")
     assert {item["status"] for item in instances(aws.table).values()} == {"failed"}
@@ -329,6 +332,57 @@ def test_record_failure_leaves_a_batch_owned_by_another_execution(aws: Aws, monk
 
     assert batch_item(aws.table, FIXTURE_BATCH)["status"] == "registered"
     assert {item["status"] for item in instances(aws.table).values()} == {"importing"}
+
+
+def manifest_event(aws: Aws, batch_id: str) -> dict[str, Any]:
+    """The state at RegisterBatch's Catch: the S3 event, without a batch id."""
+    return {"detail": {"bucket": {"name": aws.dicom_bucket}, "object": {"key": f"manifests/{batch_id}.json"}}}
+
+
+def test_record_failure_records_a_stored_batch_whose_registration_was_cut_short_imported(
+    aws: Aws, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # RegisterBatch registered the batch and timed out before its instances, every retry too.
+    batch = stored_by_storedicom(aws.s3, daemon_batch(aws.s3, aws.dicom_bucket, count=3, write_manifest=False))
+    manifest = read_manifest(aws.s3, aws.dicom_bucket, batch.batch_id)
+    register_batch(aws.table, manifest, EXECUTION, utc_now())
+    app = load_app("record_failure", monkeypatch, aws.env(RECORD_RETENTION_DAYS="30"))
+    state = {**manifest_event(aws, batch.batch_id), "error": {"Error": "States.Timeout", "Cause": ""}}
+
+    result = app.handler({"executionArn": EXECUTION, "state": state}, FakeContext())
+
+    assert (result["instancesFailed"], result["batchFailed"]) == (0, False)
+    record = batch_item(aws.table, batch.batch_id)
+    assert (record["status"], record["storedBy"], record["outcomeCounts"]["imported"]) == ("imported", "StoreDICOM", 3)
+    recorded = instances(aws.table)
+    assert sorted(recorded) == [sop_uid(n) for n in (1, 2, 3)], "an instance StoreDICOM stored has no record"
+    assert {(item["status"], item["storedBy"]) for item in recorded.values()} == {("imported", "StoreDICOM")}
+    assert emitted_metrics(capsys)["BatchesFailed"] == 0
+
+
+def test_record_failure_leaves_the_record_of_a_stored_copy_newer_than_the_failed_batch(
+    aws: Aws, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The sweeper sealed a dead daemon's batch from its listing (receipt: S3's LastModified, before StoreDICOM's
+    # answer); StoreDICOM's copy of the same instances is in another manifest. The sealed batch's import fails.
+    stored = stored_by_storedicom(aws.s3, daemon_batch(aws.s3, aws.dicom_bucket, count=3, write_manifest=False))
+    sealed = daemon_batch(aws.s3, aws.dicom_bucket, "20261123T185600Z-00000000000000aa", 3, write_manifest=False)
+    for mine, theirs in zip(sealed.manifest["objects"], stored.manifest["objects"], strict=True):
+        mine["receivedAt"] = stored_seconds_after_receipt(theirs["receivedAt"], 1)
+    sealed.manifest["closedBy"] = "sweeper"
+    aws.s3.put_object(Bucket=aws.dicom_bucket, Key=sealed.manifest_key, Body=json.dumps(sealed.manifest).encode())
+    registration = load_app("register_batch", monkeypatch, aws.env())
+    for batch, execution in ((stored, EXECUTION + "-stored"), (sealed, EXECUTION)):
+        event = {"bucket": aws.dicom_bucket, "key": batch.manifest_key, "executionArn": execution}
+        registration.handler(event, FakeContext())
+    app = load_app("record_failure", monkeypatch, aws.env())
+    state = {"batchId": sealed.batch_id, "error": {"Error": "ImportRejected", "Cause": "ValidationException"}}
+
+    result = app.handler({"executionArn": EXECUTION, "state": state}, FakeContext())
+
+    assert (result["instancesFailed"], batch_item(aws.table, sealed.batch_id)["status"]) == (0, "failed")
+    recorded = instances(aws.table)
+    assert {(item["batchId"], item["status"]) for item in recorded.values()} == {(stored.batch_id, "imported")}
 
 
 def test_a_completed_job_whose_output_is_not_there_yet_is_read_again_never_failed(
