@@ -1,10 +1,14 @@
-"""Reading the S3 batches (docs/s3-layout.rst) for what the table does not hold yet: open or unregistered batches."""
+"""Reading the S3 batches (docs/s3-layout.rst) for what the table does not hold yet: open or unregistered batches.
+
+A closed batch's manifest is read as well: what StoreDICOM stored is in HealthImaging already, and its manifest says
+so (with the image set id) before the workflow has recorded it.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -17,11 +21,14 @@ from batch_contract.layout import (
     batch_id_from_prefix,
     batch_id_time_part,
     batch_prefix,
+    manifest_key,
     parse_object_key,
 )
+from batch_contract.manifest import StoredByStoreDICOM, parse_manifest
+from batch_contract.table import STORED_BY_STOREDICOM
 from batch_contract.timestamps import iso_millis
 from scp.import_status import table as records
-from scp.import_status.report import BATCHED, OPEN, Instance, batch_time
+from scp.import_status.report import BATCHED, IMPORTED, OPEN, Instance, batch_time
 from scp.part10 import source_ae_title
 
 # The daemon's Part-10 header (preamble, DICM, file meta) is a few hundred bytes; its calling AE title is there.
@@ -35,6 +42,8 @@ class Unregistered:
 
     batch_id: str
     closed: bool
+    # A closed batch StoreDICOM stored: its manifest's answer for each object, by key.
+    stored: Mapping[str, StoredByStoreDICOM] = field(default_factory=dict)
 
 
 def _pages(s3: Any, **arguments: Any) -> Iterator[dict[str, Any]]:
@@ -72,7 +81,21 @@ def unregistered_batches(s3: Any, bucket: str, table: Any, start: datetime) -> l
         return []
     closed = _closed_batch_ids(s3, bucket, start)
     known = records.registered(table, batch_ids)
-    return [Unregistered(b, b in closed) for b in batch_ids if b not in known]
+    return [
+        Unregistered(b, True, _stored_answers(s3, bucket, b)) if b in closed else Unregistered(b, False)
+        for b in batch_ids
+        if b not in known
+    ]
+
+
+def _stored_answers(s3: Any, bucket: str, batch_id: str) -> dict[str, StoredByStoreDICOM]:
+    """StoreDICOM's answers the batch's manifest carries, by key; none for a batch left to an import job."""
+    body = s3.get_object(Bucket=bucket, Key=manifest_key(batch_id))["Body"].read()
+    try:
+        manifest = parse_manifest(body, batch_id, bucket)
+    except ValueError:
+        return {}  # the workflow fails such a batch, with the reason, once it reads the manifest
+    return {item.key: item.stored_by_storedicom for item in manifest.objects if item.stored_by_storedicom}
 
 
 def _objects(s3: Any, bucket: str, prefix: str) -> Iterator[tuple[str, ObjectKey, datetime]]:
@@ -85,8 +108,8 @@ def _objects(s3: Any, bucket: str, prefix: str) -> Iterator[tuple[str, ObjectKey
                 continue
 
 
-def _instance(parsed: ObjectKey, modified: datetime, batch: Unregistered, calling: str | None) -> Instance:
-    return Instance(
+def _instance(key: str, parsed: ObjectKey, modified: datetime, batch: Unregistered, calling: str | None) -> Instance:
+    instance = Instance(
         sop_instance_uid=parsed.sop_instance_uid,
         study_instance_uid=parsed.study_instance_uid,
         series_instance_uid=parsed.series_instance_uid,
@@ -95,13 +118,19 @@ def _instance(parsed: ObjectKey, modified: datetime, batch: Unregistered, callin
         received_at=iso_millis(modified.astimezone(UTC)),
         calling_ae_title=calling,
     )
+    stored = batch.stored.get(key)
+    if stored is None:
+        return instance
+    # In HealthImaging already, as registration will record it; no import job starts for this batch.
+    return replace(instance, state=IMPORTED, image_set_id=stored.image_set_id, reason=stored.warning,
+                   stored_by=STORED_BY_STOREDICOM)  # fmt: skip
 
 
 def study_in_s3(s3: Any, bucket: str, batches: list[Unregistered], study_uid: str) -> list[Instance]:
     found = []
     for batch in batches:
-        for _, parsed, modified in _objects(s3, bucket, f"{batch_prefix(batch.batch_id)}{study_uid}/"):
-            found.append(_instance(parsed, modified, batch, None))
+        for key, parsed, modified in _objects(s3, bucket, f"{batch_prefix(batch.batch_id)}{study_uid}/"):
+            found.append(_instance(key, parsed, modified, batch, None))
     return found
 
 
@@ -119,8 +148,8 @@ def calling_ae_in_s3(
     with ThreadPoolExecutor(max_workers=_PARALLEL_READS) as pool:
         senders = list(pool.map(lambda candidate: _sender(s3, bucket, candidate[0]), candidates))
     return [
-        _instance(parsed, modified, batch, sender)
-        for (_, parsed, modified, batch), sender in zip(candidates, senders, strict=True)
+        _instance(key, parsed, modified, batch, sender)
+        for (key, parsed, modified, batch), sender in zip(candidates, senders, strict=True)
         if sender == calling_ae_title
     ]
 
