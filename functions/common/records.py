@@ -82,6 +82,7 @@ __all__ = [
     "count_by_status",
     "end_recheck",
     "fail_unfinished_instances",
+    "fail_unrecorded_instances",
     "finish_batch",
     "finish_job",
     "finish_stored_batch",
@@ -530,6 +531,27 @@ def fail_unfinished_instances(
     def fail_one(entry: ManifestObject) -> bool:
         outcome = InstanceOutcome.concluded(entry, FAILED, reason)
         return _set_if_unfinished(table, manifest.batch_id, outcome, retention, now)
+
+    return sum(in_parallel(fail_one, manifest.objects))
+
+
+def fail_unrecorded_instances(
+    table: Table, manifest: Manifest, reason: str, retention: Retention, now: datetime
+) -> int:
+    """Give each instance of the batch that has no record at all (its registration was cut short) a failed one, so
+    that none is left without a trace; returns how many. An instance any batch has recorded keeps that record."""
+    stamp = iso_millis(now)
+    expires = retention.expires_at(now)
+    attempt = 2 if manifest.requeued_from else 1
+
+    def fail_one(entry: ManifestObject) -> bool:
+        item = _instance_item(manifest, entry, attempt, stamp, expires)
+        item["receiptAt"] = receipt_time(manifest, entry)
+        item["status"], item["reason"] = FAILED, shorten(reason)
+        item["gsi3pk"], item["gsi3sk"] = status_partition(ENTITY_INSTANCE, FAILED), f"{stamp}#{entry.sop_instance_uid}"
+        if expires is not None:
+            item["expiresAt"] = expires
+        return put_if_condition_holds(table, Item=item, ConditionExpression="attribute_not_exists(pk)")
 
     return sum(in_parallel(fail_one, manifest.objects))
 

@@ -1,4 +1,5 @@
-"""Lambda function: record why a batch's import failed, on the batch and on every instance still importing.
+"""Lambda function: record why a batch's import failed, on the batch and on every instance still importing, or
+left without a record by a registration cut short.
 
 The state machine's Catch rules all lead here, so that no failure ends without a trace an admin can query. A batch
 StoreDICOM stored is not failed: its manifest holds every instance's outcome, recorded here as registration records
@@ -29,6 +30,7 @@ from common.records import (
     Retention,
     batch_key,
     fail_unfinished_instances,
+    fail_unrecorded_instances,
     finish_stored_batch,
     register_batch,
     register_instances,
@@ -170,7 +172,10 @@ def record_failure(
     if not mark_batch_failed(table, batch_id, execution_arn, reason, retention, now):
         logger.warning("batch owned by another execution; left as it is", batch_id=batch_id, reason=reason)
         return {"batchId": batch_id, "reason": reason, "instancesFailed": 0, "batchFailed": True}
-    failed = 0 if manifest is None else fail_unfinished_instances(table, manifest, reason, retention, now)
+    failed = 0
+    if manifest is not None:
+        failed = fail_unfinished_instances(table, manifest, reason, retention, now)
+        failed += fail_unrecorded_instances(table, manifest, reason, retention, now)
     logger.error("batch failed", batch_id=batch_id, reason=reason, instances_failed=failed)
     return {"batchId": batch_id, "reason": reason, "instancesFailed": failed, "batchFailed": True}
 

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from common import job_results
 from common.manifest import read_manifest
-from common.records import register_batch, utc_now
+from common.records import Retention, register_batch, register_instances, utc_now
 
 from tests.functions.conftest import Aws
 from tests.functions.workflow import (
@@ -358,6 +358,32 @@ def test_record_failure_records_a_stored_batch_whose_registration_was_cut_short_
     assert sorted(recorded) == [sop_uid(n) for n in (1, 2, 3)], "an instance StoreDICOM stored has no record"
     assert {(item["status"], item["storedBy"]) for item in recorded.values()} == {("imported", "StoreDICOM")}
     assert emitted_metrics(capsys)["BatchesFailed"] == 0
+
+
+def test_record_failure_gives_a_failed_record_to_every_instance_a_cut_short_registration_left_without_one(
+    aws: Aws, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # RegisterBatch registered the batch and failed before its instances, every retry too; the first slice was
+    # sent again meanwhile, into a newer batch that has its record.
+    register_batch(aws.table, read_manifest(aws.s3, aws.dicom_bucket, daemon_batch(aws.s3, aws.dicom_bucket).batch_id),
+                   EXECUTION, utc_now())  # fmt: skip
+    newer = daemon_batch(aws.s3, aws.dicom_bucket, "20261123T190500Z-00000000000000bb", count=1)
+    manifest = read_manifest(aws.s3, aws.dicom_bucket, newer.batch_id)
+    register_instances(aws.table, manifest, register_batch(aws.table, manifest, EXECUTION + "-newer", utc_now()),
+                       Retention(30), utc_now())  # fmt: skip
+    app = load_app("record_failure", monkeypatch, aws.env(RECORD_RETENTION_DAYS="30"))
+    state = {**manifest_event(aws, FIXTURE_BATCH), "error": {"Error": "States.Timeout", "Cause": ""}}
+
+    result = app.handler({"executionArn": EXECUTION, "state": state}, FakeContext())
+
+    assert result["instancesFailed"] == 9
+    recorded = instances(aws.table)
+    assert sorted(recorded) == sorted(sop_uid(n) for n in range(1, 11)), "an instance of the batch has no record"
+    assert (recorded[sop_uid(1)]["batchId"], recorded[sop_uid(1)]["status"]) == (newer.batch_id, "importing")
+    for number in range(2, 11):
+        item = recorded[sop_uid(number)]
+        assert (item["batchId"], item["status"], item["reason"]) == (FIXTURE_BATCH, "failed", "States.Timeout")
+        assert item["gsi3pk"] == "STATUS#instance#failed" and "expiresAt" in item and item["receiptAt"]
 
 
 def test_record_failure_leaves_the_record_of_a_stored_copy_newer_than_the_failed_batch(
