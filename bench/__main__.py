@@ -1,5 +1,6 @@
 """`make bench`: DCMTK storescu sends one corpus to each receiver at 1, 4, 16 and 64 associations, then to this
-daemon in S3 mode at 1, 16 and 64; report and chart.
+daemon in S3 mode at 1, 16 and 64; the time to HealthImaging by StoreDICOM forwarding and by the import job; report
+and chart.
 
 Settings (environment): BENCH_FILES (slices, default 400), BENCH_REPEATS (default 3), BENCH_CONCURRENCY
 (default 1,4,16,64), BENCH_RECEIVERS (comma-separated name prefixes, default all), BENCH_LARGE (default 1: also
@@ -7,9 +8,10 @@ one 256 MiB and one 1 GiB multi-frame object, sent alone to this daemon to measu
 BENCH_PROFILE (default 1: py-spy profile of this daemon at 16 associations), BENCH_HELD (associations held at
 once, default 300), BENCH_SOURCE (the tree whose daemon is measured), BENCH_S3 (default 1: the S3 mode; 0 skips
 it), BENCH_S3_FILES (default 200), BENCH_S3_CONCURRENCY (default 1,16,64), BENCH_S3_LATENCY (seconds added to
-every S3 request, default 0.05; bench/s3.py gives its source). The daemon's own settings (the README's
-configuration table) in the environment reach every daemon the bench starts, so a setting under evaluation is
-measured by exporting it.
+every S3 request, default 0.05; bench/s3.py gives its source), BENCH_FORWARDING (default 1: the time to
+HealthImaging, about 4 minutes; 0 skips it; bench/forwarding.py gives its own settings). The daemon's own settings
+(the README's configuration table) in the environment reach every daemon the bench starts, so a setting under
+evaluation is measured by exporting it.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from pathlib import Path
 
 import psutil
 
-from bench import corpus, read_path, report, s3
+from bench import corpus, forwarding, read_path, report, s3
 from bench.receivers import AE_TITLE, REPOSITORY, Receiver, ThisDaemon, all_receivers
 
 BUILD = REPOSITORY / "build" / "bench"
@@ -307,6 +309,9 @@ def main() -> None:
             print(f"S3, large object {run.megabytes:.0f} MB: {run.seconds:.1f} s, peak RSS {run.peak_rss_mib:.1f} MiB,"
                   f" verified {run.verified}")  # fmt: skip
         sections.insert(0, report.s3_section(s3_results, s3_large, latency, repeats))
+    if os.environ.get("BENCH_FORWARDING", "1") == "1":
+        parameters = forwarding.Parameters.from_env()
+        sections.append(report.forwarding_section(*forwarding.run(parameters), parameters))
     held = held_associations(source, int(os.environ.get("BENCH_HELD", "300")))
     print(f"held associations: {held[0]} accepted in {held[1]:.1f} s, peak RSS {held[2]:.0f} MiB")
     stacks = profile(source, files, 16) if os.environ.get("BENCH_PROFILE", "1") == "1" else None

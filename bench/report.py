@@ -10,6 +10,7 @@ from bench.receivers import REFERENCE
 
 if TYPE_CHECKING:
     from bench.__main__ import Run
+    from bench.forwarding import LocalRow, Parameters, PathRow
     from bench.receivers import Receiver
 
 THIS = "this daemon"
@@ -106,6 +107,83 @@ def s3_section(results: list[tuple[Run, float]], large: list[Run], latency: floa
             f"One {run.megabytes:.0f} MB object alone (multipart upload): {run.seconds:.1f} s from the "
             f"first byte sent to Success, peak RSS {run.peak_rss_mib:.0f} MiB, verified {run.verified}.",
         ]
+    return "\n".join(lines)
+
+
+def forwarding_section(paths: list[PathRow], local: list[LocalRow], parameters: Parameters) -> str:
+    """Both paths into HealthImaging side by side, seconds from the acknowledgement; then the receive rates."""
+    from bench.forwarding import GOAL_P50_SECONDS, GOAL_RECEIVE_RATIO
+    from bench.import_workflow import JOB_SECONDS_SOURCE
+
+    workflow = parameters.workflow
+    checks = workflow.checks(parameters.job_seconds)
+    after = workflow.recorded_after(parameters.job_seconds)
+    lines = [
+        "## Time to HealthImaging: StoreDICOM forwarding and the import job",
+        "",
+        f"The daemon in S3 mode (S3 through the {parameters.s3_latency * 1000:.0f} ms proxy), {parameters.files} "
+        f"objects of {parameters.kib} KiB of one study sent by pynetdicom, one thread per association; each "
+        "instance counts from the moment its C-STORE Success arrived at the modality. bench/forwarding.py and "
+        "bench/import_workflow.py give the sources of every figure below.",
+        "",
+        f"- StoreDICOM forwarding: to StoreDICOM's answer, as the batch's manifest records it; the stand-in answers "
+        f"each request after {parameters.stow_latency:g} s (an assumption: no StoreDICOM latency is published).",
+        f"- Import job: measured to the batch's manifest seen in the bucket, with the batch window as deployed "
+        f"(BATCH_WINDOW_SECONDS {parameters.batch_window:g} s of quiet), plus a model of the rest: an import job of "
+        f"{parameters.job_seconds:g} s (BENCH_IMPORT_JOB_SECONDS; {JOB_SECONDS_SOURCE}), seen finished by the "
+        f"workflow's check at {after:g} s after its start (checks at "
+        f"{', '.join(f'{age:g}' for age in checks)} s: POLL_INTERVAL_SECONDS {workflow.poll_interval_seconds}, "
+        "then a tenth of the job's age, at least that, at most 900 s). EventBridge's delivery and the Lambda "
+        "functions' run times are not included: the import-job figures are lower bounds.",
+        "",
+        f"| path | assoc. | p50 s | p99 s | measured part | p50 under {GOAL_P50_SECONDS:g} s |",
+        "| --- | ---: | ---: | ---: | --- | --- |",
+    ]
+    for row in paths:
+        forwarding, window, job = row.forwarding, row.to_manifest, row.import_job
+        left = f"; {forwarding.left_to_import} left to the import job" if forwarding.left_to_import else ""
+        lines += [
+            f"| StoreDICOM forwarding | {row.associations} | {forwarding.p50:.2f} | {forwarding.p99:.2f} | "
+            f"all of it ({len(forwarding.seconds)} instances{left}) | "
+            f"{'yes' if forwarding.p50 < GOAL_P50_SECONDS else 'no'} |",
+            f"| import job | {row.associations} | {job.p50:.0f} | {job.p99:.0f} | to the manifest: p50 "
+            f"{window.p50:.1f} s, p99 {window.p99:.1f} s; then {row.after_manifest:g} s modelled | - |",
+        ]
+    lines += [
+        "",
+        "The receive rate of the same runs, forwarding on (the StoreDICOM run) and off (the import-job run):",
+        "",
+        f"| assoc. | received/s on | off | on / off | unchanged (>= {GOAL_RECEIVE_RATIO:.0%}) |",
+        "| ---: | ---: | ---: | ---: | --- |",
+    ]
+    for row in paths:
+        ratio = row.received_per_second_forwarding / row.received_per_second_plain
+        lines.append(
+            f"| {row.associations} | {row.received_per_second_forwarding:.0f} | {row.received_per_second_plain:.0f} "
+            f"| {ratio:.2f} | {'yes' if ratio >= GOAL_RECEIVE_RATIO else 'no'} |"
+        )
+    lines += [
+        "",
+        f"The local store (the standalone gateway), DCMTK storescu as the modality, forwarding on then off, medians "
+        f"of {parameters.repeats} runs; ForwardLatency is the daemon's own metric, from the stored object to "
+        "StoreDICOM's answer, over every run. The stand-in runs on the same cores as the daemon, which HealthImaging "
+        "would not.",
+        "",
+        "| assoc. | received/s on | off | on / off | unchanged (>= "
+        f"{GOAL_RECEIVE_RATIO:.0%}) | forwarded/s | instances/request | ForwardLatency p50 s | p99 s | "
+        "daemon CPU ms/object on | off |",
+        "| ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for local_row in local:
+        ratio = local_row.received_per_second_forwarding / local_row.received_per_second_plain
+        lines.append(
+            f"| {local_row.associations} | {local_row.received_per_second_forwarding:.0f} | "
+            f"{local_row.received_per_second_plain:.0f} | {ratio:.2f} | "
+            f"{'yes' if ratio >= GOAL_RECEIVE_RATIO else 'no'} | {local_row.forwarded_per_second:.0f} | "
+            f"{local_row.instances_per_request:.1f} | {local_row.forward_latency.p50:.2f} | "
+            f"{local_row.forward_latency.p99:.2f} | {local_row.cpu_ms_per_object_forwarding:.2f} | "
+            f"{local_row.cpu_ms_per_object_plain:.2f} |"
+        )
     return "\n".join(lines)
 
 
