@@ -28,8 +28,10 @@ checkout's (BENCH_SOURCE does not reach this section).
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -50,6 +52,7 @@ from pynetdicom import AE
 from batch_contract.layout import MANIFESTS_PREFIX, batch_id_from_manifest_key
 from batch_contract.manifest import Manifest, parse_manifest
 from bench import import_workflow, s3
+from bench.receivers import REPOSITORY
 from scp.config import Settings
 from tests.support.corpus import make_instance
 from tests.support.daemon import Daemon, start_daemon
@@ -248,20 +251,42 @@ def _iso_seconds(text: str) -> float:
     return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
 
 
+@contextmanager
+def _stow_process(latency: float, workdir: Path) -> Iterator[dict[str, str]]:
+    """The STOW-RS stand-in in a process of its own, so that verifying and parsing every instance does not hold
+    the modality's interpreter; yields the settings a daemon needs to forward to it."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "bench.forwarding", "--stow-stand-in", str(latency), str(workdir)],
+        stdout=subprocess.PIPE, text=True, cwd=REPOSITORY,
+    )  # fmt: skip
+    try:
+        assert process.stdout is not None
+        yield json.loads(process.stdout.readline())
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+def _serve_stow(latency: float, workdir: Path) -> None:
+    """`python -m bench.forwarding --stow-stand-in <latency> <dir>`: the daemon's settings on stdout, until SIGTERM."""
+    standin = StowStandIn(region="us-east-1", latency_seconds=latency).start()
+    sys.stdout.write(json.dumps(standin.daemon_settings(workdir)) + "\n")
+    sys.stdout.flush()
+    signal.sigwait({signal.SIGTERM, signal.SIGINT})
+    standin.stop()
+
+
 def forwarding_path(
     workdir: Path, stand_in: s3.StandIn, files: dict[str, Path], n: int, stow: float
 ) -> tuple[Latencies, float]:
     """Acknowledgement to StoreDICOM's answer, from the time the manifest records for each instance; and the
     receive rate."""
-    standin = StowStandIn(region="us-east-1", latency_seconds=stow).start()
-    try:
-        settings = {**standin.daemon_settings(workdir), "BATCH_WINDOW_SECONDS": str(FORWARDING_WINDOW_SECONDS)}
+    with _stow_process(stow, workdir) as forwarding:
+        settings = {**forwarding, "BATCH_WINDOW_SECONDS": str(FORWARDING_WINDOW_SECONDS)}
         with _s3_daemon(workdir, stand_in, **settings) as (daemon, watch):
             answered, rate = _send_noting_answers(daemon, files, n)
             wait_for(lambda: watch.listed() >= set(files), 300, "every instance in a manifest", interval=0.5)
             manifests = [manifest for _, manifest in list(watch.seen.values())]
-    finally:
-        standin.stop()
     stored = {
         item.sop_instance_uid: _iso_seconds(item.stored_by_storedicom.stored_at)
         for manifest in manifests
@@ -405,6 +430,9 @@ def run(parameters: Parameters) -> tuple[list[PathRow], list[LocalRow]]:
 def main() -> int:
     from bench.report import forwarding_section
 
+    if sys.argv[1:2] == ["--stow-stand-in"]:
+        _serve_stow(float(sys.argv[2]), Path(sys.argv[3]))
+        return 0
     parameters = Parameters.from_env()
     paths, local = run(parameters)
     sys.stdout.write(forwarding_section(paths, local, parameters) + "\n")

@@ -160,7 +160,7 @@ def forwarding_section(paths: list[PathRow], local: list[LocalRow], parameters: 
         ratio = row.received_per_second_forwarding / row.received_per_second_plain
         lines.append(
             f"| {row.associations} | {row.received_per_second_forwarding:.0f} | {row.received_per_second_plain:.0f} "
-            f"| {ratio:.2f} | {'yes' if ratio >= GOAL_RECEIVE_RATIO else 'no'} |"
+            f"| {ratio:.3f} | {'yes' if ratio >= GOAL_RECEIVE_RATIO else 'no'} |"
         )
     lines += [
         "",
@@ -178,7 +178,7 @@ def forwarding_section(paths: list[PathRow], local: list[LocalRow], parameters: 
         ratio = local_row.received_per_second_forwarding / local_row.received_per_second_plain
         lines.append(
             f"| {local_row.associations} | {local_row.received_per_second_forwarding:.0f} | "
-            f"{local_row.received_per_second_plain:.0f} | {ratio:.2f} | "
+            f"{local_row.received_per_second_plain:.0f} | {ratio:.3f} | "
             f"{'yes' if ratio >= GOAL_RECEIVE_RATIO else 'no'} | {local_row.forwarded_per_second:.0f} | "
             f"{local_row.instances_per_request:.1f} | {local_row.forward_latency.p50:.2f} | "
             f"{local_row.forward_latency.p99:.2f} | {local_row.cpu_ms_per_object_forwarding:.2f} | "

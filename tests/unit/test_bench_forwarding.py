@@ -69,8 +69,8 @@ def test_the_report_judges_the_median_goal_and_the_receive_rate_per_row() -> Non
     assert imports["1"][2:4] == ["182", "183"]  # 62 s to the manifest + the job seen at the check at 120 s
     # Per association count: the S3-mode receive row (5 cells), then the local-store row (11 cells).
     s3_rows = {row[0]: row for row in rows if len(row) == 5 and row[0] in ("| 1", "| 16")}
-    assert s3_rows["| 1"][3:5] == ["0.95", "yes |"]  # 19 of 20 files/s
-    assert s3_rows["| 16"][3:5] == ["1.50", "yes |"]
+    assert s3_rows["| 1"][3:5] == ["0.950", "yes |"]  # 19 of 20 files/s
+    assert s3_rows["| 16"][3:5] == ["1.500", "yes |"]
     local_rows = {row[0]: row for row in rows if len(row) == 11 and row[0] in ("| 1", "| 16")}
-    assert local_rows["| 1"][3:5] == ["0.96", "yes"]
-    assert local_rows["| 16"][3:5] == ["0.94", "no"]
+    assert local_rows["| 1"][3:5] == ["0.960", "yes"]
+    assert local_rows["| 16"][3:5] == ["0.940", "no"]
