@@ -202,18 +202,20 @@ docs: $(INSTALLED) graphviz ## Build the HTML documentation into docs/_build/htm
 # ---------------------------------------------------------------------------------------------------------------
 # Benchmarks
 
-# Not part of `make test`: about 10-15 minutes on 2 cores. BENCH_FILES, BENCH_REPEATS, BENCH_CONCURRENCY,
+# Not part of `make test`: about 15-20 minutes on 2 cores. BENCH_FILES, BENCH_REPEATS, BENCH_CONCURRENCY,
 # BENCH_RECEIVERS, BENCH_LARGE, BENCH_HELD, BENCH_PROFILE, BENCH_SOURCE and, for the S3 mode (moto_server behind a
-# latency proxy), BENCH_S3, BENCH_S3_FILES, BENCH_S3_CONCURRENCY, BENCH_S3_LATENCY tune it (docs/benchmark.rst).
+# latency proxy), BENCH_S3, BENCH_S3_FILES, BENCH_S3_CONCURRENCY, BENCH_S3_LATENCY tune it; BENCH_FORWARDING and
+# the BENCH_FORWARD_*, BENCH_STOW_LATENCY and BENCH_IMPORT_JOB_SECONDS settings the time to HealthImaging by both
+# paths, which `make bench-forwarding` runs alone (docs/benchmark.rst).
 .PHONY: bench
-bench: $(INSTALLED) dcmtk ## Ingest benchmark against DCMTK storescp +B, Orthanc, pynetdicom, and in S3 mode; writes bench/results/
+bench: $(INSTALLED) dcmtk ## Ingest benchmark against DCMTK storescp +B, Orthanc, pynetdicom, in S3 mode, and the time to HealthImaging; writes bench/results/
 	@command -v Orthanc >/dev/null || { $(SUDO) apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq orthanc; }
 	$(BIN)/pip install --quiet -e '.[dev,bench]'
 	$(BIN)/python -m bench
 
 .PHONY: bench-forwarding
-bench-forwarding: $(INSTALLED) dcmtk ## StoreDICOM forwarding: acknowledgement-to-stored latency and receive rate
+bench-forwarding: $(INSTALLED) dcmtk ## Time to HealthImaging by StoreDICOM forwarding and by the import job, receive rate on and off
 	$(BIN)/python -m bench.forwarding
 
 # ---------------------------------------------------------------------------------------------------------------
