@@ -112,12 +112,16 @@ def s3_section(results: list[tuple[Run, float]], large: list[Run], latency: floa
 
 def forwarding_section(paths: list[PathRow], local: list[LocalRow], parameters: Parameters) -> str:
     """Both paths into HealthImaging side by side, seconds from the acknowledgement; then the receive rates."""
-    from bench.forwarding import GOAL_P50_SECONDS, GOAL_RECEIVE_RATIO
+    from bench.forwarding import FORWARDING_WINDOW_SECONDS, GOAL_P50_SECONDS, GOAL_RECEIVE_RATIO
     from bench.import_workflow import JOB_SECONDS_SOURCE
 
     workflow = parameters.workflow
     checks = workflow.checks(parameters.job_seconds)
     after = workflow.recorded_after(parameters.job_seconds)
+    window = "the default"
+    if parameters.batch_window != parameters.default_batch_window:
+        window = f"exported; the default is {parameters.default_batch_window:g} s"
+    runs = f"{parameters.repeats} run{'s' * (parameters.repeats > 1)}"
     lines = [
         "## Time to HealthImaging: StoreDICOM forwarding and the import job",
         "",
@@ -127,9 +131,12 @@ def forwarding_section(paths: list[PathRow], local: list[LocalRow], parameters: 
         "bench/import_workflow.py give the sources of every figure below.",
         "",
         f"- StoreDICOM forwarding: to StoreDICOM's answer, as the batch's manifest records it; the stand-in answers "
-        f"each request after {parameters.stow_latency:g} s (an assumption: no StoreDICOM latency is published).",
-        f"- Import job: measured to the batch's manifest seen in the bucket, with the batch window as deployed "
-        f"(BATCH_WINDOW_SECONDS {parameters.batch_window:g} s of quiet), plus a model of the rest: an import job of "
+        f"each request after {parameters.stow_latency:g} s (an assumption: no StoreDICOM latency is published). "
+        f"That run's batch closes after {FORWARDING_WINDOW_SECONDS} s of quiet so that its manifest comes soon; "
+        "the window does not move the answers' times.",
+        f"- Import job: measured to the batch's manifest seen in the bucket, the batch closing after "
+        f"BATCH_WINDOW_SECONDS {parameters.batch_window:g} s of quiet ({window}), plus a model of the rest: an "
+        "import job of "
         f"{parameters.job_seconds:g} s (BENCH_IMPORT_JOB_SECONDS; {JOB_SECONDS_SOURCE}), seen finished by the "
         f"workflow's check at {after:g} s after its start (checks at "
         f"{', '.join(f'{age:g}' for age in checks)} s: POLL_INTERVAL_SECONDS {workflow.poll_interval_seconds}, "
@@ -165,7 +172,7 @@ def forwarding_section(paths: list[PathRow], local: list[LocalRow], parameters: 
     lines += [
         "",
         f"The local store (the standalone gateway), DCMTK storescu as the modality, forwarding on then off, medians "
-        f"of {parameters.repeats} runs; ForwardLatency is the daemon's own metric, from the stored object to "
+        f"of {runs}; ForwardLatency is the daemon's own metric, from the stored object to "
         "StoreDICOM's answer, over every run. The stand-in runs on the same cores as the daemon, which HealthImaging "
         "would not.",
         "",

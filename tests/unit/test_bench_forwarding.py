@@ -53,8 +53,10 @@ def test_the_report_judges_the_median_goal_and_the_receive_rate_per_row() -> Non
     from bench.report import forwarding_section
 
     workflow = Workflow(60, lambda age: 60.0)
-    parameters = Parameters(files=3, kib=256, levels=[1, 16], repeats=1, stow_latency=0.25, s3_latency=0.05,
-                            job_seconds=95.0, batch_window=60.0, workflow=workflow)  # fmt: skip
+    parameters = Parameters(
+        files=3, kib=256, levels=[1, 16], repeats=1, stow_latency=0.25, s3_latency=0.05, job_seconds=95.0,
+        batch_window=60.0, default_batch_window=60.0, workflow=workflow,
+    )  # fmt: skip
     paths = [
         PathRow(1, Latencies([1.9, 1.9, 3.0]), Latencies([61.0, 62.0, 63.0]), 120.0, 19.0, 20.0),
         PathRow(16, Latencies([2.1, 2.1, 2.2], left_to_import=1), Latencies([60.5, 61.0, 61.5]), 120.0, 150.0, 100.0),
