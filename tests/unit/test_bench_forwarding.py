@@ -3,6 +3,8 @@ product deploys them, and the import path as the measured window plus the modell
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from bench.forwarding import Latencies, PathRow, percentile
@@ -16,6 +18,7 @@ def test_percentiles_are_nearest_rank() -> None:
     assert percentile(values, 1.0) == 100.0
     assert percentile([7.0], 0.99) == 7.0
     assert percentile([1.0, 2.0, 3.0], 0.5) == 2.0
+    assert math.isnan(percentile([], 0.5))
 
 
 def test_the_deployed_workflow_checks_every_minute_then_a_tenth_of_the_jobs_age() -> None:
