@@ -3,7 +3,9 @@ product deploys them, and the import path as the measured window plus the modell
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import pytest
 
@@ -79,3 +81,17 @@ def test_the_report_judges_the_median_goal_and_the_receive_rate_per_row() -> Non
     local_rows = {row[0]: row for row in rows if len(row) == 11 and row[0] in ("| 1", "| 16")}
     assert local_rows["| 1"][3:5] == ["0.960", "yes"]
     assert local_rows["| 16"][3:5] == ["0.940", "no"]
+
+
+def test_the_model_refuses_an_import_workflow_whose_waits_read_something_else(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import bench.import_workflow as model
+
+    definition = json.loads(model.ASL.read_text())
+    definition["States"]["WaitForImportJob"] = {"Type": "Wait", "Seconds": 30, "Next": "CheckImportJob"}
+    changed = tmp_path / "import.asl.json"
+    changed.write_text(json.dumps(definition))
+    monkeypatch.setattr(model, "ASL", changed)
+    with pytest.raises(RuntimeError, match="waits changed"):
+        model.product_workflow()
