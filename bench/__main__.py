@@ -9,7 +9,7 @@ BENCH_PROFILE (default 1: py-spy profile of this daemon at 16 associations), BEN
 once, default 300), BENCH_SOURCE (the tree whose daemon is measured), BENCH_S3 (default 1: the S3 mode; 0 skips
 it), BENCH_S3_FILES (default 200), BENCH_S3_CONCURRENCY (default 1,16,64), BENCH_S3_LATENCY (seconds added to
 every S3 request, default 0.05; bench/s3.py gives its source), BENCH_FORWARDING (default 1: the time to
-HealthImaging, about 4 minutes; 0 skips it; bench/forwarding.py gives its own settings). The daemon's own settings
+HealthImaging, 4 to 5 minutes; 0 skips it; bench/forwarding.py gives its own settings). The daemon's own settings
 (the README's configuration table) in the environment reach every daemon the bench starts, so a setting under
 evaluation is measured by exporting it.
 """
