@@ -104,6 +104,7 @@ class PathRow:
     after_manifest: float  # modelled: the job and the workflow's checks, the same for every instance
     received_per_second_forwarding: float
     received_per_second_plain: float
+    forwarded_per_second: float
 
     @property
     def import_job(self) -> Latencies:
@@ -283,9 +284,9 @@ def _serve_stow(latency: float, workdir: Path) -> None:
 
 def forwarding_path(
     workdir: Path, stand_in: s3.StandIn, files: dict[str, Path], n: int, stow: float
-) -> tuple[Latencies, float]:
-    """Acknowledgement to StoreDICOM's answer, from the time the manifest records for each instance; and the
-    receive rate."""
+) -> tuple[Latencies, float, float]:
+    """Acknowledgement to StoreDICOM's answer, from the time the manifest records for each instance; the receive
+    rate; and the forwarding rate, from the first acknowledgement to the last answer."""
     with _stow_process(stow, workdir) as forwarding:
         settings = {**forwarding, "BATCH_WINDOW_SECONDS": str(FORWARDING_WINDOW_SECONDS)}
         with _s3_daemon(workdir, stand_in, **settings) as (daemon, watch):
@@ -302,7 +303,8 @@ def forwarding_path(
         [stored[uid] - answered[uid] for uid in files if uid in stored],
         left_to_import=sum(1 for uid in files if uid not in stored),
     )
-    return latencies, rate
+    span = max(stored.values(), default=math.nan) - min(answered.values())
+    return latencies, rate, len(stored) / span if stored else math.nan
 
 
 def to_manifest(workdir: Path, stand_in: s3.StandIn, files: dict[str, Path], n: int) -> tuple[Latencies, float]:
@@ -434,9 +436,11 @@ def run(parameters: Parameters) -> tuple[list[PathRow], list[LocalRow]]:
         with s3.stand_in(parameters.s3_latency) as stand_in:
             _warm_up(stand_in, list(paths_by_uid.values()))
             for n in parameters.levels:
-                forwarded, rate_on = forwarding_path(runs, stand_in, paths_by_uid, n, parameters.stow_latency)
+                forwarded, rate_on, forward_rate = forwarding_path(
+                    runs, stand_in, paths_by_uid, n, parameters.stow_latency
+                )
                 window, rate_off = to_manifest(runs, stand_in, paths_by_uid, n)
-                paths.append(PathRow(n, forwarded, window, after_manifest, rate_on, rate_off))
+                paths.append(PathRow(n, forwarded, window, after_manifest, rate_on, rate_off, forward_rate))
                 print(f"x{n}: forwarding p50 {forwarded.p50:.2f} s, import job p50 {paths[-1].import_job.p50:.0f} s",
                       flush=True)  # fmt: skip
         for n in parameters.levels:

@@ -47,6 +47,7 @@ def test_the_import_path_adds_the_modelled_rest_to_each_measured_window() -> Non
         after_manifest=120.0,
         received_per_second_forwarding=18.0,
         received_per_second_plain=19.0,
+        forwarded_per_second=18.0,
     )
     assert row.import_job.seconds == [181.0, 182.0, 190.0]
     assert row.import_job.p50 == 182.0
@@ -63,8 +64,10 @@ def test_the_report_judges_the_median_goal_and_the_receive_rate_per_row() -> Non
         batch_window=60.0, default_batch_window=60.0, workflow=workflow,
     )  # fmt: skip
     paths = [
-        PathRow(1, Latencies([1.9, 1.9, 3.0]), Latencies([61.0, 62.0, 63.0]), 120.0, 19.0, 20.0),
-        PathRow(16, Latencies([2.1, 2.1, 2.2], left_to_import=1), Latencies([60.5, 61.0, 61.5]), 120.0, 150.0, 100.0),
+        PathRow(1, Latencies([1.9, 1.9, 3.0]), Latencies([61.0, 62.0, 63.0]), 120.0, 19.0, 20.0, 17.0),
+        PathRow(
+            16, Latencies([2.1, 2.1, 2.2], left_to_import=1), Latencies([60.5, 61.0, 61.5]), 120.0, 150.0, 100.0, 90.0
+        ),
     ]
     local = [LocalRow(1, Latencies([0.5]), 90.0, 96.0, 100.0, 8.0, 3.0, 2.0),
              LocalRow(16, Latencies([0.7]), 90.0, 94.0, 100.0, 20.0, 3.0, 2.0)]  # fmt: skip
@@ -74,10 +77,10 @@ def test_the_report_judges_the_median_goal_and_the_receive_rate_per_row() -> Non
     assert forwarding["16"][-1] == "no |" and "1 left to the import job" in forwarding["16"][4]
     imports = {row[1]: row for row in rows if row[0] == "| import job"}
     assert imports["1"][2:4] == ["182", "183"]  # 62 s to the manifest + the job seen at the check at 120 s
-    # Per association count: the S3-mode receive row (5 cells), then the local-store row (11 cells).
-    s3_rows = {row[0]: row for row in rows if len(row) == 5 and row[0] in ("| 1", "| 16")}
-    assert s3_rows["| 1"][3:5] == ["0.950", "yes |"]  # 19 of 20 files/s
-    assert s3_rows["| 16"][3:5] == ["1.500", "yes |"]
+    # Per association count: the S3-mode receive row (6 cells), then the local-store row (11 cells).
+    s3_rows = {row[0]: row for row in rows if len(row) == 6 and row[0] in ("| 1", "| 16")}
+    assert s3_rows["| 1"][3:6] == ["0.950", "yes", "17 |"]  # 19 of 20 files/s
+    assert s3_rows["| 16"][3:6] == ["1.500", "yes", "90 |"]
     local_rows = {row[0]: row for row in rows if len(row) == 11 and row[0] in ("| 1", "| 16")}
     assert local_rows["| 1"][3:5] == ["0.960", "yes"]
     assert local_rows["| 16"][3:5] == ["0.940", "no"]
