@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import functools
 import logging
+import select
 import socket
 import threading
 import time
@@ -24,6 +25,7 @@ LOG = logging.getLogger(__name__)
 _LISTEN_BACKLOG = 512
 # Connections refused under a flood are counted and reported in one line per interval, not one line each.
 REFUSALS_REPORT_SECONDS = 10.0
+# The accept loop looks at its refusals this often when no connection comes; a stop wakes it at once.
 _ACCEPT_POLL_SECONDS = 1.0
 # accept() errors that say the listening socket itself is unusable; any other error is about one connection, or
 # a passing shortage (descriptors, memory), and the listener goes on.
@@ -72,7 +74,10 @@ class Listener:
         self._refusals_reported = time.monotonic()
         self._stopping = threading.Event()
         self._socket = listening or bind(settings)
-        self._socket.settimeout(_ACCEPT_POLL_SECONDS)
+        # Non-blocking: the loop waits in poll, for a connection or for stop_accepting's wake-up, and another
+        # receiver process may take the connection between the poll and the accept.
+        self._socket.setblocking(False)
+        self._wake_reader, self._wake_writer = socket.socketpair()
         self.port = int(self._socket.getsockname()[1])
         self._thread = threading.Thread(target=self._accept_loop, name="dicom-listener", daemon=True)
 
@@ -83,8 +88,11 @@ class Listener:
     def stop_accepting(self) -> None:
         """Close the listening socket; associations in progress go on."""
         self._stopping.set()
+        self._wake_writer.send(b"\0")
         self._thread.join(timeout=_ACCEPT_POLL_SECONDS * 2)
         self._socket.close()
+        self._wake_reader.close()
+        self._wake_writer.close()
 
     def _accept_loop(self) -> None:
         try:
@@ -98,15 +106,20 @@ class Listener:
             self._on_failure()
 
     def _accept_until_stopped(self) -> None:
+        waiting = select.poll()
+        waiting.register(self._socket, select.POLLIN)
+        waiting.register(self._wake_reader, select.POLLIN)
         while not self._stopping.is_set():
             self._report_refusals()
             if not self.limits.least_loaded():
                 self._stopping.wait(_DEFER_SECONDS)
                 continue
+            if not waiting.poll(_ACCEPT_POLL_SECONDS * 1000) or self._stopping.is_set():
+                continue
             try:
                 connection, address = self._socket.accept()
-            except TimeoutError:
-                continue
+            except BlockingIOError:
+                continue  # another receiver process took the connection
             except OSError as error:
                 if self._stopping.is_set():
                     return
