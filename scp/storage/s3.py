@@ -43,6 +43,11 @@ _RETRYABLE_CODES = frozenset(
 
 # botocore waits this long for "100 Continue" before it sends a large body anyway.
 _EXPECT_CONTINUE_SECONDS = 1.0
+# At shutdown, manifests (and late objects' copies) S3 refuses are retried for a minute, or for SHUTDOWN_GRACE_SECONDS
+# when that is shorter: a shorter grace asks for a shorter stop. Never for less than 15 s, so that a close S3 accepts
+# is not cut short (a forwarding batch waits up to 10 s for its StoreDICOM requests before its manifests).
+_CLOSE_SECONDS_MAX = 60.0
+_CLOSE_SECONDS_MIN = 15.0
 
 
 class BatchForwarding(Protocol):
@@ -89,6 +94,7 @@ class S3Store:
         self._deadline_seconds = settings.dimse_timeout * _DEADLINE_SHARE
         # The longest one small PUT can take before botocore gives up on it.
         self._attempt_seconds = sum(_attempt_timeouts(settings)) + _EXPECT_CONTINUE_SECONDS
+        self._close_seconds = min(_CLOSE_SECONDS_MAX, max(settings.shutdown_grace_seconds, _CLOSE_SECONDS_MIN))
         self._multipart_threshold = _MULTIPART_THRESHOLD
         transfer_config = TransferConfig(
             multipart_threshold=_MULTIPART_THRESHOLD,
@@ -140,7 +146,7 @@ class S3Store:
         return StoredInstance(location=f"s3://{self._bucket}/{key}", replaced=replaced)
 
     def close(self) -> None:
-        left_open = self.batches.close_all(timeout=60)
+        left_open = self.batches.close_all(timeout=self._close_seconds)
         if left_open:
             LOG.error("batches left without a manifest; the sweeper will close them", extra={"batches": left_open})
         self._transfers.shutdown()

@@ -137,8 +137,12 @@ def test_late_objects_the_daemon_never_copied_are_put_into_exactly_one_manifest_
     end: str,
 ) -> None:
     with fault_proxy(moto.endpoint) as proxy:
-        # Killed: the batch closes on its window, so that the daemon has tried its copies before it dies.
-        daemon = s3_daemon(BATCH_WINDOW_SECONDS="600" if end == "stopped" else "6", AWS_ENDPOINT_URL=proxy.endpoint)
+        # Killed: the batch closes on its window, so that the daemon has tried its copies before it dies. Stopped:
+        # the shortest grace, so that the close retries the refused copies for its shortest time (15 s).
+        settings = {"BATCH_WINDOW_SECONDS": "600", "SHUTDOWN_GRACE_SECONDS": "1"} if end == "stopped" else {
+            "BATCH_WINDOW_SECONDS": "6"
+        }
+        daemon = s3_daemon(AWS_ENDPOINT_URL=proxy.endpoint, **settings)
         sweeper = load_app("sweeper", monkeypatch, {"DICOM_BUCKET": bucket, **SWEEPER_ENV})
         files = [make_instance(tmp_path, pixel_bytes=2048) for _ in range(5)]
         acknowledged = [str(read(f).SOPInstanceUID) for f in files]
@@ -152,7 +156,7 @@ def test_late_objects_the_daemon_never_copied_are_put_into_exactly_one_manifest_
             # S3 refuses every copy into the late batch until the daemon has stopped.
             proxy.fail(INTERNAL_ERROR, key_prefix=f"{BATCHES_PREFIX}{late_id}/")
             daemon.signal(signal.SIGTERM)
-            assert daemon.wait(120) == 0
+            assert daemon.wait(45) == 0
             (logged,) = daemon.log_messages("late objects of a batch sealed elsewhere not copied: left to the sweeper")
             assert (logged["batch_id"], logged["late_batch_id"], logged["instances"]) == (sealed_id, late_id, 3)
         else:
