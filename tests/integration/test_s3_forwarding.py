@@ -8,23 +8,19 @@ arrived there byte for byte.
 from __future__ import annotations
 
 import signal
-import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator
-from datetime import UTC, datetime, timedelta
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
-import boto3
 import pytest
 
-from batch_contract.layout import BATCHES_PREFIX, batch_id_from_manifest_key, batch_id_from_prefix
-from batch_contract.manifest import Manifest, parse_manifest
-from tests.functions.workflow import load_app
+from batch_contract.manifest import Manifest
 from tests.support.corpus import make_instance, read
-from tests.support.daemon import Daemon, start_daemon
+from tests.support.daemon import Daemon, send_files
 from tests.support.moto import MotoServer
+from tests.support.s3 import open_batch_ids, parsed_manifests, s3
 from tests.support.stow import StowStandIn
+from tests.support.sweeper import Sweeper, seal_between
 from tests.support.waits import wait_for
 
 pytestmark = pytest.mark.integration
@@ -32,79 +28,27 @@ pytestmark = pytest.mark.integration
 STUDY = "1.2.826.0.1.3680043.8.498.13013"
 
 
-def s3(server: MotoServer) -> Any:
-    return boto3.client(
-        "s3", endpoint_url=server.endpoint, region_name="us-east-1",
-        aws_access_key_id="testing", aws_secret_access_key="testing",
-    )  # fmt: skip
-
-
-@pytest.fixture
-def bucket(moto: MotoServer) -> str:
-    name = f"dicom-{uuid.uuid4().hex[:12]}"
-    s3(moto).create_bucket(Bucket=name)
-    return name
-
-
-@pytest.fixture
-def standin() -> Iterator[StowStandIn]:
-    # The Region of moto's S3 too: one AWS_REGION for both clients, as in a task.
-    server = StowStandIn(region="us-east-1").start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def forwarding_daemon(
-    tmp_path: Path, moto: MotoServer, bucket: str, standin: StowStandIn
-) -> Iterator[Callable[..., Daemon]]:
-    started: list[Daemon] = []
-
-    def start(storage_dir: Path | None = None, **settings: str) -> Daemon:
-        environment: dict[str, str | None] = {
-            **moto.env(),
-            **standin.daemon_settings(tmp_path),  # the stand-in's credentials; moto_server accepts any
-            "AWS_SESSION_TOKEN": None,
-            "DICOM_BUCKET": bucket,
-            **settings,
-        }
-        daemon = start_daemon(tmp_path, storage_dir=storage_dir or tmp_path / f"spool-{len(started)}", **environment)
-        started.append(daemon)
-        return daemon
-
-    yield start
-    for daemon in started:
-        daemon.stop()
-
-
 def instances(tmp_path: Path, count: int) -> list[Path]:
     series = f"{STUDY}.1"
     return [make_instance(tmp_path, pixel_bytes=48 * 1024, study_uid=STUDY, series_uid=series) for _ in range(count)]
 
 
-def send(daemon: Daemon, files: list[Path]) -> None:
-    association = daemon.associate(contexts=[(str(read(files[0]).SOPClassUID), ["1.2.840.10008.1.2.1"])])
-    assert association.is_established
-    try:
-        statuses = [association.send_c_store(path).Status for path in files]
-    finally:
-        association.release()
-    assert statuses == [0] * len(files)
-
-
-def manifests(server: MotoServer, bucket: str) -> dict[str, Manifest]:
-    client = s3(server)
-    found = {}
-    for item in client.list_objects_v2(Bucket=bucket, Prefix="manifests/").get("Contents", []):
-        batch_id = batch_id_from_manifest_key(item["Key"])
-        body = client.get_object(Bucket=bucket, Key=item["Key"])["Body"].read()
-        found[batch_id] = parse_manifest(body, batch_id, bucket)  # refuses a manifest mixing the two paths
-    return found
+def forwarding_under_way(
+    forwarding_daemon: Callable[..., Daemon], standin: StowStandIn, tmp_path: Path, count: int, latency: float
+) -> tuple[Daemon, list[Path]]:
+    """A daemon with ``count`` instances acknowledged in one open batch, StoreDICOM taking ``latency`` seconds a
+    request and the first of them stored."""
+    standin.latency_seconds = latency
+    daemon = forwarding_daemon(BATCH_WINDOW_SECONDS="600")
+    sent = instances(tmp_path, count)
+    assert send_files(daemon, sent) == [0] * count
+    wait_for(lambda: standin.arrivals(), 10, "StoreDICOM to store the first instances")
+    return daemon, sent
 
 
 def consistent(server: MotoServer, bucket: str, standin: StowStandIn, sent: list[Path]) -> dict[str, Manifest]:
     """Check every invariant of a forwarded bucket; returns the manifests by batch id."""
-    found = manifests(server, bucket)
+    found = parsed_manifests(server, bucket)
     client = s3(server)
     listed = Counter(item.sop_instance_uid for manifest in found.values() for item in manifest.objects)
     assert listed == Counter(str(read(path).SOPInstanceUID) for path in sent), "each instance in exactly one manifest"
@@ -129,9 +73,9 @@ def test_a_batch_stored_whole_by_storedicom_has_one_manifest_saying_so(
 ) -> None:
     daemon = forwarding_daemon(BATCH_WINDOW_SECONDS="2")
     sent = instances(tmp_path, 12)
-    send(daemon, sent)
+    assert send_files(daemon, sent) == [0] * len(sent)
 
-    (manifest,) = wait_for(lambda: list(manifests(moto, bucket).values()), 30, "the batch manifest")
+    (manifest,) = wait_for(lambda: list(parsed_manifests(moto, bucket).values()), 30, "the batch manifest")
 
     consistent(moto, bucket, standin, sent)
     assert manifest.stored_by_storedicom and manifest.fallback_batch_id is None
@@ -150,10 +94,10 @@ def test_a_refused_instance_goes_to_the_fallback_batch_and_the_rest_stay_stored(
     refused = str(read(sent[3]).SOPInstanceUID)
     standin.refuse_http = {refused}  # HTTP 400 for any request carrying it
     daemon = forwarding_daemon(BATCH_WINDOW_SECONDS="2")
-    send(daemon, sent)
+    assert send_files(daemon, sent) == [0] * len(sent)
 
-    wait_for(lambda: len(manifests(moto, bucket)) == 2, 30, "the manifests of the split batch and its fallback")
-    found = manifests(moto, bucket)
+    wait_for(lambda: len(parsed_manifests(moto, bucket)) == 2, 30, "the manifests of the split batch and its fallback")
+    found = parsed_manifests(moto, bucket)
 
     consistent(moto, bucket, standin, sent)
     (split,) = [manifest for manifest in found.values() if manifest.fallback_batch_id is not None]
@@ -172,9 +116,9 @@ def test_storedicom_unavailable_throughout_leaves_the_batch_to_its_import_job(
     standin.answer_status = 503
     daemon = forwarding_daemon(BATCH_WINDOW_SECONDS="2")
     sent = instances(tmp_path, 6)
-    send(daemon, sent)
+    assert send_files(daemon, sent) == [0] * len(sent)
 
-    (manifest,) = wait_for(lambda: list(manifests(moto, bucket).values()), 30, "the batch manifest")
+    (manifest,) = wait_for(lambda: list(parsed_manifests(moto, bucket).values()), 30, "the batch manifest")
 
     consistent(moto, bucket, standin, sent)
     assert not manifest.stored_by_storedicom and manifest.fallback_batch_id is None and len(manifest.objects) == 6
@@ -190,11 +134,7 @@ def test_sigterm_mid_forwarding_leaves_consistent_manifests(
     tmp_path: Path, forwarding_daemon: Callable[..., Daemon], moto: MotoServer, bucket: str, standin: StowStandIn
 ) -> None:
     # Each request takes a second, so the SIGTERM finds some instances stored, some under way and some waiting.
-    standin.latency_seconds = 1.0
-    daemon = forwarding_daemon(BATCH_WINDOW_SECONDS="600")
-    sent = instances(tmp_path, 20)
-    send(daemon, sent)
-    wait_for(lambda: standin.arrivals(), 10, "StoreDICOM to store the first instances")
+    daemon, sent = forwarding_under_way(forwarding_daemon, standin, tmp_path, 20, latency=1.0)
 
     daemon.signal(signal.SIGTERM)
     assert daemon.wait(60) == 0
@@ -207,32 +147,15 @@ def test_sigterm_mid_forwarding_leaves_consistent_manifests(
     assert 0 < len(stored) <= len(sent)
 
 
-SWEEPER_ENV = {
-    "BATCH_WINDOW_SECONDS": "4",
-    "TABLE_NAME": "imports",
-    "STATE_MACHINE_ARN": "arn:aws:states:us-east-1:123456789012:stateMachine:import",
-}
-
-
-def open_batch_ids(moto: MotoServer, bucket: str) -> list[str]:
-    listing = s3(moto).list_objects_v2(Bucket=bucket, Prefix=BATCHES_PREFIX, Delimiter="/")
-    return [batch_id_from_prefix(p["Prefix"]) for p in listing.get("CommonPrefixes", [])]
-
-
 def test_sigkill_leaves_the_whole_batch_to_the_sweeper_and_a_restart_sends_nothing_of_it(
     tmp_path: Path,
     forwarding_daemon: Callable[..., Daemon],
     moto: MotoServer,
-    aws_env: MotoServer,
     bucket: str,
     standin: StowStandIn,
-    monkeypatch: pytest.MonkeyPatch,
+    sweeper: Sweeper,
 ) -> None:
-    standin.latency_seconds = 0.5
-    daemon = forwarding_daemon(BATCH_WINDOW_SECONDS="600")
-    sent = instances(tmp_path, 10)
-    send(daemon, sent)
-    wait_for(lambda: standin.arrivals(), 10, "StoreDICOM to store the first instances")
+    daemon, sent = forwarding_under_way(forwarding_daemon, standin, tmp_path, 10, latency=0.5)
     daemon.signal(signal.SIGKILL)
     daemon.wait(10)
     arrived = standin.arrivals()
@@ -240,8 +163,7 @@ def test_sigkill_leaves_the_whole_batch_to_the_sweeper_and_a_restart_sends_nothi
     restarted = forwarding_daemon(storage_dir=daemon.storage_dir, BATCH_WINDOW_SECONDS="600")
     assert not list((restarted.storage_dir / ".forwarding" / "s3" / "copies").iterdir()), "the last run's state cleared"
     (killed_batch,) = open_batch_ids(moto, bucket)
-    sweeper = load_app("sweeper", monkeypatch, {"DICOM_BUCKET": bucket, **SWEEPER_ENV})
-    assert sweeper.sweep(sweeper.S3, bucket, datetime.now(UTC) + timedelta(hours=1), 900, 72) == [killed_batch]
+    assert sweeper.seal() == [killed_batch]
     assert restarted.stop() == 0
 
     found = consistent(moto, bucket, standin, sent)
@@ -256,20 +178,15 @@ def test_a_batch_the_sweeper_sealed_first_puts_its_later_stored_objects_in_a_lat
     tmp_path: Path,
     forwarding_daemon: Callable[..., Daemon],
     moto: MotoServer,
-    aws_env: MotoServer,
     bucket: str,
     standin: StowStandIn,
-    monkeypatch: pytest.MonkeyPatch,
+    sweeper: Sweeper,
 ) -> None:
     daemon = forwarding_daemon(BATCH_WINDOW_SECONDS="4")
-    sweeper = load_app("sweeper", monkeypatch, {"DICOM_BUCKET": bucket, **SWEEPER_ENV})
     sent = instances(tmp_path, 8)
-    send(daemon, sent[:3])
-    (sealed_id,) = open_batch_ids(moto, bucket)
-    assert sweeper.sweep(sweeper.S3, bucket, datetime.now(UTC) + timedelta(hours=1), 900, 72) == [sealed_id]
-    send(daemon, sent[3:])
+    sealed_id = seal_between(daemon, sweeper, moto, sent[:3], sent[3:])
 
-    wait_for(lambda: len(manifests(moto, bucket)) == 2, 30, "the sweeper's manifest and the late batch's")
+    wait_for(lambda: len(parsed_manifests(moto, bucket)) == 2, 30, "the sweeper's manifest and the late batch's")
 
     found = consistent(moto, bucket, standin, sent)
     late = next(manifest for manifest in found.values() if manifest.late_from == sealed_id)

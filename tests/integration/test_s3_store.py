@@ -2,85 +2,23 @@
 
 from __future__ import annotations
 
-import json
 import signal
 import subprocess
 import threading
 import uuid
-import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
-import boto3
 import psutil
 import pytest
-from pynetdicom import _config
 
 from tests.support.corpus import PYDICOM_CORPUS, make_instance, read
-from tests.support.daemon import Daemon, start_daemon
+from tests.support.daemon import Daemon, send_files
 from tests.support.moto import MotoServer, start_moto_server
+from tests.support.s3 import dataset_bytes, manifests, objects, read_part10, s3
 from tests.support.waits import wait_for
 
 pytestmark = pytest.mark.integration
-
-
-def s3(server: MotoServer) -> Any:
-    return boto3.client(
-        "s3", endpoint_url=server.endpoint, region_name="us-east-1",
-        aws_access_key_id="testing", aws_secret_access_key="testing",
-    )  # fmt: skip
-
-
-@pytest.fixture
-def bucket(moto: MotoServer) -> str:
-    name = f"dicom-{uuid.uuid4().hex[:12]}"
-    s3(moto).create_bucket(Bucket=name)
-    return name
-
-
-@pytest.fixture
-def s3_daemon(tmp_path: Path, moto: MotoServer, bucket: str) -> Iterator[Callable[..., Daemon]]:
-    started: list[Daemon] = []
-
-    def start(server: MotoServer = moto, **settings: str) -> Daemon:
-        environment = {"DICOM_BUCKET": bucket, **server.env(), **settings}
-        daemon = start_daemon(tmp_path, storage_dir=tmp_path / f"spool-{len(started)}", **environment)
-        started.append(daemon)
-        return daemon
-
-    yield start
-    for daemon in started:
-        daemon.stop()
-
-
-def objects(server: MotoServer, bucket: str, prefix: str = "") -> dict[str, bytes]:
-    client = s3(server)
-    listing = client.list_objects_v2(Bucket=bucket, Prefix=prefix).get("Contents", [])
-    return {item["Key"]: client.get_object(Bucket=bucket, Key=item["Key"])["Body"].read() for item in listing}
-
-
-def manifests(server: MotoServer, bucket: str) -> list[dict[str, Any]]:
-    return [json.loads(body) for body in objects(server, bucket, "manifests/").values()]
-
-
-def send_files(daemon: Daemon, files: list[Path], calling: str = "CT01") -> list[int]:
-    """Send each file's data set bytes exactly as they are in the file (pynetdicom's chunked send)."""
-    _config.STORE_SEND_CHUNKED_DATASET = True
-    contexts = sorted({(str(read(f).SOPClassUID), str(read(f).file_meta.TransferSyntaxUID)) for f in files})
-    association = daemon.associate(calling=calling, contexts=[(sop, [ts]) for sop, ts in contexts])
-    assert association.is_established
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return [association.send_c_store(f).Status for f in files]
-    finally:
-        association.release()
-
-
-def dataset_bytes(part10: bytes) -> bytes:
-    group_length = int.from_bytes(part10[140:144], "little")
-    return part10[144 + group_length :]
 
 
 def test_round_trip_is_byte_identical_and_the_manifest_describes_the_batch(
@@ -114,14 +52,6 @@ def test_round_trip_is_byte_identical_and_the_manifest_describes_the_batch(
     assert {o["sopInstanceUid"] for o in manifest["objects"]} == {read(f).SOPInstanceUID for f in files}
     assert manifest["firstReceivedAt"] <= manifest["lastReceivedAt"]
     assert daemon.spool_files() == []
-
-
-def read_part10(body: bytes) -> Any:
-    import io
-
-    import pydicom
-
-    return pydicom.dcmread(io.BytesIO(body))
 
 
 def test_s3_outage_refuses_with_a700_then_recovers_without_restart(

@@ -9,19 +9,18 @@ from __future__ import annotations
 
 import os
 import subprocess
-import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from tests.integration.test_s3_store import dataset_bytes, objects, s3
 from tests.robustness.conftest import Watched
 from tests.robustness.test_data import encode
 from tests.robustness.wire import Peer
 from tests.support.corpus import make_instance, read
 from tests.support.moto import MotoServer
+from tests.support.s3 import dataset_bytes, new_bucket, objects
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
@@ -135,8 +134,7 @@ def test_local_store_acknowledges_only_whole_objects_when_the_disk_fills(
 def test_s3_spool_acknowledges_only_whole_objects_when_the_disk_fills(
     start_watched: Callable[..., Watched], tmpfs: Path, tmp_path: Path, moto: MotoServer
 ) -> None:
-    bucket = f"diskfull-{uuid.uuid4().hex[:12]}"
-    s3(moto).create_bucket(Bucket=bucket)
+    bucket = new_bucket(moto, "diskfull")
     watched = start_watched(storage_dir=tmpfs / "spool", DICOM_BUCKET=bucket, DIMSE_TIMEOUT="30", **moto.env())
 
     def stored_data_sets() -> dict[str, bytes]:

@@ -8,19 +8,18 @@ its objects stored. Control characters are not allowed; they are replaced by "?"
 from __future__ import annotations
 
 import re
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from tests.integration.test_s3_store import manifests, objects, read_part10, s3
 from tests.robustness import wire
 from tests.robustness.conftest import Watched
 from tests.robustness.test_data import assert_log_is_clean, ct, encode
 from tests.robustness.wire import Peer
 from tests.support.corpus import read
 from tests.support.moto import MotoServer
+from tests.support.s3 import manifests, new_bucket, objects, read_part10
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 
@@ -66,8 +65,7 @@ def test_crafted_calling_ae_title_never_reaches_a_path_or_a_raw_log_line(
 def test_crafted_calling_ae_titles_never_reach_an_s3_key(
     start_watched: Callable[..., Watched], moto: MotoServer, tmp_path: Path
 ) -> None:
-    bucket = f"names-{uuid.uuid4().hex[:12]}"
-    s3(moto).create_bucket(Bucket=bucket)
+    bucket = new_bucket(moto, "names")
     watched = start_watched(DICOM_BUCKET=bucket, BATCH_WINDOW_SECONDS="1", **moto.env())
     sent = {}
     for calling, written, _ in CRAFTED:

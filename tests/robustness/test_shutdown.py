@@ -5,17 +5,16 @@ from __future__ import annotations
 
 import signal
 import time
-import uuid
 from pathlib import Path
 
 import pytest
 
-from tests.integration.test_s3_store import manifests, s3, send_files
 from tests.robustness import wire
 from tests.robustness.wire import Peer
 from tests.support.corpus import make_instance
-from tests.support.daemon import start_daemon
+from tests.support.daemon import send_files, start_daemon
 from tests.support.moto import MotoServer
+from tests.support.s3 import manifests, new_bucket
 from tests.support.waits import wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
@@ -42,11 +41,8 @@ def stop_reading(peer: Peer) -> None:
     raise AssertionError(f"the daemon kept reading for {FLOOD_SECONDS} s")
 
 
-def test_sigterm_while_peers_stop_reading_exits_in_time_and_closes_the_batch(
-    tmp_path: Path, moto: MotoServer
-) -> None:
-    bucket = f"dicom-{uuid.uuid4().hex[:12]}"
-    s3(moto).create_bucket(Bucket=bucket)
+def test_sigterm_while_peers_stop_reading_exits_in_time_and_closes_the_batch(tmp_path: Path, moto: MotoServer) -> None:
+    bucket = new_bucket(moto)
     daemon = start_daemon(
         tmp_path,
         DICOM_BUCKET=bucket,

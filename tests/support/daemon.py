@@ -7,13 +7,15 @@ import os
 import signal
 import subprocess
 import sys
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pynetdicom import AE
+from pynetdicom import AE, _config
 from pynetdicom.association import Association
 
+from tests.support.corpus import read
 from tests.support.waits import free_port, wait_for
 
 VERIFICATION = "1.2.840.10008.1.1"
@@ -127,3 +129,18 @@ def start_daemon(
             daemon.stop()
             raise AssertionError(f"daemon did not start; log:\n{log_path.read_text()}") from None
     return daemon
+
+
+def send_files(daemon: Daemon, files: list[Path], calling: str = "CT01") -> list[int]:
+    """Send each file's data set bytes exactly as they are in the file (pynetdicom's chunked send), on one
+    association; returns the C-STORE statuses."""
+    _config.STORE_SEND_CHUNKED_DATASET = True
+    contexts = sorted({(str(read(f).SOPClassUID), str(read(f).file_meta.TransferSyntaxUID)) for f in files})
+    association = daemon.associate(calling=calling, contexts=[(sop, [ts]) for sop, ts in contexts])
+    assert association.is_established
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return [association.send_c_store(f).Status for f in files]
+    finally:
+        association.release()
