@@ -15,10 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.test_s3_store import manifests, objects, read_part10, s3, send_files
 from tests.robustness.conftest import RSS_GROWTH_LIMIT_MIB, Watched, echoscu_ok, sample
 from tests.support.corpus import make_instance, read
+from tests.support.daemon import send_files
 from tests.support.moto import CREDENTIALS, MotoServer
+from tests.support.s3 import manifests, objects, read_part10, s3
 from tests.support.s3_faults import (
     ACCESS_DENIED,
     ANSWER_LOST,
