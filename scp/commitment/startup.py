@@ -25,7 +25,7 @@ def start_commitment(settings: Settings, store: Store, receiver: int = 0) -> tup
         # The forwarding database exists by now: the store was built, and forwarding started, before this.
         evidence = HealthImagingEvidence(ForwardingDatabase(database_path(settings.storage_dir)))
     else:
-        stored = ledger.Ledger(ledger.database_path(settings.storage_dir))
+        stored = ledger.Ledger(ledger.database_path(settings.storage_dir), receiver)
         evidence = StoreEvidence(stored, _object_check(settings))
         store = ledger.RecordingStore(store, stored)
     service = CommitmentService(

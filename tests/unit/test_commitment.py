@@ -27,7 +27,8 @@ from scp.commitment.committer import (
     Verdict,
     at_deadline,
 )
-from scp.commitment.ledger import Ledger
+from scp.commitment import ledger as ledger_module
+from scp.commitment.ledger import Entry, Ledger, journal_path
 from scp.commitment.pending import COMMITTED, Added, PendingRequests
 from scp.commitment.report import Report, build_report
 from scp.commitment.request import (
@@ -221,6 +222,81 @@ def test_store_evidence_commits_only_what_the_store_holds_under_the_requested_cl
         ]
     )
     assert verdicts == [Verdict(COMMITTED), Verdict(FailureReason.CLASS_INSTANCE_CONFLICT), AWAITED_SEEN, AWAITED]
+    ledger.close()
+
+
+def instance_named(uid: str, sop_class: str = CT_IMAGE_STORAGE) -> ReceivedInstance:
+    return ReceivedInstance(sop_class, uid, "1.2.3", "1.2.3.4", EXPLICIT, "CT1", 10, None)  # type: ignore[arg-type]
+
+
+def table_rows(database: Path) -> dict[str, tuple[str, str]]:
+    connection = sqlite3.connect(database)
+    try:
+        return {row[0]: (row[1], row[2]) for row in connection.execute("SELECT * FROM stored")}
+    finally:
+        connection.close()
+
+
+def test_the_ledger_journals_each_store_and_a_killed_receivers_successor_folds_it_into_the_table(
+    tmp_path: Path,
+) -> None:
+    database = tmp_path / "stored.sqlite"
+    ledger = Ledger(database)
+    ledger.record(instance_named("1.1"), "/store/a.dcm")
+    ledger.record(instance_named("1.1", SECONDARY_CAPTURE), "/store/b.dcm")  # stored again: the later one counts
+    assert table_rows(database) == {}  # one append per store, no transaction
+    assert ledger.lookup(["1.1", "1.2"]) == {"1.1": Entry(SECONDARY_CAPTURE, "/store/b.dcm")}
+    # Never closed, as after SIGKILL: the next process of this receiver finds every entry and folds them.
+    successor = Ledger(database)
+    assert table_rows(database) == {"1.1": (SECONDARY_CAPTURE, "/store/b.dcm")}
+    assert journal_path(database, 0).stat().st_size == 0
+    assert successor.lookup(["1.1"]) == {"1.1": Entry(SECONDARY_CAPTURE, "/store/b.dcm")}
+    successor.close()
+    ledger.close()
+
+
+def test_every_receiver_finds_what_another_receiver_journaled_and_what_it_folded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(ledger_module, "FOLD_BYTES", 300)
+    database = tmp_path / "stored.sqlite"
+    first, second = Ledger(database, 0), Ledger(database, 1)
+    uids = [f"1.2.{n}" for n in range(10)]
+    for uid in uids:
+        first.record(instance_named(uid), f"/store/{uid}.dcm")
+    folded = table_rows(database)
+    assert folded and len(folded) < len(uids)  # some in the table, the rest still in the journal
+    assert journal_path(database, 0).stat().st_size < 300
+    expected = {uid: Entry(CT_IMAGE_STORAGE, f"/store/{uid}.dcm") for uid in uids}
+    assert second.lookup([*uids, "9.9"]) == expected
+    assert first.lookup(uids) == expected
+    first.close()
+    second.close()
+
+
+def test_a_torn_or_altered_journal_line_is_no_entry(tmp_path: Path) -> None:
+    database = tmp_path / "stored.sqlite"
+    ledger = Ledger(database, 0)
+    ledger.record(instance_named("1.1"), "/store/one.dcm")
+    ledger.record(instance_named("1.2"), "/store/two.dcm")
+    ledger.record(instance_named("1.3"), "/store/three.dcm")
+    journal = journal_path(database, 0)
+    lines = journal.read_bytes().split(b"\n")
+    # A power loss cut the last line short; a location lost a character: neither may read as an entry.
+    journal.write_bytes(lines[0] + b"\n" + lines[1].replace(b"two", b"tw") + b"\n" + lines[2][:20])
+    assert ledger.lookup(["1.1", "1.2", "1.3"]) == {"1.1": Entry(CT_IMAGE_STORAGE, "/store/one.dcm")}
+    ledger.close()
+    assert set(table_rows(database)) == set()
+    Ledger(database, 0).close()
+    assert set(table_rows(database)) == {"1.1"}
+
+
+def test_a_location_the_journal_cannot_hold_goes_to_the_table(tmp_path: Path) -> None:
+    database = tmp_path / "stored.sqlite"
+    ledger = Ledger(database)
+    ledger.record(instance_named("1.1"), "/store\twith a tab/a.dcm")
+    assert table_rows(database) == {"1.1": (CT_IMAGE_STORAGE, "/store\twith a tab/a.dcm")}
+    assert ledger.lookup(["1.1"]) == {"1.1": Entry(CT_IMAGE_STORAGE, "/store\twith a tab/a.dcm")}
     ledger.close()
 
 
