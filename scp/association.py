@@ -135,6 +135,7 @@ class Association:
         self._message: _Message | None = None
         self._aborted_by_us = False
         self._requested = False
+        self._who_fields: dict[str, Any] | None = None  # once the request has named both AE titles
 
     # -- lifecycle ---------------------------------------------------------------------------------------------
 
@@ -193,6 +194,7 @@ class Association:
         # in the remembered negotiations.
         request = self._policy.decode_request(bytes(body))
         self._calling, self._called = request.calling_ae_title, request.called_ae_title
+        self._who_fields = self._who()  # every C-STORE's outcome line carries these: built once
         code = self._policy.rejection(request)
         if code is None and not self._registry.admit(self, self._settings.maximum_associations):
             code = LOCAL_LIMIT_EXCEEDED
@@ -430,6 +432,9 @@ class Association:
             self._socket.close()
 
     def _who(self) -> dict[str, Any]:
+        """The association's log fields (the caller copies them to add its own)."""
+        if self._who_fields is not None:
+            return self._who_fields
         return {"peer": self._peer, "calling_ae": printable(self._calling), "called_ae": printable(self._called)}
 
     def _level(self) -> int:

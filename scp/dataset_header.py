@@ -10,7 +10,7 @@ from __future__ import annotations
 import struct
 import zlib
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import Protocol
 
 from scp.contexts import DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN
 from scp.status import Status, StoreFailure
@@ -58,6 +58,14 @@ class DatasetIdentity:
     series_instance_uid: str | None
 
 
+class Readable(Protocol):
+    """What the walker reads through: a binary file, or anything else that reads and seeks forward like one."""
+
+    def read(self, size: int, /) -> bytes: ...
+
+    def seek(self, offset: int, whence: int, /) -> int: ...
+
+
 def _malformed(detail: str) -> StoreFailure:
     return StoreFailure(Status.CANNOT_UNDERSTAND, f"data set cannot be parsed: {detail}")
 
@@ -65,7 +73,7 @@ def _malformed(detail: str) -> StoreFailure:
 class _Source:
     """Forward-only reading of the data set bytes with a hard end, from a file or through inflation."""
 
-    def __init__(self, file: BinaryIO, length: int, deflated: bool) -> None:
+    def __init__(self, file: Readable, length: int, deflated: bool) -> None:
         self._file = file
         self._remaining = length
         self._inflater = zlib.decompressobj(-zlib.MAX_WBITS) if deflated else None
@@ -219,7 +227,7 @@ class _Walker:
                 self._source.skip(length)
 
 
-def read_identity(file: BinaryIO, length: int, transfer_syntax: str) -> DatasetIdentity:
+def read_identity(file: Readable, length: int, transfer_syntax: str) -> DatasetIdentity:
     """The SOP class/instance and study/series UIDs of the data set of ``length`` bytes at ``file``'s position."""
     source = _Source(file, length, deflated=transfer_syntax == DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN)
     return _Walker(source, transfer_syntax).identity()

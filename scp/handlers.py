@@ -97,20 +97,8 @@ class StoreHandler:
         else:
             milliseconds = round((time.monotonic() - pending.started) * 1000, 1)
             self._metrics.object_stored(instance.size, milliseconds)
-            LOG.info(
-                "replaced" if stored.replaced else "stored",
-                extra={
-                    **log_fields,
-                    "sop_class_uid": instance.sop_class_uid,
-                    "sop_instance_uid": instance.sop_instance_uid,
-                    "study_instance_uid": instance.study_instance_uid,
-                    "series_instance_uid": instance.series_instance_uid,
-                    "transfer_syntax": instance.transfer_syntax,
-                    "bytes": instance.size,
-                    "milliseconds": milliseconds,
-                    "location": stored.location,
-                },
-            )
+            if LOG.isEnabledFor(logging.INFO):  # the line's fields cost more than the check when it is off
+                _log_stored(instance, stored, milliseconds, log_fields)
             return Status.SUCCESS, None
         finally:
             pending.discard()  # refused, uploaded, or already renamed into the store
@@ -133,7 +121,29 @@ class StoreHandler:
         assert received is not None
         identity = received.complete(pending.transfer_syntax)
         instance = _instance(pending, identity, received.bytes_received)
-        return instance, self._store.store(received.path, instance)
+        stored = self._store.store(received.path, instance)
+        if self._writeback:
+            received.taken_over()  # renamed into the store: nothing is left in the spool to remove
+        return instance, stored
+
+
+def _log_stored(
+    instance: ReceivedInstance, stored: StoredInstance, milliseconds: float, log_fields: Mapping[str, Any]
+) -> None:
+    LOG.info(
+        "replaced" if stored.replaced else "stored",
+        extra={
+            **log_fields,
+            "sop_class_uid": instance.sop_class_uid,
+            "sop_instance_uid": instance.sop_instance_uid,
+            "study_instance_uid": instance.study_instance_uid,
+            "series_instance_uid": instance.series_instance_uid,
+            "transfer_syntax": instance.transfer_syntax,
+            "bytes": instance.size,
+            "milliseconds": milliseconds,
+            "location": stored.location,
+        },
+    )
 
 
 def _check_command(command: dimse.Command, abstract_syntax: str) -> StoreFailure | None:

@@ -12,7 +12,6 @@ only read back (the S3 store uploads it, then removes it) is left to the page ca
 from __future__ import annotations
 
 import contextlib
-import io
 import os
 from pathlib import Path
 
@@ -23,8 +22,9 @@ from scp.status import Status, StoreFailure
 # Created like open(path, "xb+"): a fresh file the store may rename into place, readable as the umask allows.
 _FLAGS = os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
 _MODE = 0o666
-# The identity reader steps over small element headers; a buffer turns them into few system calls.
-_READ_BUFFER = 64 * 1024
+# The start of the data set, kept as it arrives: the identifying elements of real objects lie in their first
+# kilobytes, so the identity is read from memory, and from the file only past this.
+HEAD_BYTES = 16 * 1024
 # Small enough that a CT slice (512 KiB) is mostly on its way to the disk when its last fragment arrives, large
 # enough to be a few system calls per object.
 WRITEBACK_EVERY = 256 * 1024
@@ -40,6 +40,8 @@ class ReceiveFile:
         self._error: OSError | None = None
         # File offset up to which writeback has been started; None: this file is not flushed by its store.
         self._written_back: int | None = 0 if writeback else None
+        self._head = bytearray()
+        self._taken_over = False
         self._descriptor = os.open(path, _FLAGS, _MODE)  # -1 once closed
         self._write(header)
 
@@ -48,6 +50,8 @@ class ReceiveFile:
 
         ``last``: the data set's last fragment, whose writeback is left to the store's flush that follows at once.
         """
+        if self.bytes_received < HEAD_BYTES:
+            self._head += data[: HEAD_BYTES - self.bytes_received]
         self.bytes_received += len(data)
         if self._error is not None:
             return
@@ -83,9 +87,15 @@ class ReceiveFile:
         finally:
             self._close()
 
+    def taken_over(self) -> None:
+        """The store has renamed the file into place: it is the store's now, and ``discard`` leaves it alone."""
+        self._taken_over = True
+
     def discard(self) -> None:
         """Close and remove the file, if it is still here (a store that renamed it has taken it over)."""
         self._close()
+        if self._taken_over:
+            return
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)
 
@@ -119,13 +129,35 @@ class ReceiveFile:
         self.discard()  # free the space now: the rest of this object is only counted
 
     def _identity(self, descriptor: int, transfer_syntax: str) -> DatasetIdentity:
-        # Read through our own descriptor: no second open, and the data set starts where our header ends.
-        os.lseek(descriptor, self.header_length, os.SEEK_SET)
-        raw = io.FileIO(descriptor, "rb", closefd=False)
-        with io.BufferedReader(raw, _READ_BUFFER) as reader:
-            return read_identity(reader, self.bytes_received, transfer_syntax)
+        return read_identity(
+            _HeadThenFile(self._head, descriptor, self.header_length), self.bytes_received, transfer_syntax
+        )
 
     def _close(self) -> None:
         descriptor, self._descriptor = self._descriptor, -1
         if descriptor >= 0:
             os.close(descriptor)
+
+
+class _HeadThenFile:
+    """The data set as the identity reader reads it: from the head kept in memory, then through our own descriptor
+    (no second open; the data set starts where our Part-10 header ends)."""
+
+    def __init__(self, head: bytearray, descriptor: int, start: int) -> None:
+        self._head = bytes(head)
+        self._descriptor = descriptor
+        self._start = start
+        self._position = 0  # within the data set
+
+    def read(self, size: int, /) -> bytes:
+        position, self._position = self._position, self._position + size
+        if self._position <= len(self._head):
+            return self._head[position : self._position]
+        data = os.pread(self._descriptor, size, self._start + position)
+        self._position = position + len(data)
+        return data
+
+    def seek(self, offset: int, whence: int, /) -> int:
+        assert whence == os.SEEK_CUR  # the reader only steps forward over values
+        self._position += offset
+        return self._position

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from scp.part10 import part10_header
-from scp.receive_file import WRITEBACK_EVERY, ReceiveFile
+from scp.receive_file import HEAD_BYTES, WRITEBACK_EVERY, ReceiveFile
 from scp.status import Status
 
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
@@ -52,6 +52,32 @@ def test_every_byte_is_written_behind_the_header_and_the_identity_read_back(tmp_
     assert received.path.read_bytes() == HEADER + DATA_SET
     received.discard()
     assert not received.path.exists()
+
+
+def test_identifying_elements_past_the_head_kept_in_memory_are_read_from_the_file(tmp_path: Path) -> None:
+    private = struct.pack("<HH2sHL", 0x0009, 0x1010, b"OB", 0, 2 * HEAD_BYTES) + b"\x01" * (2 * HEAD_BYTES)
+    study = DATA_SET.index(struct.pack("<HH", 0x0020, 0x000D))
+    data_set = DATA_SET[:study] + private + DATA_SET[study:]  # study and series UIDs behind 32 KiB of a private value
+    received = ReceiveFile(tmp_path / "object.rx", HEADER)
+    for start in range(0, len(data_set), 7_001):
+        received.write(memoryview(data_set)[start : start + 7_001])
+    identity = received.complete(EXPLICIT_LE)
+    assert (identity.sop_class_uid, identity.sop_instance_uid) == (CT, "1.2.3.4.5")
+    assert (identity.study_instance_uid, identity.series_instance_uid) == ("1.2.3", "1.2.3.4")
+    received.discard()
+
+
+def test_a_file_the_store_took_over_is_left_where_it_went(tmp_path: Path) -> None:
+    received = ReceiveFile(tmp_path / "object.rx", HEADER, writeback=True)
+    for fragment in fragments(7_001):
+        received.write(fragment)
+    received.complete(EXPLICIT_LE)
+    final = tmp_path / "final.dcm"
+    received.path.rename(final)
+    received.path.write_bytes(b"another object's spool file, by chance under the same name")
+    received.taken_over()
+    received.discard()
+    assert received.path.exists() and final.read_bytes() == HEADER + DATA_SET
 
 
 # Run in one child process: RLIMIT_FSIZE binds every file the process writes, the test runner's own included. The
