@@ -18,7 +18,7 @@ _sync_file_range.restype = ctypes.c_int
 _SYNC_FILE_RANGE_WRITE = 2  # <fcntl.h>: start writing the dirty pages of the range, wait for nothing
 
 
-def fsync_directory(path: Path) -> None:
+def fsync_directory(path: str | Path) -> None:
     descriptor = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(descriptor)
@@ -46,12 +46,12 @@ class DirectorySyncs:
     an fsync that began before its entry was made. When that fsync fails, every caller it was for gets the error.
     """
 
-    def __init__(self, flush: Callable[[Path], None] = fsync_directory) -> None:
+    def __init__(self, flush: Callable[[str | Path], None] = fsync_directory) -> None:
         self._flush = flush
         self._lock = threading.Lock()
-        self._directories: dict[Path, _Directory] = {}  # those with callers waiting or an fsync running
+        self._directories: dict[str | Path, _Directory] = {}  # those with callers waiting or an fsync running
 
-    def sync(self, directory: Path) -> None:
+    def sync(self, directory: str | Path) -> None:
         with self._lock:
             state = self._directories.get(directory)
             if state is None:
@@ -75,7 +75,7 @@ class DirectorySyncs:
         if failure is not None:
             raise OSError(failure.errno, failure.strerror, str(directory))
 
-    def _run(self, directory: Path, state: _Directory, ticket: int) -> None:
+    def _run(self, directory: str | Path, state: _Directory, ticket: int) -> None:
         """Run fsync number ``ticket`` (called with the lock held; releases it meanwhile)."""
         state.running = True
         state.next = ticket + 1

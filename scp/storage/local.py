@@ -26,42 +26,48 @@ _DURABLE_DIRECTORIES_MAX = 65536
 class LocalStore:
     def __init__(self, root: Path) -> None:
         self.root = root.resolve()
+        # Paths as strings on the receive path: each pathlib step costs more than the system call it leads to.
+        self._root = str(self.root)
         # Shared by every association's thread; set operations are atomic under the interpreter lock, and a
         # directory is added only after its own fsync, so a race costs at most a second fsync.
-        self._durable: set[Path] = set()
+        self._durable: set[str] = set()
         self._directory_syncs = DirectorySyncs()
 
     def path_for(self, instance: ReceivedInstance) -> Path:
-        names = (instance.study_instance_uid, instance.series_instance_uid, f"{instance.sop_instance_uid}.dcm")
-        # The UIDs were validated as digits and dots; this check keeps the path inside the store even if that
-        # validation ever changes (checked by name: resolving the path on every store costs system calls).
-        if any(not name or name in (".", "..") or "/" in name or "\x00" in name for name in names):
-            raise StoreFailure(Status.CANNOT_UNDERSTAND, "UIDs do not form a path inside the store")
-        return self.root.joinpath(*names)
+        return Path(self._location(instance))
 
     def store(self, staged: Path, instance: ReceivedInstance) -> StoredInstance:
-        final = self.path_for(instance)
+        final = self._location(instance)
+        directory = os.path.dirname(final)
         try:
             _fsync_file(staged)
-            self._make_durable(final.parent)
-            replaced = final.exists()
+            self._make_durable(directory)
+            replaced = os.path.exists(final)
             try:
                 os.replace(staged, final)
             except FileNotFoundError:
                 # A directory was removed behind our back (an operator clearing old studies): forget what was
                 # known durable and make the path again.
                 self._durable.clear()
-                self._make_durable(final.parent)
+                self._make_durable(directory)
                 os.replace(staged, final)
-            self._directory_syncs.sync(final.parent)
+            self._directory_syncs.sync(directory)
         except OSError as error:
             raise StoreFailure(Status.OUT_OF_RESOURCES, _describe(error)) from error
-        return StoredInstance(location=str(final), replaced=replaced)
+        return StoredInstance(location=final, replaced=replaced)
 
     def close(self) -> None:
         """Every object is durable when its store returns; nothing is pending."""
 
-    def _make_durable(self, directory: Path) -> None:
+    def _location(self, instance: ReceivedInstance) -> str:
+        names = (instance.study_instance_uid, instance.series_instance_uid, f"{instance.sop_instance_uid}.dcm")
+        # The UIDs were validated as digits and dots; this check keeps the path inside the store even if that
+        # validation ever changes (checked by name: resolving the path on every store costs system calls).
+        if any(not name or name in (".", "..") or "/" in name or "\x00" in name for name in names):
+            raise StoreFailure(Status.CANNOT_UNDERSTAND, "UIDs do not form a path inside the store")
+        return os.path.join(self._root, *names)
+
+    def _make_durable(self, directory: str) -> None:
         """Create ``directory`` as needed and make its entry, and every entry above it up to the root's own, durable.
 
         An association that finds a directory another one has just created cannot know whether that one has
@@ -70,15 +76,16 @@ class LocalStore:
         """
         if directory in self._durable:
             return
-        if directory != self.root:
-            self._make_durable(directory.parent)
+        parent = os.path.dirname(directory)
+        if directory != self._root:
+            self._make_durable(parent)
             try:
-                directory.mkdir()
+                os.mkdir(directory)
             except FileExistsError:
-                if not directory.is_dir():
+                if not os.path.isdir(directory):
                     raise
                 # Another association created it a moment ago, or an earlier run did: fsync its parent anyway.
-        self._directory_syncs.sync(directory.parent)
+        self._directory_syncs.sync(parent)
         if len(self._durable) >= _DURABLE_DIRECTORIES_MAX:
             self._durable.clear()
         self._durable.add(directory)
