@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import psutil
 import pydicom
 
 AE_TITLE = "BENCHSCP"
@@ -29,6 +30,23 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def listens_on(pid: int, port: int) -> bool:
+    """Whether process ``pid`` or one of its children holds a listening TCP socket on ``port``."""
+    try:
+        root = psutil.Process(pid)
+        tree = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return False
+    for process in tree:
+        try:
+            connections = process.net_connections(kind="tcp")
+        except psutil.NoSuchProcess:
+            continue
+        if any(c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port for c in connections):
+            return True
+    return False
 
 
 def _answers_echo(port: int) -> bool:
@@ -66,6 +84,11 @@ class Receiver:
             if self.process.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"{self.name} did not start: {(workdir / f'{self.name}.log').read_text()[-2000:]}")
             time.sleep(0.2)
+        # The port was free when chosen, not necessarily when the receiver bound it: an echo answered by whatever
+        # else took it meanwhile would measure that process, or find every later connection refused.
+        if not listens_on(self.process.pid, self.port):
+            self.stop()
+            raise RuntimeError(f"{self.name} does not listen on port {self.port}: another process answered there")
 
     def stop(self) -> None:
         if self.process and self.process.poll() is None:

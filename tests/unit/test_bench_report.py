@@ -1,10 +1,16 @@
 """The benchmark's report: each goal is judged against the reference's figure at the same concurrency, and the
-S3-mode table sets each rate against the bound the request latency allows."""
+S3-mode table sets each rate against the bound the request latency allows; a receiver counts as started only once
+its own process tree listens on its port."""
 
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
+import sys
+
 from bench.__main__ import Run
-from bench.receivers import REFERENCE
+from bench.receivers import REFERENCE, free_port, listens_on
 from bench.report import GOALS, THIS, _targets, s3_section
 
 
@@ -39,3 +45,21 @@ def test_s3_rates_are_set_against_associations_over_latency() -> None:
     # 16 associations / 0.05 s = 320 files/s at most; 80 of them is a quarter; moto's 2 s over 100 objects.
     assert row.split(" | ")[1:5] == ["80.0", "320", "25%", "10.0"]
     assert row.split(" | ")[5] == "20.0"
+
+
+def test_a_receiver_counts_as_started_only_when_its_own_process_tree_listens_on_the_port() -> None:
+    with socket.create_server(("127.0.0.1", 0)) as own:
+        assert listens_on(os.getpid(), own.getsockname()[1])
+    child = subprocess.Popen(
+        [sys.executable, "-c", "import socket, sys; s = socket.create_server(('127.0.0.1', 0));"
+         " print(s.getsockname()[1], flush=True); sys.stdin.read()"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert child.stdout is not None
+        port = int(child.stdout.readline())
+        assert listens_on(os.getpid(), port)  # a child's listener is the receiver's (storescp --fork)
+        assert not listens_on(os.getpid(), free_port())  # a port this tree does not listen on
+    finally:
+        child.kill()
+        child.wait()
