@@ -15,6 +15,7 @@ from pynetdicom.dsutils import encode
 
 from scp import dimse
 from scp.commitment import STORAGE_COMMITMENT_INSTANCE, STORAGE_COMMITMENT_PUSH_MODEL
+from scp.commitment import ledger as ledger_module
 from scp.commitment import pending as pending_module
 from scp.commitment import service as service_module
 from scp.commitment.channel import message_pdus
@@ -27,7 +28,6 @@ from scp.commitment.committer import (
     Verdict,
     at_deadline,
 )
-from scp.commitment import ledger as ledger_module
 from scp.commitment.ledger import Entry, Ledger, journal_path
 from scp.commitment.pending import COMMITTED, Added, PendingRequests
 from scp.commitment.report import Report, build_report
