@@ -5,7 +5,14 @@ sweeper's and the workflow functions' own code; statemachines/import.asl.json ex
 interpreter in this process with the real handlers as its Lambda functions (as in
 tests/statemachine/test_import_execution.py), their S3 and DynamoDB on the same moto_server; HealthImaging's import
 API answered per request and checked against botocore's model (tests/support/healthimaging.py). What stands in for
-EventBridge starts an execution for every manifest that appears, and sometimes a second one.
+EventBridge starts an execution for every manifest that appears, and sometimes a second one, or never.
+
+The daemon runs in either of the stack's two modes (the template's StoreDICOMForwarding): forwarding off, every
+batch imported by a job; or forwarding on (DATASTORE_ID and HEALTHIMAGING_DICOMWEB_URL), each object sent to the
+StoreDICOM stand-in (tests/support/stow.py, which checks SigV4 and the body's framing) once S3 has confirmed it,
+and the import jobs taking what StoreDICOM did not store. The stand-in judges each instance as the import jobs do
+(``HealthImaging.problem``) and is faulted in periods: 503 and 429 answers, dropped and held connections, answers
+lost after storing, slow answers.
 """
 
 from __future__ import annotations
@@ -41,6 +48,7 @@ from tests.support.corpus import CT_IMAGE_STORAGE, make_instance
 from tests.support.daemon import Daemon, start_daemon
 from tests.support.moto import CREDENTIALS, MotoServer
 from tests.support.s3_faults import HANG, INTERNAL_ERROR, SLOW_DOWN, FaultProxy
+from tests.support.stow import StowStandIn
 
 SUCCESS = 0x0000
 # ECS's stopTimeout on Fargate: a daemon not gone by then is killed.
@@ -66,6 +74,7 @@ class Plan:
     sweep_every: tuple[float, float] = (1.0, 4.0)
     reconcile_every: tuple[float, float] = (2.0, 8.0)
     recheck_every: tuple[float, float] = (2.0, 8.0)
+    stow_fault_every: tuple[float, float] = (1.0, 4.0)  # periods of trouble at the StoreDICOM stand-in
     duplicate_events: float = 0.15
     lost_events: float = 0.05  # manifests whose event never starts an execution: the reconcile pass must
     drain_seconds: float = 180.0  # an output that appears after the workflow stopped waiting takes up to 100 s
@@ -297,6 +306,38 @@ def s3_fault(proxy: FaultProxy) -> Callable[[random.Random], str | None]:
     return inject
 
 
+def stow_fault(standin: StowStandIn) -> Callable[[random.Random], str | None]:
+    """A period of StoreDICOM trouble at the stand-in, then the stand-in healed. ``slow`` answers sometimes take
+    longer than a closing batch waits for its requests under way (WITHDRAW_SECONDS), and a held request longer
+    still, so that a batch closes while StoreDICOM is still storing some of its instances."""
+
+    def inject(rng: random.Random) -> str | None:
+        draw = rng.random()
+        value: object
+        if draw < 0.15:
+            kind, setting, value = "503 period", "answer_status", 503
+        elif draw < 0.3:
+            kind, setting, value = "429 period", "answer_status", 429
+        elif draw < 0.4:
+            kind, setting, value = "dropped connections", "drop_before_storing", True
+        elif draw < 0.5:
+            kind, setting, value = "held connections", "hang_seconds", rng.uniform(2.0, 14.0)
+        elif draw < 0.6:
+            kind, setting, value = "answers lost after storing", "close_without_answer", True
+        elif draw < 0.75:
+            slow = rng.uniform(0.5, 3.0) if rng.random() < 0.8 else rng.uniform(10.5, 14.0)
+            kind, setting, value = "slow answers", "latency_seconds", slow
+        else:
+            return None
+        setattr(standin, setting, value)
+        time.sleep(rng.uniform(0.5, 3.0))
+        standin.answer_status, standin.drop_before_storing, standin.close_without_answer = None, False, False
+        standin.hang_seconds = standin.latency_seconds = 0.0
+        return f"StoreDICOM {kind}"
+
+    return inject
+
+
 class EventBridge:
     """S3 Object Created under manifests/ -> StartExecution: sometimes twice, sometimes never (a lost trigger)."""
 
@@ -367,13 +408,13 @@ def batch_ids(s3: Any, bucket: str) -> set[str]:
     return {batch_id_from_prefix(p["Prefix"]) for page in pages for p in page.get("CommonPrefixes", [])}
 
 
-def listed_in_manifests(s3: Any, bucket: str) -> Counter[str]:
+def manifest_documents(s3: Any, bucket: str) -> list[dict[str, Any]]:
+    return [json.loads(s3.get_object(Bucket=bucket, Key=key)["Body"].read()) for key in manifest_keys(s3, bucket)]
+
+
+def listed_in_manifests(documents: list[dict[str, Any]]) -> Counter[str]:
     """How many manifests list each SOP Instance UID."""
-    listed: Counter[str] = Counter()
-    for key in manifest_keys(s3, bucket):
-        document = json.loads(s3.get_object(Bucket=bucket, Key=key)["Body"].read())
-        listed.update(str(entry["sopInstanceUid"]) for entry in document["objects"])
-    return listed
+    return Counter(str(entry["sopInstanceUid"]) for document in documents for entry in document["objects"])
 
 
 def moto_clients(moto: MotoServer) -> tuple[Any, Any]:
@@ -383,16 +424,23 @@ def moto_clients(moto: MotoServer) -> tuple[Any, Any]:
     return session.client("s3", endpoint_url=moto.endpoint), session.resource("dynamodb", endpoint_url=moto.endpoint)
 
 
-def daemon_settings(bucket: str, proxy: FaultProxy | None) -> dict[str, str | None]:
-    """The daemon's environment: S3 through ``proxy``, small batches, a short window and a short deadline.
+def daemon_settings(
+    bucket: str, proxy: FaultProxy | None, standin: StowStandIn | None = None, workdir: Path | None = None
+) -> dict[str, str | None]:
+    """The daemon's environment: S3 through ``proxy``, small batches, a short window and a short deadline; with
+    ``standin``, StoreDICOM forwarding to it, signed with its credentials (moto_server accepts any).
 
-    The functions' variables in this process's environment are not the receiver task's: in the stack the
-    receivers batch for the import jobs and have no DATASTORE_ID (which would turn on StoreDICOM forwarding).
+    The functions' variables in this process's environment are not the receiver task's: without ``standin`` the
+    daemon has no DATASTORE_ID, as the receivers of a stack with StoreDICOMForwarding disabled.
     """
+    forwarding: dict[str, str | None] = {"DATASTORE_ID": None}
+    if standin is not None:
+        assert workdir is not None and standin.region == CREDENTIALS["AWS_REGION"], "one Region for S3 and StoreDICOM"
+        forwarding = {**standin.daemon_settings(workdir), "AWS_SESSION_TOKEN": None}
     return {
         "DICOM_BUCKET": bucket,
-        "DATASTORE_ID": None,
         **CREDENTIALS,
+        **forwarding,
         **({"AWS_ENDPOINT_URL": proxy.endpoint} if proxy else {}),
         "BATCH_WINDOW_SECONDS": "1",
         "BATCH_MAX_FILES": "25",

@@ -1,10 +1,24 @@
 """Every instance that got Success ends in exactly one truthful state, under seeded faults on the whole path.
 
-At the end: each acknowledged instance is imported (with the image set id HealthImaging gave it) or failed (with
-a reason, and HealthImaging does not hold it), and `dicom-store-scp status` says exactly that; nothing the
-modality was refused is reported imported; nothing is unfinished once the drain time has passed.
+It runs in both of the stack's modes: StoreDICOM forwarding off (every batch imported by a job) and on (the
+daemon forwards to the StoreDICOM stand-in, the import jobs take what it did not store). At the end, for every
+acknowledged instance, the DynamoDB records (read as `dicom-store-scp status` reads them) say exactly one of:
+- imported by StoreDICOM: the stand-in stored it, into the image set the record names;
+- imported by an import job: that job had it in its input and imported it into the image set the record names
+  (primary, or non-primary as HealthImaging put it);
+- failed, with a reason: neither the stand-in nor any import job stored it.
+Nothing the modality was refused is reported imported; nothing is unfinished once the drain time has passed.
 
-The short run is part of `make test`; `make soak` runs it for SOAK_SECONDS (default 3600) with SOAK_SEED.
+Duplicates, an instance stored more than once (twice by StoreDICOM, or by StoreDICOM and an import job, or by two
+import jobs), are counted and printed. Delivery is at least once, so one is allowed exactly when the daemon could
+not have known of the earlier store: the stand-in lost its answer after storing (the connection dropped), or
+answered only after WITHDRAW_SECONDS (the wait of a closing batch for its requests under way), or the modality
+sent the instance again after getting no answer (a stopped or killed daemon), or a manifest of the sweeper lists
+it (it seals a batch whole when the daemon is gone, or, misconfigured, too early). Any other duplicate is a
+violation.
+
+The short runs are part of `make test`; `make soak` runs them for SOAK_SECONDS (default 3600, split between the
+modes) with SOAK_SEED, and SOAK_FORWARDING (on, off, or both, the default) chooses the modes.
 """
 
 from __future__ import annotations
@@ -18,7 +32,8 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import ModuleType, SimpleNamespace
@@ -33,7 +48,16 @@ from moto.stepfunctions.parser.asl.component.state.exec.state_task import lambda
 from moto.stepfunctions.parser.asl.utils.boto_client import boto_client_for
 
 from batch_contract.layout import batch_id_from_manifest_key
-from batch_contract.table import BATCH_UNCONFIRMED, BY_STATUS_INDEX, ENTITY_BATCH, batch_key, status_partition
+from batch_contract.manifest import CLOSED_BY_SWEEPER
+from batch_contract.table import (
+    BATCH_UNCONFIRMED,
+    BY_STATUS_INDEX,
+    ENTITY_BATCH,
+    STORED_BY_STOREDICOM,
+    batch_key,
+    status_partition,
+)
+from scp.forwarding.s3_batches import WITHDRAW_SECONDS
 from scp.import_status import command
 from scp.import_status.report import FAILED, IMPORTED, NON_PRIMARY, PENDING
 from tests.endtoend.harness import (
@@ -46,25 +70,36 @@ from tests.endtoend.harness import (
     batch_ids,
     daemon_settings,
     listed_in_manifests,
+    manifest_documents,
     manifest_keys,
     moto_clients,
     poll,
     recheck_run,
     reconcile_run,
     s3_fault,
+    stow_fault,
     sweeper_run,
 )
 from tests.functions.workflow import DATASTORE_ID, ROLE_ARN, create_table, load_app, unique
 from tests.statemachine.test_import_execution import ASL, FUNCTIONS, REGION, LambdaService, function_arn
-from tests.support.healthimaging import HealthImaging, Rates
+from tests.support.healthimaging import HealthImaging, Imported, Rates
 from tests.support.moto import MotoServer
 from tests.support.s3_faults import fault_proxy
+from tests.support.stow import NON_PRIMARY as STOW_NON_PRIMARY
+from tests.support.stow import REFUSE, WARN, Received, StowStandIn
 
 pytestmark = pytest.mark.integration
 
 SOAK_SECONDS = float(os.environ.get("SOAK_SECONDS", "0"))
 SEED = int(os.environ.get("SOAK_SEED", "20261201"))
+_MODES = {"off": (False,), "on": (True,), "both": (False, True)}
+_SOAK_FORWARDING = os.environ.get("SOAK_FORWARDING", "both")
+if _SOAK_FORWARDING not in _MODES:
+    raise ValueError(f"SOAK_FORWARDING={_SOAK_FORWARDING!r}: on, off or both")
+MODES = _MODES[_SOAK_FORWARDING] if SOAK_SECONDS else _MODES["both"]
 SHORT = Plan(seed=SEED, send_seconds=45, instances=300)
+# Most batches end with no import job when StoreDICOM stores them, so fewer instances prove as much.
+SHORT_FORWARDING = Plan(seed=SEED, send_seconds=30, instances=200)
 # The soak at a modality's pace (about five instances a second), with the daemon killed or stopped every minute or so.
 SOAK = Plan(
     seed=SEED,
@@ -74,6 +109,7 @@ SOAK = Plan(
     daemon_fault_every=(20.0, 90.0),
     sweep_every=(5.0, 20.0),
     reconcile_every=(20.0, 90.0),
+    stow_fault_every=(5.0, 30.0),
     drain_seconds=240,
 )
 RATES = Rates(
@@ -96,6 +132,23 @@ RETRY_TIME_SCALE = 0.05
 RECHECK_INTERVAL = timedelta(seconds=3)
 
 
+def plan_for(forwarding: bool) -> Plan:
+    if SOAK_SECONDS:
+        return replace(SOAK, send_seconds=SOAK_SECONDS / len(MODES))
+    return SHORT_FORWARDING if forwarding else SHORT
+
+
+def rates_for(forwarding: bool) -> Rates:
+    """The short run with forwarding keeps to about a minute in `make test`: no job output that appears only after
+    the workflow stopped waiting (70 to 100 s of drain), which the short run without forwarding and the soak in
+    both modes cover."""
+    return replace(RATES, very_late_output=0.0) if forwarding and not SOAK_SECONDS else RATES
+
+
+def _mode_id(forwarding: bool) -> str:
+    return "storedicom-forwarding" if forwarding else "import-jobs-only"
+
+
 @dataclass
 class WholePath:
     """Everything the run touches."""
@@ -112,7 +165,7 @@ class WholePath:
 
 
 @pytest.fixture
-def whole_path(moto: MotoServer, monkeypatch: pytest.MonkeyPatch) -> Iterator[WholePath]:
+def whole_path(moto: MotoServer, monkeypatch: pytest.MonkeyPatch, forwarding: bool) -> Iterator[WholePath]:
     # S3 and DynamoDB on moto_server, shared with the daemon; Step Functions in this process.
     monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
     monkeypatch.delenv("AWS_PROFILE", raising=False)
@@ -143,7 +196,7 @@ def whole_path(moto: MotoServer, monkeypatch: pytest.MonkeyPatch) -> Iterator[Wh
     }
     with mock_aws(config={"stepfunctions": {"execute_state_machine": True}}):
         apps = {placeholder: load_app(name, monkeypatch, env) for placeholder, name in FUNCTIONS.items()}
-        healthimaging = HealthImaging(s3, DATASTORE_ID, RATES, random.Random(SEED))
+        healthimaging = HealthImaging(s3, DATASTORE_ID, rates_for(forwarding), random.Random(SEED))
         healthimaging.attach(apps["StartImportFunctionArn"].MEDICAL_IMAGING)
         healthimaging.attach(apps["CheckImportFunctionArn"].MEDICAL_IMAGING)
         lambda_service = LambdaService({function_arn(p): app.handler for p, app in apps.items()})
@@ -190,22 +243,26 @@ def console_report(path: WholePath, study: str) -> dict[str, Any]:
     return dict(json.loads(result.stdout))
 
 
+@pytest.mark.parametrize("forwarding", MODES, ids=[_mode_id(on) for on in MODES])
 def test_every_acknowledged_instance_reaches_one_truthful_end_state(
-    whole_path: WholePath, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    whole_path: WholePath, tmp_path: Path, capsys: pytest.CaptureFixture[str], forwarding: bool
 ) -> None:
-    plan = SOAK if SOAK_SECONDS else SHORT
+    plan = plan_for(forwarding)
     rng = random.Random(plan.seed)
     path = whole_path
     ledger = Ledger()
     chaos = Chaos(rng)
-    with fault_proxy(path.moto.endpoint) as proxy:
-        receivers = Receivers(tmp_path, daemon_settings(path.bucket, proxy))
+    standin = StowStandIn(region=REGION, datastore_id=DATASTORE_ID, verdict=verdict_of(path.healthimaging))
+    with fault_proxy(path.moto.endpoint) as proxy, running(standin if forwarding else None):
+        receivers = Receivers(tmp_path, daemon_settings(path.bucket, proxy, standin if forwarding else None, tmp_path))
         events = EventBridge(path.sfn, path.arn, path.s3, path.bucket, plan.duplicate_events, plan.lost_events, rng)
         events.start()
         modality = Modality(plan, ledger, lambda: receivers.port, tmp_path / "sent", rng)
         (tmp_path / "sent").mkdir()
         chaos.every("daemon", plan.daemon_fault_every, receivers.fault)
         chaos.every("s3", plan.s3_fault_every, s3_fault(proxy))
+        if forwarding:
+            chaos.every("storedicom", plan.stow_fault_every, stow_fault(standin))
         eager_sweeper = sweeper_run(path.sweeper, path.bucket, SWEEP_MIN_AGE_SECONDS, eager=True)
         chaos.every("sweeper", plan.sweep_every, eager_sweeper)
         eager_reconcile = reconcile_run(path.sweeper, path.bucket, path.arn, SWEEP_MIN_AGE_SECONDS, eager=True)
@@ -244,52 +301,44 @@ def test_every_acknowledged_instance_reaches_one_truthful_end_state(
         for instance in report["instances"]:
             assert instance["sopInstanceUid"] not in seen, f"reported twice: {instance}"
             seen[instance["sopInstanceUid"]] = instance
-    truth = path.healthimaging.imported
-    listed = listed_in_manifests(path.s3, path.bucket)
+    documents = manifest_documents(path.s3, path.bucket)
+    side = HealthImagingSide(path.healthimaging.imported, stored_by_standin(standin), documents, ledger)
 
     failed_reasons: Counter[str] = Counter()
     violations: list[str] = []
     for sop in sorted(ledger.acknowledged):
         instance = seen.get(sop)
         if instance is None:
-            violations.append(f"{sop}: acknowledged, not reported at all (in {listed[sop]} manifests)")
+            violations.append(f"{sop}: acknowledged, not reported at all (in {side.listed[sop]} manifests)")
             continue
-        state = instance["state"]
-        if state in PENDING:
-            violations.append(f"{sop}: still {state} after the drain time (batch {instance['batchId']})")
-        elif state in (IMPORTED, NON_PRIMARY):
-            held = truth.get(sop)
-            if held is None:
-                violations.append(f"{sop}: reported {state}, HealthImaging never imported it")
-            elif instance["imageSetId"] != held.image_set_id or (state == IMPORTED) != held.is_primary:
-                violations.append(f"{sop}: reported {state} in {instance['imageSetId']}, HealthImaging has {held}")
-        elif state == FAILED:
-            if sop in truth:
-                violations.append(f"{sop}: reported failed, HealthImaging imported it ({truth[sop]})")
-            if not instance.get("reason"):
-                violations.append(f"{sop}: failed without a reason")
+        violations += side.check(sop, instance)
+        if instance["state"] == FAILED:
             failed_reasons[_reason_kind(instance.get("reason") or "")] += 1
-        else:
-            violations.append(f"{sop}: ended {state}, neither imported nor failed")
-        if listed[sop] == 0:
+        if side.listed[sop] == 0:
             violations.append(f"{sop}: acknowledged, listed in no manifest")
     for sop in sorted(ledger.given_up - ledger.acknowledged):
         if seen.get(sop, {}).get("state") in (IMPORTED, NON_PRIMARY):
             violations.append(f"{sop}: refused to the modality, reported imported")
+    duplicates = side.duplicates(ledger.study_of)
+    violations += [f"{sop}: {why}" for sop, why in sorted(duplicates.items()) if why.startswith("stored")]
 
     # The console command reports what the report model computed, for a sample of studies.
     for study in sorted(reports)[:3]:
         assert console_report(path, study)["counts"] == reports[study]["counts"], study
 
-    states = Counter(instance["state"] for sop, instance in seen.items() if sop in ledger.acknowledged)
+    acknowledged = [instance for sop, instance in seen.items() if sop in ledger.acknowledged]
+    states = Counter(instance["state"] for instance in acknowledged)
     faults = Counter(chaos.injected)
     faults.update({f"HealthImaging {kind}": n for kind, n in path.healthimaging.faults.items()})
     faults.update(Counter(f"S3 proxy {line.rsplit(' ', 1)[-1]}" for line in proxy.faulted))
+    faults.update({f"StoreDICOM stand-in {kind}": n for kind, n in standin.faults.items()})
+    faults.update({f"StoreDICOM stand-in answered HTTP {code}": n for code, n in standin.requests.items()})
     faults["duplicate events"] = events.duplicated
     faults["lost events"] = events.lost
     late_batches = len(receivers.logs("batch sealed elsewhere without some objects: copied into a batch of their own"))
     summary = {
         "seed": plan.seed,
+        "StoreDICOM forwarding": "on" if forwarding else "off",
         "sent seconds": round(sent_for),
         "drain seconds": round(drain_seconds),
         "drained": bool(last),
@@ -301,22 +350,144 @@ def test_every_acknowledged_instance_reaches_one_truthful_end_state(
         "non-primary": states[NON_PRIMARY],
         "failed": states[FAILED],
         "failed by reason": dict(failed_reasons),
+        "recorded stored by StoreDICOM": sum(1 for i in acknowledged if i.get("storedBy") == STORED_BY_STOREDICOM),
+        "recorded imported by a job": sum(
+            1 for i in acknowledged if i["state"] in (IMPORTED, NON_PRIMARY) and not i.get("storedBy")
+        ),
+        "instances the stand-in stored": len(side.standin),
         "batches": len(batch_ids(path.s3, path.bucket)),
-        "manifests": len(manifest_keys(path.s3, path.bucket)),
+        "manifests": len(documents),
+        "manifests of objects StoreDICOM stored (no import job)": sum(1 for d in documents if _stored_by_storedicom(d)),
+        "fallback batches": sum(1 for d in documents if d.get("fallbackFrom")),
         "late batches (sealed elsewhere)": late_batches,
         "executions": len(_executions(path)),
         "unconfirmed batches recorded by the re-check": len(rechecked),
         "executions started by reconcile": sum(1 for arn in _executions(path) if ":reconcile-" in arn),
         "import jobs": len(path.healthimaging.jobs()),
         "daemons started": len(receivers.started),
+        "duplicates (stored more than once), by why": dict(Counter(duplicates.values())),
         "faults injected": dict(sorted(faults.items())),
         "violations": len(violations),
     }
     with capsys.disabled():
         sys.stdout.write("\nend-to-end invariant: " + json.dumps(summary, indent=1) + "\n")
     assert ledger.acknowledged, "nothing was acknowledged: the run proves nothing"
+    assert standin.problems == [], f"the stand-in refused what the daemon sent: {standin.problems[:5]}"
+    if forwarding:
+        assert side.standin, "StoreDICOM stored nothing: the forwarding run proves nothing"
     assert not violations, f"{len(violations)} violations, first ones:\n" + "\n".join(violations[:25])
     assert last, f"not drained within {plan.drain_seconds} s: {last!r}"
+
+
+def verdict_of(healthimaging: HealthImaging) -> Any:
+    """The stand-in judges an instance as the import jobs do: one data store, one answer for the same data."""
+    words = {"customer": REFUSE, "nonprimary": STOW_NON_PRIMARY, "warning": WARN}
+
+    def verdict(sop: str) -> str | None:
+        return words.get(healthimaging.problem(sop) or "")
+
+    return verdict
+
+
+@contextmanager
+def running(standin: StowStandIn | None) -> Iterator[None]:
+    if standin is None:
+        yield
+        return
+    standin.start()
+    try:
+        yield
+    finally:
+        standin.stop()
+
+
+def stored_by_standin(standin: StowStandIn) -> dict[str, list[Received]]:
+    stored: dict[str, list[Received]] = {}
+    with standin.lock:
+        for item in standin.received:
+            stored.setdefault(item.sop_instance_uid, []).append(item)
+    return stored
+
+
+def _stored_by_storedicom(document: dict[str, Any]) -> bool:
+    return bool(document["objects"]) and all(entry.get("storeDICOM") for entry in document["objects"])
+
+
+@dataclass
+class HealthImagingSide:
+    """What HealthImaging holds, by either path, beside what the manifests say: the truth records are checked by."""
+
+    jobs: dict[str, Imported]  # imported by import jobs (the responder's truth)
+    standin: dict[str, list[Received]]  # stored by StoreDICOM, each time
+    documents: list[dict[str, Any]]
+    ledger: Ledger
+    listed: Counter[str] = field(init=False)
+    closed_by: dict[str, set[str]] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.listed = listed_in_manifests(self.documents)
+        self.closed_by = {}
+        for document in self.documents:
+            for entry in document["objects"]:
+                self.closed_by.setdefault(str(entry["sopInstanceUid"]), set()).add(str(document["closedBy"]))
+
+    def check(self, sop: str, instance: dict[str, Any]) -> list[str]:
+        """What is untrue in one acknowledged instance's reported state."""
+        state = instance["state"]
+        if state in PENDING:
+            return [f"{sop}: still {state} after the drain time (batch {instance['batchId']})"]
+        if state in (IMPORTED, NON_PRIMARY) and instance.get("storedBy") == STORED_BY_STOREDICOM:
+            stored = self.standin.get(sop, [])
+            if not stored:
+                return [f"{sop}: reported {state} by StoreDICOM, which never stored it"]
+            if instance["imageSetId"] not in {item.image_set_id for item in stored}:
+                image_sets = sorted({item.image_set_id for item in stored})
+                return [f"{sop}: reported {state} by StoreDICOM in {instance['imageSetId']}, it stored {image_sets}"]
+            return []
+        if state in (IMPORTED, NON_PRIMARY):
+            held = self.jobs.get(sop)
+            if held is None:
+                return [f"{sop}: reported {state} by an import job, no import job imported it"]
+            if instance["imageSetId"] != held.image_set_id or (state == IMPORTED) != held.is_primary:
+                return [f"{sop}: reported {state} in {instance['imageSetId']}, HealthImaging has {held}"]
+            if instance.get("jobId") not in held.jobs:
+                return [f"{sop}: reported imported by job {instance.get('jobId')}, imported by jobs {held.jobs}"]
+            return []
+        if state == FAILED:
+            problems = []
+            if sop in self.jobs:
+                problems.append(f"{sop}: reported failed, an import job imported it ({self.jobs[sop]})")
+            if sop in self.standin:
+                problems.append(f"{sop}: reported failed, StoreDICOM stored it {len(self.standin[sop])} times")
+            if not instance.get("reason"):
+                problems.append(f"{sop}: failed without a reason")
+            return problems
+        return [f"{sop}: ended {state}, neither imported nor failed"]
+
+    def duplicates(self, study_of: dict[str, str]) -> dict[str, str]:
+        """Every instance stored more than once, with what at-least-once delivery allows it for, or, starting
+        with "stored", why it is a violation."""
+        found = {}
+        for sop in sorted(set(self.standin) | set(self.jobs)):
+            by_stow = self.standin.get(sop, [])
+            by_jobs = self.jobs[sop].jobs if sop in self.jobs else []
+            if len(by_stow) + len(by_jobs) < 2:
+                continue
+            if any(item.answer_lost for item in by_stow):
+                found[sop] = "allowed: StoreDICOM's answer lost after storing"
+            elif any(item.answer_seconds > WITHDRAW_SECONDS for item in by_stow):
+                found[sop] = "allowed: StoreDICOM answered after its batch stopped waiting"
+            elif self.ledger.unanswered[sop]:
+                found[sop] = "allowed: sent again after no answer (the daemon stopped or killed)"
+            elif CLOSED_BY_SWEEPER in self.closed_by.get(sop, set()):
+                found[sop] = "allowed: in a batch the sweeper sealed whole"
+            else:
+                found[sop] = (
+                    f"stored {len(by_stow)} times by StoreDICOM and by import jobs {by_jobs}, with no lost answer, "
+                    f"re-send or sealed batch to allow it (study {study_of.get(sop)}, manifests closed by "
+                    f"{sorted(self.closed_by.get(sop, set()))})"
+                )
+        return found
 
 
 def _drained(path: WholePath, events: EventBridge, passes: tuple[Any, ...], registered: set[str]) -> bool:

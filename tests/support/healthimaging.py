@@ -100,6 +100,12 @@ class HealthImaging:
         with self._lock:
             return list(self._jobs.values())
 
+    def problem(self, sop_instance_uid: str) -> str | None:
+        """What is wrong with an instance ("customer", "nonprimary", "warning" or None): drawn once, so that
+        StoreDICOM's stand-in of the same data store judges it as the import jobs do."""
+        with self._lock:
+            return self._problem(sop_instance_uid)
+
     # -- the responder ---------------------------------------------------------------------------------------
 
     @staticmethod

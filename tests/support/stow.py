@@ -5,7 +5,11 @@ hash), the path ``/datastore/<id>/studies``, the body framing (``application/dic
 type="application/dicom"``), and parses every instance with pydicom. It answers with a DICOM JSON data set:
 ReferencedSOPSequence (0008,1199) for the stored instances, FailedSOPSequence (0008,1198) with FailureReason for
 the refused ones; 200 when all were stored, 202 when some were not, 409 when none was (PS3.18 10.5.3). Tests
-switch it to answer 503 or 429, to refuse chosen instances, to warn, or to add latency.
+switch it to answer 503 or 429, to refuse chosen instances, to warn, or to add latency; and, for the end-to-end
+run, to drop a connection before storing, to hold a request and then drop it, to store and then lose the answer,
+and to judge each instance through ``verdict`` (refused, stored with a warning, or stored into a non-primary image
+set). What it stored, into which image set, and whether the client can have seen the answer, is kept per instance
+in ``received``; each fault it applied is counted in ``faults``.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, BinaryIO
@@ -33,6 +38,11 @@ REGION = "eu-west-2"
 DATASTORE_ID = "0123456789abcdef0123456789abcdef"
 _CHUNK = 1024 * 1024
 _KEEP_BYTES = 16 * 1024 * 1024  # instances up to this size are kept whole for byte comparison
+# What ``verdict`` may say of an instance: refused in FailedSOPSequence, stored with a warning, or stored into a
+# non-primary image set of its own (its metadata conflicts with the study's primary one).
+REFUSE, WARN, NON_PRIMARY = "refuse", "warning", "nonprimary"
+REFUSED_REASON = 0xC000  # PS3.4 C.4.2.1.4: Cannot understand
+WARNING_REASON = 0xB000  # PS3.4 C.4.2.1.4: Coercion of data elements
 _AUTHORIZATION = re.compile(
     r"AWS4-HMAC-SHA256 Credential=(?P<key>[^/]+)/(?P<date>[0-9]{8})/(?P<region>[^/]+)/(?P<service>[^/]+)/aws4_request,"
     r"\s*SignedHeaders=(?P<headers>[a-z0-9;-]+),\s*Signature=(?P<signature>[0-9a-f]{64})"
@@ -48,6 +58,11 @@ class Received:
     sha256: str
     data: bytes | None
     request_number: int
+    image_set_id: str = ""
+    # Seconds from the request's arrival to its answer leaving, and whether the answer was lost (the connection
+    # dropped after storing): the client cannot know that these were stored.
+    answer_seconds: float = 0.0
+    answer_lost: bool = False
 
 
 @dataclass
@@ -55,16 +70,20 @@ class StowStandIn:
     region: str = REGION
     datastore_id: str = DATASTORE_ID
     latency_seconds: float = 0.0
-    close_without_answer: bool = False  # read the request, then drop the connection
+    close_without_answer: bool = False  # read the request, store it, then drop the connection
+    drop_before_storing: bool = False  # read the request, then drop the connection, storing nothing
+    hang_seconds: float = 0.0  # hold each request this long, then drop its connection, storing nothing
     answer_status: int | None = None  # 503, 429, ...: answer every request with it, storing nothing
     refuse_http: set[str] = field(default_factory=set)  # a request carrying one of these gets HTTP 400
     refuse_dicom: dict[str, int] = field(default_factory=dict)  # in FailedSOPSequence with this FailureReason
     warn: dict[str, int] = field(default_factory=dict)  # stored, with this WarningReason
+    verdict: Callable[[str], str | None] | None = None  # per SOP Instance UID: REFUSE, WARN, NON_PRIMARY or None
     received: list[Received] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     requests: Counter[str] = field(default_factory=Counter)  # by answer status
     instances_per_request: list[int] = field(default_factory=list)
     content_types: Counter[str] = field(default_factory=Counter)
+    faults: Counter[str] = field(default_factory=Counter)  # by kind, one per request it applied to
     lock: threading.Lock = field(default_factory=threading.Lock)
     _server: ThreadingHTTPServer | None = None
 
@@ -77,8 +96,14 @@ class StowStandIn:
             protocol_version = "HTTP/1.1"
 
             def do_POST(self) -> None:
-                status, body = standin._handle(self)
-                if standin.close_without_answer:
+                arrived = time.monotonic()
+                status, body, stored = standin._handle(self)
+                if status == 0 or standin.close_without_answer:
+                    with standin.lock:
+                        for item in stored:
+                            item.answer_lost = True
+                        if stored:
+                            standin.faults["answer lost after storing"] += 1
                     self.close_connection = True
                     return
                 self.send_response(status)
@@ -86,6 +111,10 @@ class StowStandIn:
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 self.wfile.write(body)
+                self.wfile.flush()
+                with standin.lock:
+                    for item in stored:
+                        item.answer_seconds = time.monotonic() - arrived
 
             def log_message(self, format: str, *args: Any) -> None:
                 pass
@@ -131,12 +160,15 @@ class StowStandIn:
             return [item.sha256 for item in self.received if item.sop_instance_uid == sop_instance_uid][-1]
 
     @staticmethod
-    def image_set_id(study_instance_uid: str) -> str:
-        return hashlib.md5(study_instance_uid.encode(), usedforsecurity=False).hexdigest()
+    def image_set_id(study_instance_uid: str, primary: bool = True) -> str:
+        """A study's primary image set; an instance whose metadata conflicts with it goes to a non-primary one."""
+        name = study_instance_uid if primary else f"{study_instance_uid}:nonprimary"
+        return hashlib.md5(name.encode(), usedforsecurity=False).hexdigest()
 
     # -- one request -------------------------------------------------------------------------------------------
 
-    def _handle(self, request: BaseHTTPRequestHandler) -> tuple[int, bytes]:
+    def _handle(self, request: BaseHTTPRequestHandler) -> tuple[int, bytes, list[Received]]:
+        """The answer's status and body, and what this request stored; status 0: drop the connection unanswered."""
         length = int(request.headers.get("Content-Length") or -1)
         if length < 0:
             return self._problem("no Content-Length")
@@ -147,7 +179,7 @@ class StowStandIn:
             while remaining:
                 chunk = request.rfile.read(min(_CHUNK, remaining))
                 if not chunk:
-                    return 400, b""  # the client went away mid-body: nothing arrived
+                    return 400, b"", []  # the client went away mid-body: nothing arrived
                 spool.write(chunk)
                 digest.update(chunk)
                 remaining -= len(chunk)
@@ -159,40 +191,54 @@ class StowStandIn:
                 instances = self._instances(request.headers.get("Content-Type", ""), spool, digest.hexdigest())
             except ValueError as error:
                 return self._problem(str(error))
+        if self.drop_before_storing:
+            with self.lock:
+                self.faults["connection dropped"] += 1
+            return 0, b"", []
+        if self.hang_seconds:
+            with self.lock:
+                self.faults["held, then dropped"] += 1
+            time.sleep(self.hang_seconds)
+            return 0, b"", []
         if self.latency_seconds:
             time.sleep(self.latency_seconds)
         with self.lock:
             if self.answer_status is not None:
                 self.requests[str(self.answer_status)] += 1
                 code = "ThrottlingException" if self.answer_status == 429 else "ServiceUnavailableException"
-                return self.answer_status, f'{{"__type": "{code}", "message": "stand-in"}}'.encode()
+                return self.answer_status, f'{{"__type": "{code}", "message": "stand-in"}}'.encode(), []
             if any(dataset.SOPInstanceUID in self.refuse_http for dataset, _, _ in instances):
                 self.requests["400"] += 1
-                return 400, b'{"__type": "ValidationException", "message": "stand-in refuses this instance"}'
+                return 400, b'{"__type": "ValidationException", "message": "stand-in refuses this instance"}', []
             number = sum(self.requests.values())
-            referenced, failed = [], []
+            referenced, failed, stored = [], [], []
+            warned = False
             for dataset, sha256, data in instances:
                 uid = str(dataset.SOPInstanceUID)
+                verdict = self.verdict(uid) if self.verdict is not None else None
                 reference: dict[str, Any] = {
                     "00081150": {"vr": "UI", "Value": [str(dataset.SOPClassUID)]},
                     "00081155": {"vr": "UI", "Value": [uid]},
                 }
-                if uid in self.refuse_dicom:
-                    failed.append({**reference, "00081197": {"vr": "US", "Value": [self.refuse_dicom[uid]]}})
+                if uid in self.refuse_dicom or verdict == REFUSE:
+                    reason = self.refuse_dicom.get(uid, REFUSED_REASON)
+                    failed.append({**reference, "00081197": {"vr": "US", "Value": [reason]}})
                     continue
                 study = str(dataset.StudyInstanceUID)
-                self.received.append(Received(uid, study, sha256, data, number))
+                image_set_id = self.image_set_id(study, primary=verdict != NON_PRIMARY)
+                stored.append(Received(uid, study, sha256, data, number, image_set_id))
                 reference["00081190"] = {
                     "vr": "UR",
                     "Value": [
                         f"{self.url}/datastore/{self.datastore_id}/studies/{study}/series/"
-                        f"{dataset.SeriesInstanceUID}/instances/{uid}?imageSetId={self.image_set_id(study)}"
+                        f"{dataset.SeriesInstanceUID}/instances/{uid}?imageSetId={image_set_id}"
                     ],
                 }
-                if uid in self.warn:
-                    reference["00081196"] = {"vr": "US", "Value": [self.warn[uid]]}
+                if uid in self.warn or verdict == WARN:
+                    reference["00081196"] = {"vr": "US", "Value": [self.warn.get(uid, WARNING_REASON)]}
+                    warned = True
                 referenced.append(reference)
-            warned = any(str(dataset.SOPInstanceUID) in self.warn for dataset, _, _ in instances)
+            self.received += stored
             status = 200 if not failed and not warned else 202
             if not referenced:
                 status = 409
@@ -203,13 +249,13 @@ class StowStandIn:
             answer["00081199"] = {"vr": "SQ", "Value": referenced}
         if failed:
             answer["00081198"] = {"vr": "SQ", "Value": failed}
-        return status, json.dumps(answer).encode()
+        return status, json.dumps(answer).encode(), stored
 
-    def _problem(self, problem: str) -> tuple[int, bytes]:
+    def _problem(self, problem: str) -> tuple[int, bytes, list[Received]]:
         with self.lock:
             self.problems.append(problem)
             self.requests["400"] += 1
-        return 400, f'{{"__type": "ValidationException", "message": "{problem}"}}'.encode()
+        return 400, f'{{"__type": "ValidationException", "message": "{problem}"}}'.encode(), []
 
     def _check_path(self, path: str) -> str | None:
         expected = f"/datastore/{self.datastore_id}/studies"
