@@ -61,10 +61,11 @@ test: $(INSTALLED) dcmtk ## Run every test (unit, integration with DCMTK and mot
 	$(BIN)/python -m pytest -q -p tests.support.clock_ahead tests/unit tests/functions tests/statemachine
 	$(BIN)/pytest -q
 
-# The end-to-end invariant under seeded faults (tests/endtoend), for an hour instead of the short run in `make test`:
-# SOAK_SECONDS (default 3600) of sending, SOAK_SEED to replay a run.
+# The end-to-end invariant under seeded faults (tests/endtoend), for an hour instead of the short runs in `make test`:
+# SOAK_SECONDS (default 3600) of sending, split between the modes SOAK_FORWARDING chooses (StoreDICOM forwarding
+# on, off, or both, the default), SOAK_SEED to replay a run.
 .PHONY: soak
-soak: $(INSTALLED) ## The end-to-end invariant under faults for an hour (SOAK_SECONDS, SOAK_SEED)
+soak: $(INSTALLED) ## The end-to-end invariant under faults for an hour (SOAK_SECONDS, SOAK_FORWARDING=on|off|both, SOAK_SEED)
 	SOAK_SECONDS=$${SOAK_SECONDS:-3600} $(BIN)/python -m pytest -q -o timeout=0 tests/endtoend
 
 # ---------------------------------------------------------------------------------------------------------------

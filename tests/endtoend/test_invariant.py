@@ -360,6 +360,7 @@ def test_every_acknowledged_instance_reaches_one_truthful_end_state(
         "manifests of objects StoreDICOM stored (no import job)": sum(1 for d in documents if _stored_by_storedicom(d)),
         "fallback batches": sum(1 for d in documents if d.get("fallbackFrom")),
         "late batches (sealed elsewhere)": late_batches,
+        "instances in a sealed batch and in its fallback batch": len(side.sealed_and_split),
         "executions": len(_executions(path)),
         "unconfirmed batches recorded by the re-check": len(rechecked),
         "executions started by reconcile": sum(1 for arn in _executions(path) if ":reconcile-" in arn),
@@ -423,13 +424,27 @@ class HealthImagingSide:
     ledger: Ledger
     listed: Counter[str] = field(init=False)
     closed_by: dict[str, set[str]] = field(init=False)
+    # Instances whose one received copy is listed twice: in the sweeper's manifest of a batch it sealed whole and in
+    # the fallback batch the daemon split from that batch (fallback batch id -> sealed batch id, per instance).
+    sealed_and_split: dict[str, tuple[str, str]] = field(init=False)
 
     def __post_init__(self) -> None:
         self.listed = listed_in_manifests(self.documents)
         self.closed_by = {}
+        sealed: dict[str, set[str]] = {}
         for document in self.documents:
             for entry in document["objects"]:
-                self.closed_by.setdefault(str(entry["sopInstanceUid"]), set()).add(str(document["closedBy"]))
+                sop = str(entry["sopInstanceUid"])
+                self.closed_by.setdefault(sop, set()).add(str(document["closedBy"]))
+                if document["closedBy"] == CLOSED_BY_SWEEPER:
+                    sealed.setdefault(sop, set()).add(str(document["batchId"]))
+        self.sealed_and_split = {
+            str(entry["sopInstanceUid"]): (str(document["batchId"]), str(document["fallbackFrom"]))
+            for document in self.documents
+            if document.get("fallbackFrom")
+            for entry in document["objects"]
+            if document["fallbackFrom"] in sealed.get(str(entry["sopInstanceUid"]), set())
+        }
 
     def check(self, sop: str, instance: dict[str, Any]) -> list[str]:
         """What is untrue in one acknowledged instance's reported state."""
@@ -456,9 +471,17 @@ class HealthImagingSide:
         if state == FAILED:
             problems = []
             if sop in self.jobs:
-                problems.append(f"{sop}: reported failed, an import job imported it ({self.jobs[sop]})")
+                twice = self.sealed_and_split.get(sop)
+                where = f"; listed in fallback batch {twice[0]} and in {twice[1]}, sealed whole" if twice else ""
+                problems.append(f"{sop}: reported failed, an import job imported it ({self.jobs[sop]}{where})")
             if sop in self.standin:
-                problems.append(f"{sop}: reported failed, StoreDICOM stored it {len(self.standin[sop])} times")
+                stored = self.standin[sop]
+                lost = sum(1 for item in stored if item.answer_lost or item.answer_seconds > WITHDRAW_SECONDS)
+                problems.append(
+                    f"{sop}: reported failed in batch {instance['batchId']} ({instance.get('reason')}), StoreDICOM "
+                    f"stored it {len(stored)} times ({lost} answers lost or late); listed in manifests closed by "
+                    f"{sorted(self.closed_by.get(sop, set()))}"
+                )
             if not instance.get("reason"):
                 problems.append(f"{sop}: failed without a reason")
             return problems
