@@ -109,7 +109,7 @@ SOAK = Plan(
     daemon_fault_every=(20.0, 90.0),
     sweep_every=(5.0, 20.0),
     reconcile_every=(20.0, 90.0),
-    stow_fault_every=(5.0, 30.0),
+    stow_fault_every=(3.0, 15.0),
     drain_seconds=240,
 )
 RATES = Rates(
