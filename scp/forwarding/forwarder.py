@@ -188,7 +188,11 @@ class Forwarder:
             self._new_work = False
 
     def _claim(self) -> list[Pending]:
-        """Take what is due (and not being sent), then wait for a request token to send it."""
+        """Wait for a request token, then take what is due (and not being sent). In that order: instances claimed
+        while a pause runs would count as under way, so a closing batch would wait for them, give up and leave them
+        to its import job, and the request sent after the pause would store them a second time."""
+        if not self._wait_for_turn():
+            return []
         with self._lock:
             due = self._results.due(self._clock(), self._limits.instances_per_request, self._in_flight)
             batch: list[Pending] = []
@@ -199,11 +203,8 @@ class Forwarder:
                 batch.append(pending)
                 size += pending.size
             self._in_flight.update(p.sop_instance_uid for p in batch)
-        if batch and not self._wait_for_turn():
-            with self._lock:
-                self._in_flight.difference_update(p.sop_instance_uid for p in batch)
-                self._requests_ended.notify_all()
-            return []
+            if not batch:
+                self._tokens = min(float(self._limits.burst), self._tokens + 1)  # nothing due: the token goes back
         return batch
 
     def _wait_for_turn(self) -> bool:

@@ -146,7 +146,13 @@ def test_withdrawn_instances_are_never_sent_again_and_requests_under_way_are_wai
         sent = len(stow.requests)
         results.enqueue(  # a new instance is still sent: only the withdrawn ones are not
             ReceivedInstance(
-                "1.2.840.10008.5.1.4.1.1.2", "1.1", STUDY, "1.2.3.4", "1.2.840.10008.1.2.1", "CT01", 10,
+                "1.2.840.10008.5.1.4.1.1.2",
+                "1.1",
+                STUDY,
+                "1.2.3.4",
+                "1.2.840.10008.1.2.1",
+                "CT01",
+                10,
                 datetime.now(UTC),
             ),
             rows[0][1],
@@ -157,4 +163,35 @@ def test_withdrawn_instances_are_never_sent_again_and_requests_under_way_are_wai
         assert stow.requests[sent:] == [["1.1"]], "1.2 was withdrawn and never sent again"
     finally:
         release.set()
+        forwarder.stop(5)
+
+
+def test_instances_waiting_out_a_pause_are_not_under_way_and_a_withdrawal_takes_them(tmp_path: Path) -> None:
+    """A closing batch waits only for requests really under way: an instance that would be sent once the pause
+    after a 503 ends is withdrawn at once, and never sent (its batch's import job takes it)."""
+    stow = ScriptedStow(lambda uids: Answer(503, {}, "stand-in unavailable"))
+    results = Results(tmp_path / "db.sqlite")
+    rows = []
+    paused = Limits(requests_per_second=1000, burst=1000, workers=1, first_backoff_seconds=2.0)  # 1 to 4 s
+    forwarder = Forwarder(results, lambda: stow, Metrics(write=lambda line: None), paused)  # type: ignore[arg-type,return-value]
+    try:
+        for uid in ("1.1", "1.2"):
+            path = tmp_path / f"{uid}.dcm"
+            path.write_bytes(b"DICM" + uid.encode())
+            received = ReceivedInstance(
+                "1.2.840.10008.5.1.4.1.1.2", uid, STUDY, "1.2.3.4", "1.2.840.10008.1.2.1", "CT01", 10, datetime.now(UTC)
+            )
+            results.enqueue(received, path, now=time.time())
+            rows.append((uid, path))
+            if uid == "1.1":
+                forwarder.start()
+                wait_for(lambda: stow.requests, 10, "the first request answered 503: the forwarder pauses")
+        forwarder.wake()
+        time.sleep(0.2)  # the worker takes up 1.2, due now, and waits for the pause to end
+        started = time.monotonic()
+        assert forwarder.withdraw(rows, 0.5) == set(), "nothing is under way while the forwarder pauses"
+        assert time.monotonic() - started < 0.4
+        time.sleep(4.5)  # past the longest pause
+        assert stow.requests == [["1.1"]], "the withdrawn instances were never sent"
+    finally:
         forwarder.stop(5)
