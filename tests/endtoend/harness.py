@@ -307,9 +307,9 @@ def s3_fault(proxy: FaultProxy) -> Callable[[random.Random], str | None]:
 
 
 def stow_fault(standin: StowStandIn) -> Callable[[random.Random], str | None]:
-    """A period of StoreDICOM trouble at the stand-in, then the stand-in healed. ``slow`` answers sometimes take
-    longer than a closing batch waits for its requests under way (WITHDRAW_SECONDS), and a held request longer
-    still, so that a batch closes while StoreDICOM is still storing some of its instances."""
+    """A period of StoreDICOM trouble at the stand-in, then the stand-in healed. Slow answers sometimes take longer
+    than a closing batch waits for its requests under way (WITHDRAW_SECONDS, 10 s), so that a batch closes while
+    StoreDICOM is still storing some of its instances; held requests are dropped unstored after up to 14 s."""
 
     def inject(rng: random.Random) -> str | None:
         draw = rng.random()
