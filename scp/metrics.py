@@ -59,6 +59,9 @@ FORWARD_METRICS = (
     MetricSpec(
         "ForwardLeftToImport", "Count", None, "S3 mode: instances StoreDICOM had not stored when their batch closed"
     ),
+    MetricSpec(
+        "ForwardTagFailed", "Count", None, "S3 mode: instances StoreDICOM stored whose S3 object could not be tagged so"
+    ),
 )
 _SPECS = {spec.name: spec for spec in METRICS + FORWARD_METRICS}
 # Gauges and samples: written as they are, not as the interval's count.
@@ -173,6 +176,10 @@ class Metrics:
     def forward_left_to_import(self, instances: int) -> None:
         with self._lock:
             self._counts["ForwardLeftToImport"] += instances
+
+    def forward_tag_failed(self) -> None:
+        with self._lock:
+            self._counts["ForwardTagFailed"] += 1
 
     def forward_backlog(self, instances: int) -> None:
         with self._lock:

@@ -15,8 +15,11 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
+from batch_contract.manifest import StoredByStoreDICOM
+from batch_contract.timestamps import iso_millis
 from scp.forwarding.results import FAILED, IMPORTED, WARNING, Pending, Results
 from scp.forwarding.stow import MAXIMUM_REQUEST_BYTES, Answer, Body, StowClient, StowError
 from scp.metrics import Metrics
@@ -92,6 +95,8 @@ class Forwarder:
         self._last_summary = 0.0
         self._retried_since_summary = 0
         self._threads: list[threading.Thread] = []
+        # S3 mode: told of each instance StoreDICOM stored, to note it on its S3 object (scp/forwarding/s3_batches.py).
+        self.on_stored: Callable[[Pending, StoredByStoreDICOM], None] | None = None
 
     def start(self) -> None:
         backlog = self._results.backlog()
@@ -308,6 +313,9 @@ class Forwarder:
         now = self._clock()
         duplicates = self._results.stored(pending, status, image_set_id, reason, now)
         self._metrics.forward_stored(round((now - pending.enqueued_at) * 1000, 1), duplicates)
+        if self.on_stored is not None:
+            stored_at = iso_millis(datetime.fromtimestamp(now, UTC))
+            self.on_stored(pending, StoredByStoreDICOM(stored_at, image_set_id, reason if status == WARNING else None))
         if status == WARNING:
             LOG.warning(
                 "stored in HealthImaging with a warning",

@@ -6,7 +6,8 @@ here are this run's working state, cleared at every start. An object is sent fro
 made once S3 has confirmed it: the very bytes S3 verified, with no second read over the network. When its batch
 closes, what StoreDICOM has not stored (refused, still failing, or no copy kept) goes to an import job instead, and
 nothing is sent again; if the daemon dies first, the sweeper seals the batch whole and the import job takes all of
-it (at least once: it may store again an instance StoreDICOM had stored).
+it (at least once: it may store again an instance StoreDICOM had stored). So that the workflow never records failed
+what StoreDICOM stored, each stored instance's S3 object is tagged with StoreDICOM's answer (``StoredTagger``).
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ from batch_contract.layout import parse_object_key
 from batch_contract.manifest import StoredByStoreDICOM
 from scp.batches import Batch
 from scp.forwarding.forwarder import Forwarder
-from scp.forwarding.results import IMPORTED, WARNING, Results
+from scp.forwarding.results import IMPORTED, WARNING, Pending, Results
+from scp.forwarding.stored_tagging import StoredTagger
 from scp.instances import ReceivedInstance, StoredInstance
 from scp.metrics import Metrics
 from scp.storage.s3 import S3Store
@@ -79,6 +81,7 @@ class S3Forwarding:
         forwarder: Forwarder,
         metrics: Metrics,
         copies: Path,
+        tagger: StoredTagger,
         clock: Callable[[], float] = time.time,
         withdraw_seconds: float = WITHDRAW_SECONDS,
         copies_max_bytes: int = COPIES_MAX_BYTES,
@@ -88,6 +91,7 @@ class S3Forwarding:
         self._forwarder = forwarder
         self._metrics = metrics
         self._copies = copies
+        self._tagger = tagger
         self._clock = clock
         self._withdraw_seconds = withdraw_seconds
         self._copies_max_bytes = copies_max_bytes
@@ -97,7 +101,11 @@ class S3Forwarding:
         self._over_budget = False
         # Copies whose request was still under way when their batch closed: removed once it has ended.
         self._abandoned: list[_Copy] = []
+        # The key each copy's StoreDICOM answer is tagged on: its object, or after its batch closed without it, its
+        # fallback batch's copy. Only the newest copy of a key is here: an answer about an older receipt tags nothing.
+        self._tag_keys: dict[Path, str] = {}
         inner.forwarding = self
+        forwarder.on_stored = self._stored
 
     # -- the Store interface -----------------------------------------------------------------------------------
 
@@ -108,6 +116,7 @@ class S3Forwarding:
         """Close every batch first (each takes its instances back), then stop sending."""
         self._inner.close()
         self._forwarder.stop(_STOP_SECONDS)
+        self._tagger.stop(_STOP_SECONDS)
         self._results.close()
         shutil.rmtree(self._copies, ignore_errors=True)
 
@@ -137,7 +146,10 @@ class S3Forwarding:
             return
         with self._lock:
             members = self._members.setdefault(batch_id, _Members())
+            if key in members.latest:
+                self._tag_keys.pop(members.latest[key][1], None)
             members.latest[key] = (instance.sop_instance_uid, copy)
+            self._tag_keys[copy] = key
             members.copies.append((instance.sop_instance_uid, copy, size))
         self._forwarder.wake()
 
@@ -171,6 +183,7 @@ class S3Forwarding:
         self._remove_ended(members.copies, closed_earlier=False)
         left = sum(1 for key in batch.objects if key not in stored)
         batch.split(stored, datetime.now(UTC))
+        self._follow_into_fallback(batch, members)
         self._metrics.forward_left_to_import(left)
         unanswered = sending - {uid for key, (uid, _) in members.latest.items() if key in stored}
         if unanswered:
@@ -188,6 +201,40 @@ class S3Forwarding:
                 "fallback_batch_id": batch.fallback.batch_id if batch.fallback is not None else None,
             },
         )
+
+    # -- StoreDICOM's answers on the S3 objects ----------------------------------------------------------------
+
+    def _stored(self, pending: Pending, stored: StoredByStoreDICOM) -> None:
+        """The forwarder's word that StoreDICOM stored ``pending``: tag its object (asynchronously)."""
+        with self._lock:
+            key = self._tag_keys.get(pending.location)
+        if key is not None:
+            self._tagger.tag(key, stored)
+
+    def _follow_into_fallback(self, batch: Batch, members: _Members) -> None:
+        """A request still under way when its batch closed: its answer is tagged on the fallback batch's copy, the
+        object the fallback's import job takes. One answered between the outcomes read and now was tagged on the
+        object it was copied from, maybe after the copy: tagged on the copy too."""
+        if batch.fallback is None:
+            return
+        fallback = batch.fallback
+        moved = {fallback.copied_from(item): item.key for item in fallback.objects.values()}
+        followed: list[tuple[str, Path]] = []
+        with self._lock:
+            for key, (uid, copy) in members.latest.items():
+                if key in moved and copy in self._tag_keys:
+                    self._tag_keys[copy] = moved[key]
+                    followed.append((uid, copy))
+        try:
+            outcomes = self._results.outcomes(followed)
+        except sqlite3.Error as error:
+            LOG.error("forwarding working database failed", extra={"error": str(error)})
+            return
+        for uid, copy in followed:
+            status, stored_at, image_set_id, reason = outcomes.get(uid, ("", None, None, None))
+            if status in (IMPORTED, WARNING) and stored_at is not None:
+                warning = reason if status == WARNING else None
+                self._tagger.tag(self._tag_keys[copy], StoredByStoreDICOM(stored_at, image_set_id, warning))
 
     # -- local copies --------------------------------------------------------------------------------------------
 
@@ -233,5 +280,7 @@ class S3Forwarding:
             if uid not in sending:
                 path.unlink(missing_ok=True)
                 self._release(size)
+                with self._lock:
+                    self._tag_keys.pop(path, None)
         with self._lock:
             self._abandoned += [copy for copy in copies if copy[0] in sending]

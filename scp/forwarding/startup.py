@@ -55,6 +55,8 @@ def start_forwarding(inner: Store, settings: Settings, metrics: Metrics) -> Forw
 def start_s3_forwarding(inner: S3Store, settings: Settings, metrics: Metrics) -> S3Forwarding:
     """S3 mode: the S3 objects are the outbox; the database and the local copies are this run's working state."""
     from scp.forwarding.s3_batches import S3Forwarding, prepare
+    from scp.forwarding.stored_tagging import StoredTagger
+    from scp.storage.s3 import s3_client
 
     new_client, base_url, region = _stow_clients(settings)
     try:
@@ -62,8 +64,11 @@ def start_s3_forwarding(inner: S3Store, settings: Settings, metrics: Metrics) ->
     except (OSError, sqlite3.Error) as error:
         raise ForwardingUnavailable(f"forwarding working state cannot be prepared: {error}") from error
     forwarder = Forwarder(results, new_client, metrics)
-    forwarding = S3Forwarding(inner, results, forwarder, metrics, copies)
+    assert settings.dicom_bucket
+    tagger = StoredTagger(s3_client(settings), settings.dicom_bucket, metrics)
+    forwarding = S3Forwarding(inner, results, forwarder, metrics, copies, tagger)
     metrics.forwarding_enabled()
+    tagger.start()
     forwarder.start()
     LOG.info(
         "forwarding to HealthImaging with StoreDICOM once S3 has confirmed each object",

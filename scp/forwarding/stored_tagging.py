@@ -1,0 +1,101 @@
+"""S3 mode: once StoreDICOM stored an instance, say so on its S3 object (batch_contract/stored_tags.py).
+
+The working state dies with the daemon; the tag does not. If the daemon dies while the batch is open, the sweeper
+seals it whole and its import job takes every object; the workflow reads the tags of an instance before it would
+record it failed, so what StoreDICOM stored is recorded imported even when that job fails (docs/forwarding.rst,
+"In the stack"). One thread writes the tags, never the C-STORE path; a tag that cannot be written is logged and
+counted, and that instance is then recorded by its import job alone, as without the tag.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import queue
+import threading
+import time
+from typing import Any
+
+from botocore.exceptions import BotoCoreError, ClientError
+
+from batch_contract.manifest import StoredByStoreDICOM
+from batch_contract.stored_tags import stored_tags
+from scp.metrics import Metrics
+
+LOG = logging.getLogger(__name__)
+
+# A tag is a few hundred bytes; past this many waiting (S3 unreachable for long), new ones are dropped and counted.
+QUEUE_MAX = 100_000
+# Five attempts over about 7.5 s: S3's throttling and server errors pass, and a fallback copy made just after its
+# batch closed (the key a late answer is tagged on) is there by then.
+ATTEMPTS = 5
+FIRST_BACKOFF_SECONDS = 0.5
+
+_Tag = tuple[str, StoredByStoreDICOM]
+
+
+class StoredTagger:
+    def __init__(
+        self,
+        client: Any,
+        bucket: str,
+        metrics: Metrics,
+        attempts: int = ATTEMPTS,
+        first_backoff_seconds: float = FIRST_BACKOFF_SECONDS,
+    ) -> None:
+        self._client = client
+        self._bucket = bucket
+        self._metrics = metrics
+        self._attempts = attempts
+        self._first_backoff = first_backoff_seconds
+        self._queue: queue.Queue[_Tag | None] = queue.Queue(maxsize=QUEUE_MAX)
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="forward-tags", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def tag(self, key: str, stored: StoredByStoreDICOM) -> None:
+        """Queue ``key``'s tags; never blocks."""
+        try:
+            self._queue.put_nowait((key, stored))
+        except queue.Full:
+            self._not_tagged(key, "too many tags waiting")
+
+    def stop(self, timeout: float) -> None:
+        """Write what is queued within ``timeout``; what is left then is logged and counted."""
+        deadline = time.monotonic() + timeout
+        with contextlib.suppress(queue.Full):  # the thread is not keeping up: it stops at the flag below
+            self._queue.put(None, timeout=timeout)
+        self._thread.join(max(0.0, deadline - time.monotonic()))
+        self._stopping.set()
+        self._thread.join(1.0)
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            key, stored = item
+            if self._stopping.is_set():
+                self._not_tagged(key, "the daemon stopped first")
+            else:
+                self._write(key, stored)
+
+    def _write(self, key: str, stored: StoredByStoreDICOM) -> None:
+        tags = stored_tags(stored)
+        error: Exception | None = None
+        for attempt in range(self._attempts):
+            if attempt and self._stopping.wait(self._first_backoff * 2 ** (attempt - 1)):
+                break
+            try:
+                self._client.put_object_tagging(Bucket=self._bucket, Key=key, Tagging={"TagSet": tags})
+                return
+            except (ClientError, BotoCoreError) as caught:
+                error = caught
+        self._not_tagged(key, f"{type(error).__name__}: {error}" if error else "the daemon stopped first")
+
+    def _not_tagged(self, key: str, error: str) -> None:
+        self._metrics.forward_tag_failed()
+        LOG.error(
+            "StoreDICOM stored it but its S3 object could not be tagged so; if its import job fails, it is recorded "
+            "failed",
+            extra={"key": key, "error": error},
+        )
