@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from aws_lambda_powertools import Logger
 from botocore.exceptions import ClientError
 
+from batch_contract.manifest import StoredByStoreDICOM
 from common.layout import (
     LayoutError,
     batch_id_time_part,
@@ -53,7 +54,9 @@ from common.records import (
     finish_batch,
     finish_job,
     record_instance_outcome,
+    record_stored_by_storedicom,
 )
+from common.stored_tags import stored_by_storedicom
 
 if TYPE_CHECKING:
     from mypy_boto3_dynamodb.service_resource import Table
@@ -391,6 +394,37 @@ def unconfirmed_outcomes(manifest: Manifest, job_id: str, error: Mapping[str, An
     ]
 
 
+def _stored_by_storedicom_first(
+    s3: S3Client, manifest: Manifest, outcomes: list[InstanceOutcome]
+) -> tuple[list[InstanceOutcome], dict[str, StoredByStoreDICOM]]:
+    """Before an instance is recorded failed (or unconfirmed): if its object's tags say StoreDICOM stored it, it
+    is in HealthImaging, and recorded so (its answer, by key). Tags unreadable: the task is retried."""
+    listed = {entry.key for entry in manifest.objects}
+    doubtful = [o.key for o in outcomes if o.status in (FAILED, UNCONFIRMED) and o.key in listed]
+    if not doubtful:
+        return outcomes, {}
+    stored = stored_by_storedicom(s3, manifest.bucket, doubtful, retry_on_error=True)
+    if stored:
+        logger.info(
+            "instances the import did not store were stored by StoreDICOM: recorded imported",
+            batch_id=manifest.batch_id,
+            instances=len(stored),
+        )
+    return [
+        replace(
+            o,
+            status=WARNING if stored[o.key].warning else IMPORTED,
+            image_set_id=stored[o.key].image_set_id,
+            is_primary=None,
+            reason=stored[o.key].warning,
+            server_error=False,
+        )
+        if o.key in stored
+        else o
+        for o in outcomes
+    ], stored
+
+
 def record_results(
     event: Mapping[str, Any], s3: S3Client, table: Table, dicom_bucket: str, retention: Retention, now: datetime
 ) -> Results:
@@ -415,6 +449,7 @@ def record_results(
         outcomes, unmatched = outcomes_from_output(manifest, output, job_failed_reason)
     if unmatched:
         logger.warning("output lines that name no object of this batch", batch_id=batch_id, lines=unmatched)
+    outcomes, stored = _stored_by_storedicom_first(s3, manifest, outcomes)
 
     server_failures = [o for o in outcomes if o.status == FAILED and o.server_error]
     requeue_id = None
@@ -428,9 +463,9 @@ def record_results(
         outcomes = [
             replace(o, status=REQUEUED, requeued_to=requeue_id) if o.key in requeued else o for o in outcomes
         ]
-    written = sum(
-        in_parallel(lambda o: record_instance_outcome(table, batch_id, job_id, o, retention, now), outcomes)
-    )
+    by_job = [o for o in outcomes if o.key not in stored]
+    written = sum(in_parallel(lambda o: record_instance_outcome(table, batch_id, job_id, o, retention, now), by_job))
+    written += record_stored_by_storedicom(table, manifest, stored, attempt, retention, now)
     if written < len(outcomes):
         logger.info(
             "instances taken over by a newer batch", batch_id=batch_id, skipped=len(outcomes) - written

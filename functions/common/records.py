@@ -6,13 +6,14 @@ command reads the layout these writers write.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from botocore.exceptions import ClientError
 
+from batch_contract.manifest import StoredByStoreDICOM
 from batch_contract.table import (
     BATCH_FAILED,
     BATCH_IMPORTED,
@@ -94,6 +95,7 @@ __all__ = [
     "record_instance_outcome",
     "record_job_started",
     "record_job_status",
+    "record_stored_by_storedicom",
     "register_batch",
     "register_instances",
     "shorten",
@@ -262,6 +264,35 @@ def register_instances(table: Table, manifest: Manifest, attempt: int, retention
     The same batch may register again (a retried task), and a re-queue batch takes over the instances of the
     batch it came from.
     """
+    return _register_entries(table, manifest, manifest.objects, attempt, retention, now)
+
+
+def record_stored_by_storedicom(
+    table: Table,
+    manifest: Manifest,
+    stored: Mapping[str, StoredByStoreDICOM],
+    attempt: int,
+    retention: Retention,
+    now: datetime,
+) -> int:
+    """Record the instances of ``manifest`` that StoreDICOM stored (``stored``, its answer by key, read from their
+    objects' tags) as registration records a batch StoreDICOM stored: imported or warning, ``storedBy``
+    StoreDICOM, its image set id, under the same rule (only a newer receipt wins). For the instances an import job
+    or a failed workflow would otherwise record failed; returns how many were written."""
+    entries = [
+        replace(entry, stored_by_storedicom=stored[entry.key]) for entry in manifest.objects if entry.key in stored
+    ]
+    return _register_entries(table, manifest, entries, attempt, retention, now)
+
+
+def _register_entries(
+    table: Table,
+    manifest: Manifest,
+    entries: Sequence[ManifestObject],
+    attempt: int,
+    retention: Retention,
+    now: datetime,
+) -> int:
     stamp = iso_millis(now)
     expires = retention.expires_at(now)
 
@@ -280,7 +311,7 @@ def register_instances(table: Table, manifest: Manifest, attempt: int, retention
             table, Item=item, ConditionExpression=condition, ExpressionAttributeValues=values
         )
 
-    return sum(in_parallel(register_one, manifest.objects))
+    return sum(in_parallel(register_one, entries))
 
 
 def record_job_started(

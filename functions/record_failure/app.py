@@ -3,7 +3,9 @@ left without a record by a registration cut short.
 
 The state machine's Catch rules all lead here, so that no failure ends without a trace an admin can query. A batch
 StoreDICOM stored is not failed: its manifest holds every instance's outcome, recorded here as registration records
-it (an error in the workflow, such as a registration cut short, changes nothing HealthImaging holds).
+it (an error in the workflow, such as a registration cut short, changes nothing HealthImaging holds). Nor is an
+instance of any other batch whose S3 object's tags say StoreDICOM stored it (common/stored_tags.py): it is recorded
+imported by StoreDICOM instead.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from common.records import (
     fail_unfinished_instances,
     fail_unrecorded_instances,
     finish_stored_batch,
+    record_stored_by_storedicom,
     register_batch,
     register_instances,
     shorten,
@@ -39,6 +42,7 @@ from common.records import (
     update_if_condition_holds,
     utc_now,
 )
+from common.stored_tags import stored_by_storedicom
 
 from batch_contract.table import ENTITY_BATCH
 
@@ -174,6 +178,17 @@ def record_failure(
         return {"batchId": batch_id, "reason": reason, "instancesFailed": 0, "batchFailed": True}
     failed = 0
     if manifest is not None:
+        # First what StoreDICOM stored, so that the failures below find those records final and leave them. A tag
+        # read that fails leaves that instance failed: this is the last step of the workflow, nothing retries it.
+        keys = [entry.key for entry in manifest.objects]
+        stored = stored_by_storedicom(s3, manifest.bucket, keys, retry_on_error=False)
+        attempt = 2 if manifest.requeued_from else 1
+        if record_stored_by_storedicom(table, manifest, stored, attempt, retention, now):
+            logger.warning(
+                "workflow failed; instances StoreDICOM stored recorded imported",
+                batch_id=batch_id,
+                instances=len(stored),
+            )
         failed = fail_unfinished_instances(table, manifest, reason, retention, now)
         failed += fail_unrecorded_instances(table, manifest, reason, retention, now)
     logger.error("batch failed", batch_id=batch_id, reason=reason, instances_failed=failed)
@@ -181,7 +196,7 @@ def record_failure(
 
 
 SETTINGS = Settings.from_env(os.environ)
-S3 = boto3.client("s3")
+S3 = boto3.client("s3", config=POOLED_CLIENT_CONFIG)
 TABLE = boto3.resource("dynamodb", config=POOLED_CLIENT_CONFIG).Table(SETTINGS.table_name)
 
 

@@ -37,7 +37,10 @@ S3_ACTIONS = {
     "HeadObject": {"s3:GetObject"},
     "GetObject": {"s3:GetObject"},
     "PutObject": {"s3:PutObject"},
-    "CopyObject": {"s3:GetObject", "s3:PutObject"},
+    # A copy carries the source's tags (TaggingDirective COPY, the default), which needs both tagging actions.
+    "CopyObject": {"s3:GetObject", "s3:PutObject", "s3:GetObjectTagging", "s3:PutObjectTagging"},
+    "GetObjectTagging": {"s3:GetObjectTagging"},
+    "PutObjectTagging": {"s3:PutObjectTagging"},
     "CreateMultipartUpload": {"s3:PutObject"},
     "UploadPart": {"s3:PutObject"},
     "UploadPartCopy": {"s3:GetObject", "s3:PutObject"},

@@ -200,9 +200,13 @@ def test_receivers_put_only_under_their_prefixes(template: dict[str, Any], forwa
     granted = {action for statement in statements for action in _actions(statement)}
     s3 = {"s3:ListBucket", "s3:PutObject", "s3:AbortMultipartUpload", "s3:GetObject", "s3:DeleteObject",
           "kms:GenerateDataKey", "kms:Decrypt"}  # fmt: skip
-    # StoreDICOMForwarding: StoreDICOM into the data store, and its key through HealthImaging.
-    forwarded = {"medical-imaging:StoreDICOM"} | KMS_FOR_HEALTHIMAGING if forwarding == "Enabled" else set()
+    # StoreDICOMForwarding: StoreDICOM into the data store, and its key through HealthImaging; the received objects
+    # StoreDICOM stored are tagged so, and copies of tagged objects carry the tags.
+    tagging = {"s3:PutObjectTagging", "s3:GetObjectTagging"}
+    forwarded = {"medical-imaging:StoreDICOM"} | KMS_FOR_HEALTHIMAGING | tagging if forwarding == "Enabled" else set()
     assert granted == s3 | forwarded
+    tags = [s for s in statements if tagging & set(_actions(s))]
+    assert [s["Resource"] for s in tags] == ([{"Fn::Sub": "${DicomBucket.Arn}/batches/*"}] if forwarding == "Enabled" else [])
 
 
 def test_healthimaging_data_access_role(template: dict[str, Any]) -> None:
