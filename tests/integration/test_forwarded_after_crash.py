@@ -14,7 +14,7 @@ import json
 import os
 import signal
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -26,23 +26,17 @@ from botocore.stub import Stubber
 from batch_contract.stored_tags import parse_stored_tags
 from scp.import_status import command
 from tests.functions.workflow import DATASTORE_ID, ROLE_ARN, FakeContext, create_table, load_app
-from tests.integration.test_s3_forwarding import STUDY, instances, manifests, open_batch_ids, s3, send
+from tests.integration.test_s3_forwarding import STUDY, instances
 from tests.support.corpus import read
-from tests.support.daemon import start_daemon
+from tests.support.daemon import Daemon, send_files
 from tests.support.moto import MotoServer
+from tests.support.s3 import new_bucket, open_batch_ids, parsed_manifests, s3
 from tests.support.stow import StowStandIn
 from tests.support.waits import wait_for
 
 pytestmark = pytest.mark.integration
 
 JOB_ID = "5d08d05d6aab2a27922d6260926077d4"
-
-
-@pytest.fixture
-def stow() -> Iterator[StowStandIn]:
-    server = StowStandIn(region="us-east-1").start()
-    yield server
-    server.stop()
 
 
 def stored_tags(client: Any, bucket: str, keys: list[str]) -> dict[str, Any]:
@@ -76,28 +70,21 @@ def failed_job(check: Any, batch_id: str, output_uri: str, now: datetime) -> dic
 
 @pytest.mark.parametrize("recorder", ["process_results", "record_failure"])
 def test_what_storedicom_stored_before_the_daemon_died_is_recorded_imported_when_the_import_job_fails(
-    tmp_path: Path, aws_env: MotoServer, stow: StowStandIn, monkeypatch: pytest.MonkeyPatch,
-    capsys: pytest.CaptureFixture[str], recorder: str,
+    tmp_path: Path, aws_env: MotoServer, bucket: str, standin: StowStandIn,
+    forwarding_daemon: Callable[..., Daemon], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+    recorder: str,
 ) -> None:  # fmt: skip
-    bucket, results_bucket = f"dicom-{uuid.uuid4().hex[:12]}", f"results-{uuid.uuid4().hex[:12]}"
+    stow = standin
+    results_bucket = new_bucket(aws_env, "results")
     client = s3(aws_env)
-    client.create_bucket(Bucket=bucket)
-    client.create_bucket(Bucket=results_bucket)
     table = create_table(boto3.resource("dynamodb"), f"imports-{uuid.uuid4().hex[:12]}")
     sent = instances(tmp_path, 8)
     uids = [str(read(path).SOPInstanceUID) for path in sent]
     refused = set(uids[1:3])
     stow.refuse_http = refused
-    environment: dict[str, str | None] = {
-        **aws_env.env(),
-        **stow.daemon_settings(tmp_path),
-        "AWS_SESSION_TOKEN": None,
-        "DICOM_BUCKET": bucket,
-        "BATCH_WINDOW_SECONDS": "600",  # the batch is still open when the daemon dies
-    }
-    daemon = start_daemon(tmp_path, storage_dir=tmp_path / "spool", **environment)
+    daemon = forwarding_daemon(BATCH_WINDOW_SECONDS="600")  # the batch is still open when the daemon dies
     try:
-        send(daemon, sent)
+        assert send_files(daemon, sent) == [0] * len(sent)
         (batch_id,) = open_batch_ids(aws_env, bucket)
         keys = {uid: f"batches/{batch_id}/{STUDY}/{STUDY}.1/{uid}.dcm" for uid in uids}
         stored_keys = [keys[uid] for uid in uids if uid not in refused]
@@ -120,7 +107,7 @@ def test_what_storedicom_stored_before_the_daemon_died_is_recorded_imported_when
     sweeper = load_app("sweeper", monkeypatch, env)
     now = datetime.now(UTC) + timedelta(hours=2)
     assert sweeper.sweep(sweeper.S3, bucket, now, 900, 72) == [batch_id]
-    (sealed,) = manifests(aws_env, bucket).values()
+    (sealed,) = parsed_manifests(aws_env, bucket).values()
     assert sealed.closed_by == "sweeper" and len(sealed.objects) == 8 and not sealed.stored_by_storedicom
     execution = f"arn:aws:states:us-east-1:123456789012:execution:import:{batch_id}"
     registered = load_app("register_batch", monkeypatch, env).handler(
@@ -158,3 +145,51 @@ def test_what_storedicom_stored_before_the_daemon_died_is_recorded_imported_when
         else:
             assert (by_uid[uid]["state"], by_uid[uid]["storedBy"]) == ("imported", "StoreDICOM")
             assert by_uid[uid]["imageSetId"] == stow.image_set_id(STUDY)
+
+
+def test_an_answer_after_its_batch_closed_is_tagged_on_the_fallback_copy_and_a_failed_fallback_job_keeps_it(
+    tmp_path: Path, aws_env: MotoServer, bucket: str, standin: StowStandIn,
+    forwarding_daemon: Callable[..., Daemon], monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    stow = standin
+    client = s3(aws_env)
+    table = create_table(boto3.resource("dynamodb"), f"imports-{uuid.uuid4().hex[:12]}")
+    first, late = instances(tmp_path, 2), instances(tmp_path, 1)
+    late_uid = str(read(late[0]).SOPInstanceUID)
+    # Answered past the close's 10 s wait for requests under way: the instance goes to the fallback batch.
+    stow.delay = {late_uid: 14.0}
+    daemon = forwarding_daemon(BATCH_WINDOW_SECONDS="2")
+    try:
+        assert send_files(daemon, first) == [0, 0]
+        wait_for(lambda: len(stow.arrivals()) == 2, 10, "StoreDICOM to store the first two")
+        assert send_files(daemon, late) == [0]
+        found = wait_for(
+            lambda: len(m := parsed_manifests(aws_env, bucket)) == 2 and m, 30, "the split batch's manifests"
+        )
+        (fallback,) = [manifest for manifest in found.values() if manifest.fallback_from]
+        (moved,) = fallback.objects
+        assert moved.sop_instance_uid == late_uid
+        answer = wait_for(
+            lambda: stored_tags(client, bucket, [moved.key]).get(moved.key), 30, "the fallback copy tagged stored"
+        )
+    finally:
+        daemon.stop()
+    assert answer.image_set_id == stow.image_set_id(STUDY)
+
+    env = {"TABLE_NAME": table.name, "DICOM_BUCKET": bucket}
+    execution = f"arn:aws:states:us-east-1:123456789012:execution:import:{fallback.batch_id}"
+    load_app("register_batch", monkeypatch, env).handler(
+        {"bucket": bucket, "key": f"manifests/{fallback.batch_id}.json", "executionArn": execution}, FakeContext()
+    )
+    state = {"batchId": fallback.batch_id, "error": {"Error": "ImportRejected", "Cause": "the job failed"}}
+    result = load_app("record_failure", monkeypatch, env).handler(
+        {"executionArn": execution, "state": state}, FakeContext()
+    )
+
+    assert result["instancesFailed"] == 0
+    (record,) = [
+        item for item in table.scan()["Items"] if item.get("entity") == "instance" and item["sopInstanceUid"] == late_uid
+    ]
+    assert (record["status"], record["storedBy"], record["imageSetId"]) == (
+        "imported", "StoreDICOM", stow.image_set_id(STUDY)
+    )

@@ -78,6 +78,7 @@ class StowStandIn:
     refuse_dicom: dict[str, int] = field(default_factory=dict)  # in FailedSOPSequence with this FailureReason
     warn: dict[str, int] = field(default_factory=dict)  # stored, with this WarningReason
     verdict: Callable[[str], str | None] | None = None  # per SOP Instance UID: REFUSE, WARN, NON_PRIMARY or None
+    delay: dict[str, float] = field(default_factory=dict)  # a request carrying one is answered this much later
     received: list[Received] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     requests: Counter[str] = field(default_factory=Counter)  # by answer status
@@ -200,8 +201,9 @@ class StowStandIn:
                 self.faults["held, then dropped"] += 1
             time.sleep(self.hang_seconds)
             return 0, b"", []
-        if self.latency_seconds:
-            time.sleep(self.latency_seconds)
+        delay = max((self.delay.get(str(dataset.SOPInstanceUID), 0.0) for dataset, _, _ in instances), default=0.0)
+        if self.latency_seconds or delay:
+            time.sleep(self.latency_seconds + delay)
         with self.lock:
             if self.answer_status is not None:
                 self.requests[str(self.answer_status)] += 1
