@@ -30,9 +30,9 @@ from tests.functions.workflow import (
 NEWER_BATCH = "20261123T190500Z-0123456789abcdef"
 
 
-def tag_stored(aws: Aws, number: int, warning: str | None = None, seconds: float = 2, batch: str = FIXTURE_BATCH) -> str:
+def tag_stored(aws: Aws, number: int, warning: str | None = None, batch: str = FIXTURE_BATCH) -> str:
     """What the daemon writes once StoreDICOM stored object ``number`` of ``batch``; returns the stored time."""
-    stored_at = stored_seconds_after_receipt(received_at(batch, number), seconds)
+    stored_at = stored_seconds_after_receipt(received_at(batch, number), 2)
     tags = stored_tags(StoredByStoreDICOM(stored_at, IMAGE_SET_ID, warning))
     aws.s3.put_object_tagging(Bucket=aws.dicom_bucket, Key=object_key(batch, number), Tagging={"TagSet": tags})
     return stored_at

@@ -206,7 +206,8 @@ def test_receivers_put_only_under_their_prefixes(template: dict[str, Any], forwa
     forwarded = {"medical-imaging:StoreDICOM"} | KMS_FOR_HEALTHIMAGING | tagging if forwarding == "Enabled" else set()
     assert granted == s3 | forwarded
     tags = [s for s in statements if tagging & set(_actions(s))]
-    assert [s["Resource"] for s in tags] == ([{"Fn::Sub": "${DicomBucket.Arn}/batches/*"}] if forwarding == "Enabled" else [])
+    batches = {"Fn::Sub": "${DicomBucket.Arn}/batches/*"}
+    assert [s["Resource"] for s in tags] == ([batches] if forwarding == "Enabled" else [])
 
 
 def test_healthimaging_data_access_role(template: dict[str, Any]) -> None:
