@@ -145,8 +145,8 @@ def rates_for(forwarding: bool) -> Rates:
     soak in both modes keep: job output that appears only after the workflow stopped waiting (70 to 100 s of
     drain, so that the run keeps to about a minute), and whole jobs FAILED and files failing with a server error.
     Those two make the known violation of forwarding (docs/forwarding.rst, "Limits of this release"): an instance
-    StoreDICOM stored whose batch went whole to an import job (the daemon died before its manifest, or the
-    sweeper sealed it) is recorded failed when that job fails it, while HealthImaging holds it.
+    StoreDICOM stored without the daemon learning it (the answer lost, or the daemon killed before the tag) is
+    recorded failed when its import job fails it, while HealthImaging holds it.
     """
     if forwarding and not SOAK_SECONDS:
         return replace(RATES, very_late_output=0.0, job_failed=0.0, file_server_error=0.0)
