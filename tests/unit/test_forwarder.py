@@ -42,15 +42,21 @@ def stored(uids: list[str]) -> Answer:
     return Answer(200, {uid: Outcome(stored=True, code=None, reason=None) for uid in uids}, "")
 
 
+def enqueue(results: Results, tmp_path: Path, uid: str) -> Path:
+    """One received CT instance of the study, due to be sent; its file holds a few bytes naming it."""
+    path = tmp_path / f"{uid}.dcm"
+    path.write_bytes(b"DICM" + uid.encode())
+    received = ReceivedInstance(
+        "1.2.840.10008.5.1.4.1.1.2", uid, STUDY, "1.2.3.4", "1.2.840.10008.1.2.1", "CT01", 10, datetime.now(UTC)
+    )
+    results.enqueue(received, path, now=time.time())
+    return path
+
+
 def run(tmp_path: Path, stow: ScriptedStow, uids: list[str], limits: Limits) -> Results:
     results = Results(tmp_path / "db.sqlite")
     for uid in uids:
-        path = tmp_path / f"{uid}.dcm"
-        path.write_bytes(b"DICM" + uid.encode())
-        received = ReceivedInstance(
-            "1.2.840.10008.5.1.4.1.1.2", uid, STUDY, "1.2.3.4", "1.2.840.10008.1.2.1", "CT01", 10, datetime.now(UTC)
-        )
-        results.enqueue(received, path, now=time.time())
+        enqueue(results, tmp_path, uid)
     forwarder = Forwarder(results, lambda: stow, Metrics(write=lambda line: None), limits)  # type: ignore[arg-type,return-value]
     forwarder.start()
     try:
@@ -124,13 +130,7 @@ def test_withdrawn_instances_are_never_sent_again_and_requests_under_way_are_wai
     results = Results(tmp_path / "db.sqlite")
     rows = []
     for uid in ("1.1", "1.2"):
-        path = tmp_path / f"{uid}.dcm"
-        path.write_bytes(b"DICM" + uid.encode())
-        received = ReceivedInstance(
-            "1.2.840.10008.5.1.4.1.1.2", uid, STUDY, "1.2.3.4", "1.2.840.10008.1.2.1", "CT01", 10, datetime.now(UTC)
-        )
-        results.enqueue(received, path, now=time.time())
-        rows.append((uid, path))
+        rows.append((uid, enqueue(results, tmp_path, uid)))
         if uid == "1.1":
             two_workers = replace(FAST, workers=2)
             forwarder = Forwarder(results, lambda: stow, Metrics(write=lambda line: None), two_workers)  # type: ignore[arg-type,return-value]
@@ -144,20 +144,7 @@ def test_withdrawn_instances_are_never_sent_again_and_requests_under_way_are_wai
         outcomes = results.outcomes(rows)
         assert outcomes["1.1"][0] == "imported" and outcomes["1.2"][0] == "withdrawn"
         sent = len(stow.requests)
-        results.enqueue(  # a new instance is still sent: only the withdrawn ones are not
-            ReceivedInstance(
-                "1.2.840.10008.5.1.4.1.1.2",
-                "1.1",
-                STUDY,
-                "1.2.3.4",
-                "1.2.840.10008.1.2.1",
-                "CT01",
-                10,
-                datetime.now(UTC),
-            ),
-            rows[0][1],
-            now=time.time(),
-        )
+        enqueue(results, tmp_path, "1.1")  # a new receipt is still sent: only the withdrawn ones are not
         forwarder.wake()
         wait_for(lambda: results.backlog() == 0, 10, "the new receipt stored")
         assert stow.requests[sent:] == [["1.1"]], "1.2 was withdrawn and never sent again"
@@ -176,13 +163,7 @@ def test_instances_waiting_out_a_pause_are_not_under_way_and_a_withdrawal_takes_
     forwarder = Forwarder(results, lambda: stow, Metrics(write=lambda line: None), paused)  # type: ignore[arg-type,return-value]
     try:
         for uid in ("1.1", "1.2"):
-            path = tmp_path / f"{uid}.dcm"
-            path.write_bytes(b"DICM" + uid.encode())
-            received = ReceivedInstance(
-                "1.2.840.10008.5.1.4.1.1.2", uid, STUDY, "1.2.3.4", "1.2.840.10008.1.2.1", "CT01", 10, datetime.now(UTC)
-            )
-            results.enqueue(received, path, now=time.time())
-            rows.append((uid, path))
+            rows.append((uid, enqueue(results, tmp_path, uid)))
             if uid == "1.1":
                 forwarder.start()
                 wait_for(lambda: stow.requests, 10, "the first request answered 503: the forwarder pauses")
