@@ -100,7 +100,11 @@ class Batch:
             if not late:
                 return None
             successor = Batch(late_batch_id(self.batch_id), closed_by=CLOSED_BY_LATE, late_from=self.batch_id)
-            # A late object StoreDICOM stored keeps its answer: the late batch of a split batch is all stored too.
+            # A late object StoreDICOM stored keeps its answer when all of them were stored. Late objects of a split
+            # batch whose fallback rejoined it (``rejoin_fallback``) may be a mix, and a manifest's objects are all
+            # stored or none: then the late batch's import job takes them all (at least once).
+            if len({item.stored_by_storedicom is None for item in late}) > 1:
+                late = [replace(item, stored_by_storedicom=None) for item in late]
             _move(late, successor)
             self.successor = successor
         return self.successor
@@ -124,6 +128,15 @@ class Batch:
             self.fallback = Batch(new_batch_id(opened), closed_by=self.closed_by, fallback_from=self.batch_id)
             _move(rest, self.fallback)
         self.objects = kept
+
+    def rejoin_fallback(self) -> None:
+        """Undo the split's fallback: its objects are this batch's again, under their keys here (the sweeper sealed
+        this batch before its own manifest, so the fallback batch gets none)."""
+        assert self.fallback is not None
+        for item in self.fallback.objects.values():
+            key = object_key(self.batch_id, item.study_instance_uid, item.series_instance_uid, item.sop_instance_uid)
+            self.objects[key] = replace(item, key=key)
+        self.fallback = None
 
     def copied_from(self, item: ManifestObject) -> str:
         """The key in the batch a late or fallback object was first stored into."""

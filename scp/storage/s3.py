@@ -185,18 +185,21 @@ class S3Store:
         future.result()
 
     def _close_batch(self, batch: Batch) -> None:
-        """The batch's manifests: split by StoreDICOM's results first, if forwarding; a fallback batch's manifest
-        is written before the split batch's, because until the latter exists the sweeper would seal the batch whole
-        (every object imported), never leave the fallback objects in no manifest."""
+        """The batch's manifests: split by StoreDICOM's results first, if forwarding. The fallback batch's copies are
+        made first, then the split batch's own manifest, then the fallback's. Until the own manifest exists the
+        sweeper may seal the batch whole, and then the fallback must not be: its copies are deleted and no manifest
+        of it is written. Once the own manifest exists, a fallback left without one (the daemon died, or S3 refused
+        its manifest) is an abandoned batch the sweeper seals. Either way each object is in exactly one manifest."""
         self._remove_unsettled(batch)
         if not batch.objects:
             return
         if self.forwarding is not None:
             self.forwarding.closing(batch)
-        if batch.fallback is not None:
-            self._copy_into(batch.fallback)
-            self._write_manifest(batch.fallback)
-        self._write_manifest(batch)
+        fallback = batch.fallback
+        if fallback is not None:
+            self._copy_into(fallback)
+        if self._write_manifest(batch) and fallback is not None:
+            self._write_manifest(fallback)
 
     def _remove_unsettled(self, batch: Batch) -> None:
         """Delete what failed uploads may have left under the batch's prefix: its import job would take it, for an
@@ -217,11 +220,12 @@ class S3Store:
         for copy in copies:
             copy.result()
 
-    def _write_manifest(self, batch: Batch) -> None:
+    def _write_manifest(self, batch: Batch) -> bool:
         """Write the batch's manifest; if another writer sealed the batch first, give its late objects their own.
+        Returns whether this manifest is the batch's (False: the other writer's is).
 
         Raises on any S3 error, and the closer retries the whole call: every step is idempotent (the late batch is
-        fixed on ``batch``, copies overwrite, manifests are written once).
+        fixed on ``batch``, copies overwrite, deleting a deleted copy succeeds, manifests are written once).
         """
         try:
             # If-None-Match makes the first manifest final: a sweeper that closed this batch first wins.
@@ -233,21 +237,44 @@ class S3Store:
                 ChecksumAlgorithm="CRC32",
                 IfNoneMatch="*",
             )
-            return
+            return True
         except ClientError as error:
             if error.response.get("Error", {}).get("Code") != "PreconditionFailed":
                 raise
-        sealed = self._client.get_object(Bucket=self._bucket, Key=batch.manifest_key)["Body"].read()
-        listed = {item.key for item in parse_manifest(sealed, batch.batch_id, self._bucket).objects}
+        sealed = parse_manifest(
+            self._client.get_object(Bucket=self._bucket, Key=batch.manifest_key)["Body"].read(),
+            batch.batch_id,
+            self._bucket,
+        )
+        if batch.fallback is not None:
+            if sealed.fallback_batch_id == batch.fallback.batch_id:
+                return True  # this close's own, written by an earlier attempt (its answer lost, or a later step failed)
+            self._withdraw_fallback(batch)
+        listed = {item.key for item in sealed.objects}
         late = batch.late_batch(listed)
         if late is None:
             LOG.info("batch manifest written elsewhere, listing every object", extra={"batch_id": batch.batch_id})
-            return
+            return False
         self._copy_into(late)
         self._write_manifest(late)
         LOG.warning(
             "batch sealed elsewhere without some objects: copied into a batch of their own",
             extra={"batch_id": batch.batch_id, "late_batch_id": late.batch_id, "objects": len(late.objects)},
+        )
+        return False
+
+    def _withdraw_fallback(self, batch: Batch) -> None:
+        """The sweeper sealed a split batch before its own manifest: its manifest lists the fallback's objects under
+        their keys in this batch, so the fallback's copies are deleted (before the sweeper could find them old enough
+        to seal) and the objects rejoin this batch, to be compared with that manifest as every other one."""
+        fallback = batch.fallback
+        assert fallback is not None
+        for key in sorted(fallback.objects):
+            self._client.delete_object(Bucket=self._bucket, Key=key)
+        batch.rejoin_fallback()
+        LOG.warning(
+            "split batch sealed elsewhere first: its fallback batch withdrawn",
+            extra={"batch_id": batch.batch_id, "fallback_batch_id": fallback.batch_id},
         )
 
 

@@ -60,6 +60,7 @@ class _Rule:
     fault: Fault
     remaining: int | None  # None: until healed
     key_prefix: str
+    passing: int = 0  # matching writes still let through before the fault starts
 
 
 class FaultProxy:
@@ -84,10 +85,11 @@ class FaultProxy:
     def endpoint(self) -> str:
         return f"http://127.0.0.1:{self._server.server_address[1]}"
 
-    def fail(self, fault: Fault, times: int | None = None, key_prefix: str = "") -> None:
-        """Answer the next ``times`` writes (all when None) to keys starting with ``key_prefix`` with ``fault``."""
+    def fail(self, fault: Fault, times: int | None = None, key_prefix: str = "", after: int = 0) -> None:
+        """Answer the next ``times`` writes (all when None) to keys starting with ``key_prefix`` with ``fault``,
+        once ``after`` of them have passed through."""
         with self._lock:
-            self._rule = _Rule(fault, times, key_prefix)
+            self._rule = _Rule(fault, times, key_prefix, after)
 
     def heal(self) -> None:
         with self._lock:
@@ -107,6 +109,9 @@ class FaultProxy:
         with self._lock:
             rule = self._rule
             if rule is None or not key.startswith(rule.key_prefix):
+                return None
+            if rule.passing > 0:
+                rule.passing -= 1
                 return None
             if rule.remaining is not None:
                 rule.remaining -= 1
