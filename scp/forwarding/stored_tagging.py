@@ -30,6 +30,10 @@ QUEUE_MAX = 100_000
 # batch closed (the key a late answer is tagged on) is there by then.
 ATTEMPTS = 5
 FIRST_BACKOFF_SECONDS = 0.5
+# Each tag is one PutObjectTagging round trip (tens of milliseconds); several at once keep up with StoreDICOM's
+# answers at 16 or more associations, so the window in which a killed daemon leaves a stored instance untagged stays
+# one round trip long instead of growing with a queue. Within the S3 client's connection pool.
+WORKERS = 8
 
 _Tag = tuple[str, StoredByStoreDICOM]
 
@@ -42,6 +46,7 @@ class StoredTagger:
         metrics: Metrics,
         attempts: int = ATTEMPTS,
         first_backoff_seconds: float = FIRST_BACKOFF_SECONDS,
+        workers: int = WORKERS,
     ) -> None:
         self._client = client
         self._bucket = bucket
@@ -50,10 +55,13 @@ class StoredTagger:
         self._first_backoff = first_backoff_seconds
         self._queue: queue.Queue[_Tag | None] = queue.Queue(maxsize=QUEUE_MAX)
         self._stopping = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="forward-tags", daemon=True)
+        self._threads = [
+            threading.Thread(target=self._run, name=f"forward-tags-{number}", daemon=True) for number in range(workers)
+        ]
 
     def start(self) -> None:
-        self._thread.start()
+        for thread in self._threads:
+            thread.start()
 
     def tag(self, key: str, stored: StoredByStoreDICOM) -> None:
         """Queue ``key``'s tags; never blocks."""
@@ -65,11 +73,14 @@ class StoredTagger:
     def stop(self, timeout: float) -> None:
         """Write what is queued within ``timeout``; what is left then is logged and counted."""
         deadline = time.monotonic() + timeout
-        with contextlib.suppress(queue.Full):  # the thread is not keeping up: it stops at the flag below
-            self._queue.put(None, timeout=timeout)
-        self._thread.join(max(0.0, deadline - time.monotonic()))
+        for _ in self._threads:
+            with contextlib.suppress(queue.Full):  # the threads are not keeping up: they stop at the flag below
+                self._queue.put(None, timeout=max(0.0, deadline - time.monotonic()))
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
         self._stopping.set()
-        self._thread.join(1.0)
+        for thread in self._threads:
+            thread.join(1.0)
 
     def _run(self) -> None:
         while (item := self._queue.get()) is not None:

@@ -11,7 +11,7 @@ from botocore.exceptions import ClientError
 
 from batch_contract.manifest import StoredByStoreDICOM
 from batch_contract.stored_tags import parse_stored_tags
-from scp.forwarding.stored_tagging import StoredTagger
+from scp.forwarding.stored_tagging import WORKERS, StoredTagger
 from scp.metrics import Metrics
 
 ANSWER = StoredByStoreDICOM("2026-11-23T18:57:03.113Z", "0123456789abcdef0123456789abcdef", None)
@@ -68,3 +68,33 @@ def test_a_tag_that_cannot_be_written_is_logged_and_counted(caplog: pytest.LogCa
     assert s3.calls == 5 and not s3.tagged
     assert tag_failures(metrics) == 1
     assert [r.key for r in caplog.records if r.getMessage().startswith("StoreDICOM stored it")] == [KEY]
+
+
+class SlowS3:
+    """PutObjectTagging that answers only once ``together`` requests are under way at the same time."""
+
+    def __init__(self, together: int) -> None:
+        self.barrier = threading.Barrier(together, timeout=5)
+        self.tagged: list[str] = []
+        self.lock = threading.Lock()
+
+    def put_object_tagging(self, Bucket: str, Key: str, Tagging: dict[str, Any]) -> None:
+        try:
+            self.barrier.wait()
+        except threading.BrokenBarrierError:
+            raise ClientError({"Error": {"Code": "RequestTimeout", "Message": "alone"}}, "PutObjectTagging") from None
+        with self.lock:
+            self.tagged.append(Key)
+
+
+def test_tags_are_written_several_at_once_so_that_they_keep_up_with_storedicom() -> None:
+    s3, metrics = SlowS3(together=WORKERS), Metrics()
+    metrics.forwarding_enabled()
+    tagger = StoredTagger(s3, "dicom", metrics, attempts=1)
+    tagger.start()
+    keys = [KEY.replace("1.2.3.4.5.dcm", f"1.2.3.4.{number}.dcm") for number in range(WORKERS)]
+    for key in keys:
+        tagger.tag(key, ANSWER)
+    tagger.stop(10)
+    assert sorted(s3.tagged) == sorted(keys)
+    assert tag_failures(metrics) == 0
