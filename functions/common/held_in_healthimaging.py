@@ -75,8 +75,8 @@ def _image_sets_of_series(lookup: HealthImagingLookup, series_uid: str) -> list[
         raise _asked(error, f"SearchImageSets for series {series_uid}") from error
 
 
-def _instances_of(lookup: HealthImagingLookup, image_set_id: str, series_uid: str) -> set[str]:
-    """The SOP Instance UIDs of ``series_uid`` in the image set's metadata (gzip JSON: Study, Series, Instances)."""
+def _series_in(lookup: HealthImagingLookup, image_set_id: str) -> dict[str, set[str]]:
+    """Series UID -> SOP Instance UIDs in the image set's metadata (gzip JSON: Study, Series, Instances)."""
     try:
         response = lookup.client.get_image_set_metadata(datastoreId=lookup.datastore_id, imageSetId=image_set_id)
         raw = response["imageSetMetadataBlob"].read()
@@ -85,11 +85,10 @@ def _instances_of(lookup: HealthImagingLookup, image_set_id: str, series_uid: st
     if raw[:2] == b"\x1f\x8b":  # the service sends gzip (contentEncoding "gzip")
         raw = gzip.decompress(raw)
     try:
-        metadata: Any = json.loads(raw)
-        instances = metadata["Study"]["Series"].get(series_uid, {}).get("Instances", {})
+        series: Any = json.loads(raw)["Study"]["Series"]
+        return {str(uid): set(entry.get("Instances") or {}) for uid, entry in series.items()}
     except (ValueError, KeyError, TypeError, AttributeError) as error:
         raise HealthImagingUnreadable(f"metadata of image set {image_set_id} unreadable: {error}") from error
-    return set(instances) if isinstance(instances, dict) else set()
 
 
 def held_in_healthimaging(
@@ -105,20 +104,23 @@ def held_in_healthimaging(
         return {}
     series_uids = sorted(by_series)
     found_sets = in_parallel(lambda series: _image_sets_of_series(lookup, series), series_uids)
-    reads = [(series, image_set) for series, sets in zip(series_uids, found_sets, strict=True) for image_set in sets]
-    listed = in_parallel(lambda read: _instances_of(lookup, read[1].image_set_id, read[0]), reads)
+    # An image set is read once, however many of the batch's series the search found in it.
+    image_sets = {image_set.image_set_id: image_set for sets in found_sets for image_set in sets}
+    listed = in_parallel(lambda image_set_id: _series_in(lookup, image_set_id), list(image_sets))
     held: dict[str, StoredByStoreDICOM] = {}
-    for (series, image_set), sops in zip(reads, listed, strict=True):
-        for sop in sops & by_series[series].keys():
-            key = by_series[series][sop]
-            if key in held and held[key].is_primary is not False:
-                continue
-            held[key] = StoredByStoreDICOM(
-                # HealthImaging does not say when it took the instance; the image set's last change is no earlier.
-                stored_at=iso_millis(image_set.updated_at or now),
-                image_set_id=image_set.image_set_id,
-                warning=None,
-                is_primary=image_set.is_primary,
-                stored_by=STORED_BY_HEALTHIMAGING,
-            )
+    for (image_set_id, image_set), series_in_set in zip(image_sets.items(), listed, strict=True):
+        for series, sops in series_in_set.items():
+            for sop in sops & by_series.get(series, {}).keys():
+                key = by_series[series][sop]
+                if key in held and held[key].is_primary is not False:
+                    continue
+                held[key] = StoredByStoreDICOM(
+                    # HealthImaging does not say when it took the instance; the image set's last change is
+                    # no earlier.
+                    stored_at=iso_millis(image_set.updated_at or now),
+                    image_set_id=image_set_id,
+                    warning=None,
+                    is_primary=image_set.is_primary,
+                    stored_by=STORED_BY_HEALTHIMAGING,
+                )
     return held
