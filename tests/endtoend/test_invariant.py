@@ -31,7 +31,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
@@ -53,6 +53,7 @@ from batch_contract.table import (
     BATCH_UNCONFIRMED,
     BY_STATUS_INDEX,
     ENTITY_BATCH,
+    STORED_BY_HEALTHIMAGING,
     STORED_BY_STOREDICOM,
     batch_key,
     status_partition,
@@ -321,7 +322,9 @@ def test_every_acknowledged_instance_reaches_one_truthful_end_state(
             assert instance["sopInstanceUid"] not in seen, f"reported twice: {instance}"
             seen[instance["sopInstanceUid"]] = instance
     documents = manifest_documents(path.s3, path.bucket)
-    side = HealthImagingSide(path.healthimaging.imported, stored_by_standin(standin), documents, ledger)
+    side = HealthImagingSide(
+        path.healthimaging.imported, stored_by_standin(standin), path.healthimaging.holders, documents, ledger
+    )
 
     failed_reasons: Counter[str] = Counter()
     violations: list[str] = []
@@ -370,6 +373,9 @@ def test_every_acknowledged_instance_reaches_one_truthful_end_state(
         "failed": states[FAILED],
         "failed by reason": dict(failed_reasons),
         "recorded stored by StoreDICOM": sum(1 for i in acknowledged if i.get("storedBy") == STORED_BY_STOREDICOM),
+        "recorded found by asking HealthImaging": sum(
+            1 for i in acknowledged if i.get("storedBy") == STORED_BY_HEALTHIMAGING
+        ),
         "recorded imported by a job": sum(
             1 for i in acknowledged if i["state"] in (IMPORTED, NON_PRIMARY) and not i.get("storedBy")
         ),
@@ -441,6 +447,7 @@ class HealthImagingSide:
 
     jobs: dict[str, Imported]  # imported by import jobs (the responder's truth)
     standin: dict[str, list[Received]]  # stored by StoreDICOM, each time
+    holders: Callable[[str], dict[str, bool]]  # what the data store's search finds: image set -> isPrimary
     documents: list[dict[str, Any]]
     ledger: Ledger
     listed: Counter[str] = field(init=False)
@@ -479,6 +486,13 @@ class HealthImagingSide:
             if instance["imageSetId"] not in {item.image_set_id for item in stored}:
                 image_sets = sorted({item.image_set_id for item in stored})
                 return [f"{sop}: reported {state} by StoreDICOM in {instance['imageSetId']}, it stored {image_sets}"]
+            return []
+        if state in (IMPORTED, NON_PRIMARY) and instance.get("storedBy") == STORED_BY_HEALTHIMAGING:
+            holders, image_set = self.holders(sop), instance["imageSetId"]
+            if image_set not in holders:
+                return [f"{sop}: reported {state} in {image_set} by asking HealthImaging, held in {holders}"]
+            if (state == IMPORTED) != holders[image_set]:
+                return [f"{sop}: reported {state}, but image set {image_set} has isPrimary {holders[image_set]}"]
             return []
         if state in (IMPORTED, NON_PRIMARY):
             held = self.jobs.get(sop)

@@ -118,6 +118,15 @@ class HealthImaging:
         held.setdefault(series, set()).add(sop)
         self._image_sets[image_set_id] = (study, primary, datetime.now(UTC), held)
 
+    def holders(self, sop_instance_uid: str) -> dict[str, bool]:
+        """The image sets that hold an instance, by either path, with whether each is primary."""
+        with self._lock:
+            return {
+                image_set_id: primary
+                for image_set_id, (_, primary, _, held) in self._image_sets.items()
+                if any(sop_instance_uid in sops for sops in held.values())
+            }
+
     def problem(self, sop_instance_uid: str) -> str | None:
         """What is wrong with an instance ("customer", "nonprimary", "warning" or None): drawn once, so that
         StoreDICOM's stand-in of the same data store judges it as the import jobs do."""
