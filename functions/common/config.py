@@ -44,15 +44,6 @@ class EnvironmentReader:
             return minimum
         return self.integer(name, minimum, minimum, maximum)
 
-    def boolean(self, name: str, default: bool) -> bool:
-        raw = self._environ.get(name, "").strip().lower()
-        if not raw:
-            return default
-        if raw not in ("true", "false"):
-            self._problems.append(f"{name}: expected true or false, got {raw!r}")
-            return default
-        return raw == "true"
-
     def finish(self) -> None:
         if self._problems:
             raise ConfigurationError("; ".join(self._problems))
@@ -61,12 +52,3 @@ class EnvironmentReader:
 def record_retention_days(reader: EnvironmentReader) -> int:
     """RECORD_RETENTION_DAYS, read alike by every function that writes final records (0 keeps them for ever)."""
     return reader.integer("RECORD_RETENTION_DAYS", 365, 0, 36500)
-
-
-def forwarding_datastore_id(reader: EnvironmentReader) -> str | None:
-    """The data store StoreDICOM forwards to when STOREDICOM_FORWARDING is true (then DATASTORE_ID is required),
-    read alike by every function that records instances failed: HealthImaging is asked about those without
-    StoreDICOM's answer. None when forwarding is off."""
-    if not reader.boolean("STOREDICOM_FORWARDING", False):
-        return None
-    return reader.text("DATASTORE_ID", r"[0-9a-z]{32}")

@@ -12,8 +12,7 @@ import boto3
 from aws_lambda_powertools import Logger, Metrics
 from aws_lambda_powertools.metrics import MetricUnit
 from aws_lambda_powertools.utilities.typing import LambdaContext
-from common.config import EnvironmentReader, forwarding_datastore_id, record_retention_days
-from common.held_in_healthimaging import healthimaging_lookup
+from common.config import EnvironmentReader, record_retention_days
 from common.job_results import record_results
 from common.parallel import POOLED_CLIENT_CONFIG
 from common.records import (
@@ -36,7 +35,6 @@ class Settings:
     table_name: str
     dicom_bucket: str
     retention_days: int
-    forwarding_datastore_id: str | None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> Settings:
@@ -45,7 +43,6 @@ class Settings:
             table_name=reader.text("TABLE_NAME"),
             dicom_bucket=reader.text("DICOM_BUCKET"),
             retention_days=record_retention_days(reader),
-            forwarding_datastore_id=forwarding_datastore_id(reader),
         )
         reader.finish()
         return settings
@@ -55,13 +52,12 @@ SETTINGS = Settings.from_env(os.environ)
 RETENTION = Retention(SETTINGS.retention_days)
 S3 = boto3.client("s3", config=POOLED_CLIENT_CONFIG)
 TABLE = boto3.resource("dynamodb", config=POOLED_CLIENT_CONFIG).Table(SETTINGS.table_name)
-HEALTHIMAGING = healthimaging_lookup(SETTINGS.forwarding_datastore_id)
 
 
 @logger.inject_lambda_context
 @metrics.log_metrics
 def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
-    results = record_results(event, S3, TABLE, SETTINGS.dicom_bucket, HEALTHIMAGING, RETENTION, utc_now())
+    results = record_results(event, S3, TABLE, SETTINGS.dicom_bucket, RETENTION, utc_now())
     counts = results.counts
     metrics.add_metric(
         name="InstancesImported", unit=MetricUnit.Count, value=counts[IMPORTED] + counts[WARNING]

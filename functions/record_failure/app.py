@@ -22,8 +22,7 @@ from aws_lambda_powertools import Logger, Metrics
 from aws_lambda_powertools.metrics import MetricUnit
 from aws_lambda_powertools.utilities.typing import LambdaContext
 from botocore.exceptions import ClientError
-from common.config import EnvironmentReader, forwarding_datastore_id, record_retention_days
-from common.held_in_healthimaging import HealthImagingLookup, healthimaging_lookup
+from common.config import EnvironmentReader, record_retention_days
 from common.layout import LayoutError, batch_id_from_manifest_key, check_batch_id
 from common.manifest import Manifest, ManifestError, iso_millis, read_manifest
 from common.parallel import POOLED_CLIENT_CONFIG
@@ -60,7 +59,6 @@ class Settings:
     table_name: str
     dicom_bucket: str
     retention_days: int
-    forwarding_datastore_id: str | None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> Settings:
@@ -69,7 +67,6 @@ class Settings:
             table_name=reader.text("TABLE_NAME"),
             dicom_bucket=reader.text("DICOM_BUCKET"),
             retention_days=record_retention_days(reader),
-            forwarding_datastore_id=forwarding_datastore_id(reader),
         )
         reader.finish()
         return settings
@@ -157,12 +154,7 @@ def _manifest_if_readable(s3: S3Client, bucket: str, batch_id: str) -> Manifest 
 
 
 def record_failure(
-    event: Mapping[str, Any],
-    s3: S3Client,
-    table: Table,
-    healthimaging: HealthImagingLookup | None,
-    settings: Settings,
-    now: datetime,
+    event: Mapping[str, Any], s3: S3Client, table: Table, settings: Settings, now: datetime
 ) -> dict[str, Any]:
     state = event.get("state") or {}
     execution_arn = str(event["executionArn"])
@@ -186,12 +178,10 @@ def record_failure(
         return {"batchId": batch_id, "reason": reason, "instancesFailed": 0, "batchFailed": True}
     failed = 0
     if manifest is not None:
-        # First what StoreDICOM stored (or, forwarding on, HealthImaging holds), so that the failures below find
-        # those records final and leave them. A tag read or a HealthImaging call that fails leaves those instances
-        # failed: this is the last step of the workflow, nothing retries it.
-        stored = stored_by_storedicom(
-            s3, manifest.bucket, manifest.objects, healthimaging, retry_on_error=False, now=now
-        )
+        # First what StoreDICOM stored, so that the failures below find those records final and leave them. A tag
+        # read that fails leaves that instance failed: this is the last step of the workflow, nothing retries it.
+        keys = [entry.key for entry in manifest.objects]
+        stored = stored_by_storedicom(s3, manifest.bucket, keys, retry_on_error=False)
         attempt = 2 if manifest.requeued_from else 1
         if record_stored_by_storedicom(table, manifest, stored, attempt, retention, now):
             logger.warning(
@@ -208,13 +198,12 @@ def record_failure(
 SETTINGS = Settings.from_env(os.environ)
 S3 = boto3.client("s3", config=POOLED_CLIENT_CONFIG)
 TABLE = boto3.resource("dynamodb", config=POOLED_CLIENT_CONFIG).Table(SETTINGS.table_name)
-HEALTHIMAGING = healthimaging_lookup(SETTINGS.forwarding_datastore_id)
 
 
 @logger.inject_lambda_context
 @metrics.log_metrics
 def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
-    result = record_failure(event, S3, TABLE, HEALTHIMAGING, SETTINGS, utc_now())
+    result = record_failure(event, S3, TABLE, SETTINGS, utc_now())
     metrics.add_metric(name="InstancesFailed", unit=MetricUnit.Count, value=result["instancesFailed"])
     metrics.add_metric(name="BatchesFailed", unit=MetricUnit.Count, value=int(result["batchFailed"]))
     return result
