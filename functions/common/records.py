@@ -388,7 +388,12 @@ class InstanceOutcome:
 def record_instance_outcome(
     table: Table, batch_id: str, job_id: str, outcome: InstanceOutcome, retention: Retention, now: datetime
 ) -> bool:
-    """Write one instance's outcome unless a newer batch has taken the instance over; True if written."""
+    """Write one instance's outcome unless a newer batch has taken the instance over, or another import job of
+    this batch has imported it; True if written.
+
+    Two jobs of one batch (two executions that both passed the registration, or a re-import) each report the
+    instance; HealthImaging holds it once either imported it, so the other job's failure must not replace that.
+    """
     attention = NON_PRIMARY if outcome.is_primary is False else outcome.status
     names = {"#status": "status", "#key": "key"}
     values: dict[str, Any] = {
@@ -400,6 +405,8 @@ def record_instance_outcome(
         ":sop": outcome.sop_instance_uid,
         ":study": outcome.study_instance_uid,
         ":series": outcome.series_instance_uid,
+        ":imported": IMPORTED,
+        ":warning": WARNING,
     }
     sets = [
         "#status = :status",
@@ -441,7 +448,10 @@ def record_instance_outcome(
         table,
         Key=instance_key(outcome.study_instance_uid, outcome.series_instance_uid, outcome.sop_instance_uid),
         UpdateExpression=expression,
-        ConditionExpression="attribute_not_exists(pk) OR batchId = :batch",
+        ConditionExpression=(
+            "attribute_not_exists(pk) OR (batchId = :batch AND (attribute_not_exists(jobId) OR jobId = :job"
+            " OR NOT #status IN (:imported, :warning)))"
+        ),
         ExpressionAttributeNames=names,
         ExpressionAttributeValues=values,
     )

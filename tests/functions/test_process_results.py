@@ -224,6 +224,23 @@ def test_a_failed_job_fails_every_instance_with_the_job_message(
     assert batch_item(aws.table, FIXTURE_BATCH)["reason"].endswith("Could not access the input prefix")
 
 
+def test_a_second_job_of_the_batch_that_failed_leaves_what_the_first_imported(
+    aws: Aws, monkeypatch: pytest.MonkeyPatch, app: ModuleType
+) -> None:
+    # Two executions of one batch each started a job: the first imported every instance, the second failed.
+    registered = register(aws, monkeypatch)
+    imported_uri = upload_job_output(aws.s3, aws.results_bucket, FIXTURE_BATCH, "all_success")
+    app.handler(results_event(registered, imported_uri), FakeContext())
+    failed_uri = upload_job_output(aws.s3, aws.results_bucket, FIXTURE_BATCH, "job_failed")
+    second = results_event(registered, failed_uri, "FAILED")
+    second["job"]["jobId"] = "0f1e2d3c4b5a69788796a5b4c3d2e1f0"
+
+    app.handler(second, FakeContext())
+
+    recorded = instances(aws.table).values()
+    assert {(item["status"], item["jobId"], item["imageSetId"]) for item in recorded} == {("imported", JOB_ID, PRIMARY)}
+
+
 def test_an_instance_taken_over_by_a_newer_batch_keeps_its_newer_record(
     aws: Aws, monkeypatch: pytest.MonkeyPatch, app: ModuleType
 ) -> None:
