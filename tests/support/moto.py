@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
+import sys
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 from tests.support.waits import free_port, wait_for
+
+# moto_server itself, with DynamoDB's conditional writes atomic as in AWS; -P keeps this directory (and its
+# moto.py) off the script's import path.
+ATOMIC_SERVER = Path(__file__).with_name("moto_server_atomic.py")
 
 CREDENTIALS = {
     "AWS_ACCESS_KEY_ID": "testing",
@@ -51,11 +56,9 @@ def _alive(endpoint: str) -> bool:
 
 def start_moto_server(port: int | None = None) -> MotoServer:
     """Start moto_server on 127.0.0.1 and wait until it answers."""
-    executable = shutil.which("moto_server")
-    assert executable, "moto_server is not installed (pip install 'moto[server]')"
     port = port or free_port()
     process = subprocess.Popen(
-        [executable, "-H", "127.0.0.1", "-p", str(port)],
+        [sys.executable, "-P", str(ATOMIC_SERVER), "-H", "127.0.0.1", "-p", str(port)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         env={**os.environ, **CREDENTIALS},
