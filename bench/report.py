@@ -165,12 +165,7 @@ def forwarding_section(paths: list[PathRow], local: list[LocalRow], parameters: 
         f"| assoc. | received/s on | off | on / off | unchanged (>= {GOAL_RECEIVE_RATIO:.0%}) | forwarded/s |",
         "| ---: | ---: | ---: | ---: | --- | ---: |",
     ]
-    for row in paths:
-        ratio = row.received_per_second_forwarding / row.received_per_second_plain
-        lines.append(
-            f"| {row.associations} | {row.received_per_second_forwarding:.0f} | {row.received_per_second_plain:.0f} "
-            f"| {ratio:.3f} | {'yes' if ratio >= GOAL_RECEIVE_RATIO else 'no'} | {row.forwarded_per_second:.0f} |"
-        )
+    lines += [_receive_rate_cells(row, GOAL_RECEIVE_RATIO) for row in paths]
     lines += [
         "",
         f"The local store (the standalone gateway), DCMTK storescu as the modality, forwarding on then off, medians "
@@ -183,17 +178,23 @@ def forwarding_section(paths: list[PathRow], local: list[LocalRow], parameters: 
         "daemon CPU ms/object on | off |",
         "| ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
-    for local_row in local:
-        ratio = local_row.received_per_second_forwarding / local_row.received_per_second_plain
-        lines.append(
-            f"| {local_row.associations} | {local_row.received_per_second_forwarding:.0f} | "
-            f"{local_row.received_per_second_plain:.0f} | {ratio:.3f} | "
-            f"{'yes' if ratio >= GOAL_RECEIVE_RATIO else 'no'} | {local_row.forwarded_per_second:.0f} | "
-            f"{local_row.instances_per_request:.1f} | {local_row.forward_latency.p50:.2f} | "
-            f"{local_row.forward_latency.p99:.2f} | {local_row.cpu_ms_per_object_forwarding:.2f} | "
-            f"{local_row.cpu_ms_per_object_plain:.2f} |"
-        )
+    lines += [
+        f"{_receive_rate_cells(local_row, GOAL_RECEIVE_RATIO)} {local_row.instances_per_request:.1f} | "
+        f"{local_row.forward_latency.p50:.2f} | {local_row.forward_latency.p99:.2f} | "
+        f"{local_row.cpu_ms_per_object_forwarding:.2f} | {local_row.cpu_ms_per_object_plain:.2f} |"
+        for local_row in local
+    ]
     return "\n".join(lines)
+
+
+def _receive_rate_cells(row: PathRow | LocalRow, goal_ratio: float) -> str:
+    """The cells both receive-rate tables start with: associations, received/s with forwarding on and off, their
+    ratio against the goal, and forwarded/s."""
+    ratio = row.received_per_second_forwarding / row.received_per_second_plain
+    return (
+        f"| {row.associations} | {row.received_per_second_forwarding:.0f} | {row.received_per_second_plain:.0f} "
+        f"| {ratio:.3f} | {'yes' if ratio >= goal_ratio else 'no'} | {row.forwarded_per_second:.0f} |"
+    )
 
 
 def _chart(path: Path, results: list[Run]) -> None:
