@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.daemon import Daemon, start_daemon
+from tests.support.forwarded_bucket import ForwardedBucket
 from tests.support.moto import MotoServer
 from tests.support.s3 import new_bucket
 from tests.support.stow import StowStandIn
@@ -79,6 +80,13 @@ def forwarding_daemon(standin: StowStandIn, s3_daemon: Callable[..., Daemon], tm
         return s3_daemon(storage_dir=storage_dir, **{**credentials, **settings})
 
     return start
+
+
+@pytest.fixture
+def forwarded(
+    forwarding_daemon: Callable[..., Daemon], moto: MotoServer, bucket: str, standin: StowStandIn, tmp_path: Path
+) -> ForwardedBucket:
+    return ForwardedBucket(forwarding_daemon, moto, bucket, standin, tmp_path)
 
 
 @pytest.fixture

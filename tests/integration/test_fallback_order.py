@@ -8,20 +8,18 @@ manifest gets no fallback at all.
 
 from __future__ import annotations
 
-from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
 
-from batch_contract.manifest import Manifest
-from tests.support.corpus import make_instance, read
+from tests.support.corpus import read
 from tests.support.daemon import Daemon, send_files
+from tests.support.forwarded_bucket import ForwardedBucket
 from tests.support.moto import MotoServer
-from tests.support.s3 import objects, open_batch_ids, parsed_manifests, s3
+from tests.support.s3 import objects, s3
 from tests.support.s3_faults import SLOW_DOWN, FaultProxy, fault_proxy
-from tests.support.stow import StowStandIn
 from tests.support.sweeper import LOOKBACK_HOURS, Sweeper, seal_between
 from tests.support.waits import wait_for
 
@@ -39,49 +37,33 @@ def proxy(moto: MotoServer) -> Iterator[FaultProxy]:
         yield running
 
 
-def split_batch(
-    tmp_path: Path, forwarding_daemon: Callable[..., Daemon], standin: StowStandIn, proxy: FaultProxy, window: int
-) -> tuple[Daemon, list[Path], str]:
+def split_batch(forwarded: ForwardedBucket, proxy: FaultProxy, window: int) -> tuple[Daemon, list[Path], str]:
     """A daemon storing through ``proxy`` whose one batch of COUNT instances is split: StoreDICOM refuses one of
     them. Returns the daemon, the files sent and the refused instance's UID."""
-    series = f"{STUDY}.1"
-    sent = [make_instance(tmp_path, pixel_bytes=32 * 1024, study_uid=STUDY, series_uid=series) for _ in range(COUNT)]
+    sent = forwarded.series(STUDY, f"{STUDY}.1", COUNT, pixel_bytes=32 * 1024)
     refused = str(read(sent[2]).SOPInstanceUID)
-    standin.refuse_http = {refused}
-    daemon = forwarding_daemon(BATCH_WINDOW_SECONDS=str(window), AWS_ENDPOINT_URL=proxy.endpoint)
+    forwarded.standin.refuse_http = {refused}
+    daemon = forwarded.start_daemon(BATCH_WINDOW_SECONDS=str(window), AWS_ENDPOINT_URL=proxy.endpoint)
     assert send_files(daemon, sent) == [0] * COUNT
     return daemon, sent, refused
 
 
-def each_in_one_manifest(moto: MotoServer, bucket: str, sent: list[Path]) -> dict[str, Manifest]:
-    found = parsed_manifests(moto, bucket)
-    listed = Counter(item.sop_instance_uid for manifest in found.values() for item in manifest.objects)
-    assert listed == Counter(str(read(path).SOPInstanceUID) for path in sent), "each instance in exactly one manifest"
-    return found
-
-
 def test_a_fallback_whose_manifest_s3_refuses_until_shutdown_is_sealed_by_the_sweeper(
-    tmp_path: Path,
-    forwarding_daemon: Callable[..., Daemon],
-    moto: MotoServer,
-    bucket: str,
-    standin: StowStandIn,
-    sweeper: Sweeper,
-    proxy: FaultProxy,
+    forwarded: ForwardedBucket, sweeper: Sweeper, proxy: FaultProxy
 ) -> None:
     # The first manifest of the close goes through; every later one is refused, until the daemon has stopped.
     proxy.fail(SLOW_DOWN, key_prefix="manifests/", after=1)
-    daemon, sent, refused = split_batch(tmp_path, forwarding_daemon, standin, proxy, window=2)
+    daemon, sent, refused = split_batch(forwarded, proxy, window=2)
     wait_for(lambda: daemon.log_messages("batch manifest not written, will retry"), 30, "the second manifest refused")
     (split,) = daemon.log_messages("batch split by StoreDICOM's results")
     assert daemon.stop() == 0
     proxy.heal()
 
-    (written,) = parsed_manifests(moto, bucket).values()
+    (written,) = forwarded.manifests().values()
     # What the daemon left without a manifest is an abandoned batch to the sweeper.
     sealed = sweeper.seal()
     assert sweeper.recover_late() == [], "the objects the split batch's own manifest leaves out are not late"
-    found = each_in_one_manifest(moto, bucket, sent)
+    found = forwarded.each_in_one_manifest(sent)
 
     own = found[split["batch_id"]]
     assert written == own, "the split batch's own manifest is written first"
@@ -92,73 +74,61 @@ def test_a_fallback_whose_manifest_s3_refuses_until_shutdown_is_sealed_by_the_sw
     assert [item.sop_instance_uid for item in fallback.objects] == [refused]
     assert fallback.closed_by == "sweeper" and not fallback.stored_by_storedicom
     original = f"{own.prefix}{STUDY}/{STUDY}.1/{refused}.dcm"
-    bodies = objects(moto, bucket, "batches/")
+    bodies = objects(forwarded.server, forwarded.bucket, "batches/")
     assert bodies[fallback.objects[0].key] == bodies[original], "the fallback holds the refused object whole"
 
 
 def test_a_split_batch_the_sweeper_sealed_whole_first_gets_no_fallback(
-    tmp_path: Path,
-    forwarding_daemon: Callable[..., Daemon],
-    moto: MotoServer,
-    bucket: str,
-    standin: StowStandIn,
-    sweeper: Sweeper,
-    proxy: FaultProxy,
+    forwarded: ForwardedBucket, sweeper: Sweeper, proxy: FaultProxy
 ) -> None:
     proxy.fail(SLOW_DOWN, key_prefix="manifests/")
-    daemon, sent, refused = split_batch(tmp_path, forwarding_daemon, standin, proxy, window=4)
+    daemon, sent, refused = split_batch(forwarded, proxy, window=4)
     wait_for(lambda: daemon.log_messages("batch manifest not written, will retry"), 30, "a manifest refused")
     (split,) = daemon.log_messages("batch split by StoreDICOM's results")
     batch_id, fallback_id = split["batch_id"], split["fallback_batch_id"]
-    assert sorted(open_batch_ids(moto, bucket)) == sorted([batch_id, fallback_id]), "the fallback's copies made"
+    assert sorted(forwarded.open_batch_ids()) == sorted([batch_id, fallback_id]), "the fallback's copies made"
 
     # A sweeper run at a moment the batch's objects are older than its minimum age and the fallback's copies,
     # made at least a window later, are not: it seals the batch whole, from its listing.
-    listing = s3(moto).list_objects_v2(Bucket=bucket, Prefix=f"batches/{batch_id}/")["Contents"]
+    listing = s3(forwarded.server).list_objects_v2(Bucket=forwarded.bucket, Prefix=f"batches/{batch_id}/")["Contents"]
     assert len(listing) == COUNT
     now = max(entry["LastModified"] for entry in listing) + timedelta(seconds=SWEEP_MIN_AGE_SECONDS + 1)
-    assert sweeper.app.sweep(sweeper.app.S3, bucket, now, SWEEP_MIN_AGE_SECONDS, LOOKBACK_HOURS) == [batch_id]
+    assert sweeper.app.sweep(sweeper.app.S3, forwarded.bucket, now, SWEEP_MIN_AGE_SECONDS, LOOKBACK_HOURS) == [batch_id]
 
     proxy.heal()
     wait_for(lambda: daemon.log_messages("batch manifest written elsewhere, listing every object"), 30,
              "the daemon to find the batch sealed")  # fmt: skip
     assert daemon.stop() == 0
 
-    found = each_in_one_manifest(moto, bucket, sent)
+    found = forwarded.each_in_one_manifest(sent)
     assert daemon.log_messages("split batch sealed elsewhere first: its fallback batch withdrawn")
-    assert open_batch_ids(moto, bucket) == [batch_id], "the fallback's copies deleted"
+    assert forwarded.open_batch_ids() == [batch_id], "the fallback's copies deleted"
     assert list(found) == [batch_id] and found[batch_id].closed_by == "sweeper"
     assert refused in {item.sop_instance_uid for item in found[batch_id].objects}
     # Nothing is left for a later sweeper run: no fallback prefix to seal, no late object.
     assert sweeper.seal() == [] and sweeper.recover_late() == []
-    assert list(parsed_manifests(moto, bucket)) == [batch_id]
+    assert list(forwarded.manifests()) == [batch_id]
 
 
 def test_a_split_batch_sealed_without_its_last_objects_puts_them_all_in_one_late_batch(
-    tmp_path: Path,
-    forwarding_daemon: Callable[..., Daemon],
-    moto: MotoServer,
-    bucket: str,
-    standin: StowStandIn,
-    sweeper: Sweeper,
+    forwarded: ForwardedBucket, sweeper: Sweeper
 ) -> None:
     """The sweeper seals the batch while the daemon still fills it; of the objects stored after, StoreDICOM refuses
     one. The fallback is withdrawn, and the objects the sweeper's manifest leaves out, stored and refused alike, go
     to the batch's one late batch, for its import job (a manifest's objects are all stored by StoreDICOM or none)."""
-    series = f"{STUDY}.2"
-    sent = [make_instance(tmp_path, pixel_bytes=32 * 1024, study_uid=STUDY, series_uid=series) for _ in range(COUNT)]
+    sent = forwarded.series(STUDY, f"{STUDY}.2", COUNT, pixel_bytes=32 * 1024)
     refused = str(read(sent[4]).SOPInstanceUID)
-    standin.refuse_http = {refused}
-    daemon = forwarding_daemon(BATCH_WINDOW_SECONDS="4")
-    sealed_id = seal_between(daemon, sweeper, moto, sent[:3], sent[3:])
+    forwarded.standin.refuse_http = {refused}
+    daemon = forwarded.start_daemon(BATCH_WINDOW_SECONDS="4")
+    sealed_id = seal_between(daemon, sweeper, forwarded.server, sent[:3], sent[3:])
     wait_for(lambda: daemon.log_messages("batch sealed elsewhere without some objects: copied into a batch of their "
                                          "own"), 30, "the late batch")  # fmt: skip
     assert daemon.stop() == 0
 
-    found = each_in_one_manifest(moto, bucket, sent)
+    found = forwarded.each_in_one_manifest(sent)
     late = next(manifest for manifest in found.values() if manifest.late_from == sealed_id)
     assert sorted(found) == sorted([sealed_id, late.batch_id])
     assert late.closed_by == "late" and not late.stored_by_storedicom and len(late.objects) == 3
     assert refused in {item.sop_instance_uid for item in late.objects}
-    assert sorted(open_batch_ids(moto, bucket)) == sorted([sealed_id, late.batch_id]), "no fallback copies left"
+    assert sorted(forwarded.open_batch_ids()) == sorted([sealed_id, late.batch_id]), "no fallback copies left"
     assert sweeper.seal() == [] and sweeper.recover_late() == []
