@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 
 class ConfigurationError(Exception):
@@ -52,3 +53,24 @@ class EnvironmentReader:
 def record_retention_days(reader: EnvironmentReader) -> int:
     """RECORD_RETENTION_DAYS, read alike by every function that writes final records (0 keeps them for ever)."""
     return reader.integer("RECORD_RETENTION_DAYS", 365, 0, 36500)
+
+
+@dataclass(frozen=True)
+class RecordSettings:
+    """The whole environment of a function that reads a batch's manifest or objects and writes its records
+    (RegisterBatch, ProcessResults, RecordFailure)."""
+
+    table_name: str
+    dicom_bucket: str
+    retention_days: int
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str]) -> RecordSettings:
+        reader = EnvironmentReader(environ)
+        settings = cls(
+            table_name=reader.text("TABLE_NAME"),
+            dicom_bucket=reader.text("DICOM_BUCKET"),
+            retention_days=record_retention_days(reader),
+        )
+        reader.finish()
+        return settings

@@ -4,15 +4,13 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import boto3
 from aws_lambda_powertools import Logger, Metrics
 from aws_lambda_powertools.metrics import MetricUnit
 from aws_lambda_powertools.utilities.typing import LambdaContext
-from common.config import EnvironmentReader, record_retention_days
+from common.config import RecordSettings
 from common.job_results import record_results
 from common.parallel import POOLED_CLIENT_CONFIG
 from common.records import (
@@ -30,25 +28,7 @@ logger = Logger(service="import-workflow")
 metrics = Metrics(namespace="DICOMStoreSCP", service="import-workflow")
 
 
-@dataclass(frozen=True)
-class Settings:
-    table_name: str
-    dicom_bucket: str
-    retention_days: int
-
-    @classmethod
-    def from_env(cls, environ: Mapping[str, str]) -> Settings:
-        reader = EnvironmentReader(environ)
-        settings = cls(
-            table_name=reader.text("TABLE_NAME"),
-            dicom_bucket=reader.text("DICOM_BUCKET"),
-            retention_days=record_retention_days(reader),
-        )
-        reader.finish()
-        return settings
-
-
-SETTINGS = Settings.from_env(os.environ)
+SETTINGS = RecordSettings.from_env(os.environ)
 RETENTION = Retention(SETTINGS.retention_days)
 S3 = boto3.client("s3", config=POOLED_CLIENT_CONFIG)
 TABLE = boto3.resource("dynamodb", config=POOLED_CLIENT_CONFIG).Table(SETTINGS.table_name)

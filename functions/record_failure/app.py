@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
@@ -22,7 +21,7 @@ from aws_lambda_powertools import Logger, Metrics
 from aws_lambda_powertools.metrics import MetricUnit
 from aws_lambda_powertools.utilities.typing import LambdaContext
 from botocore.exceptions import ClientError
-from common.config import EnvironmentReader, record_retention_days
+from common.config import RecordSettings
 from common.layout import LayoutError, batch_id_from_manifest_key, check_batch_id
 from common.manifest import Manifest, ManifestError, iso_millis, read_manifest
 from common.parallel import POOLED_CLIENT_CONFIG
@@ -52,24 +51,6 @@ if TYPE_CHECKING:
 
 logger = Logger(service="import-workflow")
 metrics = Metrics(namespace="DICOMStoreSCP", service="import-workflow")
-
-
-@dataclass(frozen=True)
-class Settings:
-    table_name: str
-    dicom_bucket: str
-    retention_days: int
-
-    @classmethod
-    def from_env(cls, environ: Mapping[str, str]) -> Settings:
-        reader = EnvironmentReader(environ)
-        settings = cls(
-            table_name=reader.text("TABLE_NAME"),
-            dicom_bucket=reader.text("DICOM_BUCKET"),
-            retention_days=record_retention_days(reader),
-        )
-        reader.finish()
-        return settings
 
 
 def failure_reason(error: Mapping[str, Any]) -> str:
@@ -154,7 +135,7 @@ def _manifest_if_readable(s3: S3Client, bucket: str, batch_id: str) -> Manifest 
 
 
 def record_failure(
-    event: Mapping[str, Any], s3: S3Client, table: Table, settings: Settings, now: datetime
+    event: Mapping[str, Any], s3: S3Client, table: Table, settings: RecordSettings, now: datetime
 ) -> dict[str, Any]:
     state = event.get("state") or {}
     execution_arn = str(event["executionArn"])
@@ -195,7 +176,7 @@ def record_failure(
     return {"batchId": batch_id, "reason": reason, "instancesFailed": failed, "batchFailed": True}
 
 
-SETTINGS = Settings.from_env(os.environ)
+SETTINGS = RecordSettings.from_env(os.environ)
 S3 = boto3.client("s3", config=POOLED_CLIENT_CONFIG)
 TABLE = boto3.resource("dynamodb", config=POOLED_CLIENT_CONFIG).Table(SETTINGS.table_name)
 

@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 import boto3
 from aws_lambda_powertools import Logger
 from aws_lambda_powertools.utilities.typing import LambdaContext
-from common.config import EnvironmentReader
+from common.config import RecordSettings
 from common.layout import batch_id_from_manifest_key
 from common.manifest import ManifestError, read_manifest
 from common.parallel import POOLED_CLIENT_CONFIG
@@ -35,26 +34,8 @@ if TYPE_CHECKING:
 logger = Logger(service="import-workflow")
 
 
-@dataclass(frozen=True)
-class Settings:
-    table_name: str
-    dicom_bucket: str
-    retention_days: int
-
-    @classmethod
-    def from_env(cls, environ: Mapping[str, str]) -> Settings:
-        reader = EnvironmentReader(environ)
-        settings = cls(
-            table_name=reader.text("TABLE_NAME"),
-            dicom_bucket=reader.text("DICOM_BUCKET"),
-            retention_days=reader.integer("RECORD_RETENTION_DAYS", 365, 0, 36500),
-        )
-        reader.finish()
-        return settings
-
-
 def register(
-    event: Mapping[str, Any], s3: S3Client, table: Table, settings: Settings, now: datetime
+    event: Mapping[str, Any], s3: S3Client, table: Table, settings: RecordSettings, now: datetime
 ) -> dict[str, Any]:
     """Register the batch the manifest key names; another execution for the same batch gets duplicate=True."""
     bucket, key, execution = str(event["bucket"]), str(event["key"]), str(event["executionArn"])
@@ -92,7 +73,7 @@ def register(
     }
 
 
-SETTINGS = Settings.from_env(os.environ)
+SETTINGS = RecordSettings.from_env(os.environ)
 S3 = boto3.client("s3")
 TABLE = boto3.resource("dynamodb", config=POOLED_CLIENT_CONFIG).Table(SETTINGS.table_name)
 

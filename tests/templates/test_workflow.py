@@ -72,10 +72,18 @@ def test_the_makefile_builds_the_zip_names_the_template_reads(template: dict[str
 
 
 def _required_variables(app: Path) -> set[str]:
-    """Names a function's settings read with ``reader.text(...)`` or ``reader.required_integer(...)``: it fails
-    at cold start without them."""
+    """Names a function's settings read with ``reader.text(...)`` or ``reader.required_integer(...)``, in its own
+    app.py or in the settings class of common/config.py it uses: it fails at cold start without them."""
+    tree = ast.parse(app.read_text())
+    used = {node.id for node in ast.walk(tree) if isinstance(node, ast.Name)}
+    shared = ast.parse((app.parents[1] / "common" / "config.py").read_text())
+    classes = [node for node in shared.body if isinstance(node, ast.ClassDef) and node.name in used]
+    return _names_read(tree) | {name for node in classes for name in _names_read(node)}
+
+
+def _names_read(tree: ast.AST) -> set[str]:
     names = set()
-    for node in ast.walk(ast.parse(app.read_text())):
+    for node in ast.walk(tree):
         if (
             isinstance(node, ast.Call)
             and isinstance(node.func, ast.Attribute)
