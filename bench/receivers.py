@@ -122,15 +122,21 @@ class ThisDaemon(Receiver):
         self.source = source
 
     def command(self, workdir: Path) -> tuple[list[str], dict[str, str]]:
-        return [sys.executable, "-m", "scp"], {
-            "PYTHONPATH": str(self.source),
-            "SCP_PORT": str(self.port),
-            "BIND_ADDRESS": "127.0.0.1",
-            "AE_TITLE": AE_TITLE,
-            "STORAGE_DIR": str(self.output),
-            "LOG_LEVEL": "WARNING",
-            "SHUTDOWN_GRACE_SECONDS": "5",
-        }
+        return [sys.executable, "-m", "scp"], daemon_environment(self.source, self.port, self.output)
+
+
+def daemon_environment(source: Path, port: int, storage_dir: Path) -> dict[str, str]:
+    """This daemon's settings in every benchmark run, whichever store it uses: the checkout at ``source``, on
+    loopback, quiet logs."""
+    return {
+        "PYTHONPATH": str(source),
+        "SCP_PORT": str(port),
+        "BIND_ADDRESS": "127.0.0.1",
+        "AE_TITLE": AE_TITLE,
+        "STORAGE_DIR": str(storage_dir),
+        "LOG_LEVEL": "WARNING",
+        "SHUTDOWN_GRACE_SECONDS": "5",
+    }
 
 
 class DcmtkStorescp(Receiver):

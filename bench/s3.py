@@ -28,7 +28,7 @@ import boto3
 import psutil
 import pydicom
 
-from bench.receivers import AE_TITLE, REPOSITORY, Receiver
+from bench.receivers import REPOSITORY, Receiver, daemon_environment
 from tests.support.moto import CREDENTIALS, MotoServer, start_moto_server
 from tests.support.s3_faults import FaultProxy
 
@@ -105,13 +105,7 @@ class S3Daemon(Receiver):
             **CREDENTIALS,
             "AWS_ENDPOINT_URL": self.s3.endpoint,
             "DICOM_BUCKET": self.bucket,
-            "PYTHONPATH": str(self.source),
-            "SCP_PORT": str(self.port),
-            "BIND_ADDRESS": "127.0.0.1",
-            "AE_TITLE": AE_TITLE,
-            "STORAGE_DIR": str(self.output),
-            "LOG_LEVEL": "WARNING",
-            "SHUTDOWN_GRACE_SECONDS": "5",
+            **daemon_environment(self.source, self.port, self.output),
         }
 
     def received(self) -> dict[str, str]:
