@@ -10,6 +10,7 @@ from tests.functions.conftest import Aws
 from tests.functions.workflow import (
     FIXTURE_BATCH,
     IMAGE_SET_ID,
+    Batch,
     FakeContext,
     batch_item,
     daemon_batch,
@@ -183,20 +184,25 @@ def test_the_fallback_batch_is_imported_as_any_batch_and_names_where_it_came_fro
     assert {item["status"] for item in instances(aws.table).values()} == {"importing"}
 
 
-def test_an_import_of_a_copy_received_before_storedicom_stored_it_never_replaces_the_stored_record(
-    aws: Aws, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # A daemon died after StoreDICOM stored its objects and before it wrote their batch's manifest: the sweeper
-    # seals the batch from its listing (receipt = S3's LastModified, a moment after the daemon's receipt and
-    # before StoreDICOM's answer), and that batch is imported again. Another daemon's copy of the same
-    # instances, stored by StoreDICOM, is in a manifest of its own.
-    app = load_app("register_batch", monkeypatch, aws.env())
+def stored_copy_and_copy_sealed_before_it_was_stored(aws: Aws) -> tuple[Batch, Batch]:
+    """A daemon died after StoreDICOM stored its objects and before it wrote their batch's manifest: the sweeper
+    seals the batch from its listing (receipt = S3's LastModified, a moment after the daemon's receipt and before
+    StoreDICOM's answer), and that batch is imported again. Another daemon's copy of the same instances, stored by
+    StoreDICOM, is in a manifest of its own. Returns the stored batch and the sealed one."""
     stored = stored_by_storedicom(aws.s3, daemon_batch(aws.s3, aws.dicom_bucket, NEWER, 3, write_manifest=False))
     sealed = daemon_batch(aws.s3, aws.dicom_bucket, OLDER, 3, write_manifest=False)
     for mine, theirs in zip(sealed.manifest["objects"], stored.manifest["objects"], strict=True):
         mine["receivedAt"] = stored_seconds_after_receipt(theirs["receivedAt"], 1)
     sealed.manifest["closedBy"] = "sweeper"
     aws.s3.put_object(Bucket=aws.dicom_bucket, Key=sealed.manifest_key, Body=json.dumps(sealed.manifest).encode())
+    return stored, sealed
+
+
+def test_an_import_of_a_copy_received_before_storedicom_stored_it_never_replaces_the_stored_record(
+    aws: Aws, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    app = load_app("register_batch", monkeypatch, aws.env())
+    stored, sealed = stored_copy_and_copy_sealed_before_it_was_stored(aws)
 
     app.handler(event(aws, stored.manifest_key), FakeContext())
     app.handler(event(aws, sealed.manifest_key, EXECUTION + "-sealed"), FakeContext())
@@ -210,11 +216,7 @@ def test_a_stored_copy_takes_over_from_an_import_of_a_copy_received_before_it_wa
 ) -> None:
     # The same two batches registered the other way round: StoreDICOM's answer is the newer fact.
     app = load_app("register_batch", monkeypatch, aws.env())
-    stored = stored_by_storedicom(aws.s3, daemon_batch(aws.s3, aws.dicom_bucket, NEWER, 3, write_manifest=False))
-    sealed = daemon_batch(aws.s3, aws.dicom_bucket, OLDER, 3, write_manifest=False)
-    for mine, theirs in zip(sealed.manifest["objects"], stored.manifest["objects"], strict=True):
-        mine["receivedAt"] = stored_seconds_after_receipt(theirs["receivedAt"], 1)
-    aws.s3.put_object(Bucket=aws.dicom_bucket, Key=sealed.manifest_key, Body=json.dumps(sealed.manifest).encode())
+    stored, sealed = stored_copy_and_copy_sealed_before_it_was_stored(aws)
 
     app.handler(event(aws, sealed.manifest_key, EXECUTION + "-sealed"), FakeContext())
     app.handler(event(aws, stored.manifest_key), FakeContext())
