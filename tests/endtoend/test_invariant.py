@@ -44,8 +44,6 @@ import pytest
 from boto3.dynamodb.conditions import Key
 from moto import mock_aws
 from moto.stepfunctions.parser.asl.component.common.retry import retrier_decl
-from moto.stepfunctions.parser.asl.component.state.exec.state_task import lambda_eval_utils
-from moto.stepfunctions.parser.asl.utils.boto_client import boto_client_for
 
 from batch_contract.layout import batch_id_from_manifest_key
 from batch_contract.manifest import CLOSED_BY_SWEEPER
@@ -81,7 +79,7 @@ from tests.endtoend.harness import (
     sweeper_run,
 )
 from tests.functions.workflow import DATASTORE_ID, ROLE_ARN, create_table, load_app, unique
-from tests.statemachine.test_import_execution import ASL, FUNCTIONS, REGION, LambdaService, function_arn
+from tests.statemachine.test_import_execution import FUNCTIONS, REGION, create_import_state_machine, serve_functions
 from tests.support.healthimaging import HealthImaging, Imported, Rates
 from tests.support.moto import MotoServer
 from tests.support.s3_faults import fault_proxy
@@ -207,27 +205,14 @@ def whole_path(moto: MotoServer, monkeypatch: pytest.MonkeyPatch, forwarding: bo
         healthimaging = HealthImaging(s3, DATASTORE_ID, rates_for(forwarding), random.Random(SEED))
         healthimaging.attach(apps["StartImportFunctionArn"].MEDICAL_IMAGING)
         healthimaging.attach(apps["CheckImportFunctionArn"].MEDICAL_IMAGING)
-        lambda_service = LambdaService({function_arn(p): app.handler for p, app in apps.items()})
-
-        def client_for(region: str, service: str, state_credentials: Any = None) -> Any:
-            if service == "lambda":
-                return lambda_service
-            return boto_client_for(region=region, service=service, state_credentials=state_credentials)
-
-        monkeypatch.setattr(lambda_eval_utils, "boto_client_for", client_for)
+        serve_functions(apps, monkeypatch)
         # Step Functions' retry intervals pass RETRY_TIME_SCALE times as fast: the definition's backoff still
         # decides the order of things (a job's late output against the retries that wait for it), in seconds.
         monkeypatch.setattr(
             retrier_decl, "time", SimpleNamespace(sleep=lambda seconds: time.sleep(seconds * RETRY_TIME_SCALE))
         )
-        definition = ASL.read_text()
-        for placeholder in FUNCTIONS:
-            definition = definition.replace("${" + placeholder + "}", function_arn(placeholder))
-        assert not re.search(r"\$\{", definition), "a placeholder the test does not substitute"
         sfn = boto3.client("stepfunctions", region_name=REGION)
-        arn = sfn.create_state_machine(
-            name=unique("import"), definition=definition, roleArn="arn:aws:iam::123456789012:role/sfn"
-        )["stateMachineArn"]
+        arn = create_import_state_machine(sfn, unique("import"))
         sweeper = load_app("sweeper", monkeypatch, {**env, "STATE_MACHINE_ARN": arn})
         monkeypatch.setattr(sweeper, "RECHECK_INTERVAL", RECHECK_INTERVAL)
         yield WholePath(s3, table, bucket, results, sfn, arn, healthimaging, sweeper, moto)

@@ -83,6 +83,31 @@ def function_arn(placeholder: str) -> str:
     return f"arn:aws:lambda:{REGION}:123456789012:function:dicom-store-scp-{FUNCTIONS[placeholder]}"
 
 
+def serve_functions(apps: dict[str, ModuleType], monkeypatch: pytest.MonkeyPatch) -> LambdaService:
+    """Have moto's Step Functions interpreter invoke the real handlers of ``apps`` (by placeholder) at their ARNs;
+    its other AWS calls go where moto sends them."""
+    lambda_service = LambdaService({function_arn(p): app.handler for p, app in apps.items()})
+
+    def client_for(region: str, service: str, state_credentials: Any = None) -> Any:
+        if service == "lambda":
+            return lambda_service
+        return boto_client_for(region=region, service=service, state_credentials=state_credentials)
+
+    monkeypatch.setattr(lambda_eval_utils, "boto_client_for", client_for)
+    return lambda_service
+
+
+def create_import_state_machine(sfn: Any, name: str) -> str:
+    """statemachines/import.asl.json, every placeholder replaced by its function's ARN, as a state machine;
+    returns its ARN."""
+    definition = ASL.read_text()
+    for placeholder in FUNCTIONS:
+        definition = definition.replace("${" + placeholder + "}", function_arn(placeholder))
+    assert not re.search(r"\$\{", definition), "a placeholder the test does not substitute"
+    role = "arn:aws:iam::123456789012:role/sfn"
+    return str(sfn.create_state_machine(name=name, definition=definition, roleArn=role)["stateMachineArn"])
+
+
 class LambdaService:
     """AWS Lambda's Invoke: runs the real handler, reports errors the way the Python runtime does."""
 
@@ -242,14 +267,7 @@ def workflow(monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) ->
             "POLL_INTERVAL_SECONDS": "1",
         }
         apps: dict[str, ModuleType] = {p: load_app(n, monkeypatch, env) for p, n in FUNCTIONS.items()}
-        lambda_service = LambdaService({function_arn(p): app.handler for p, app in apps.items()})
-
-        def client_for(region: str, service: str, state_credentials: Any = None) -> Any:
-            if service == "lambda":
-                return lambda_service
-            return boto_client_for(region=region, service=service, state_credentials=state_credentials)
-
-        monkeypatch.setattr(lambda_eval_utils, "boto_client_for", client_for)
+        lambda_service = serve_functions(apps, monkeypatch)
         sleeps: list[float] = []
         on_retry: list[Callable[[], None]] = []
 
@@ -273,14 +291,8 @@ def workflow(monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) ->
 
         monkeypatch.setattr(WaitFunction, "_wait_interval", wait)
 
-        definition = ASL.read_text()
-        for placeholder in FUNCTIONS:
-            definition = definition.replace("${" + placeholder + "}", function_arn(placeholder))
-        assert not re.search(r"\$\{", definition), "a placeholder the test does not substitute"
         sfn = boto3.client("stepfunctions", region_name=REGION)
-        arn = sfn.create_state_machine(
-            name="dicom-store-scp-import", definition=definition, roleArn="arn:aws:iam::123456789012:role/sfn"
-        )["stateMachineArn"]
+        arn = create_import_state_machine(sfn, "dicom-store-scp-import")
         daemon_batch(s3, dicom_bucket)
         with (
             FaultStubber(apps["StartImportFunctionArn"].MEDICAL_IMAGING) as start_stub,
