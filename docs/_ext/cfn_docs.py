@@ -61,22 +61,21 @@ def _table(
         group += nodes.colspec(colwidth=width)
     head = nodes.thead()
     group += head
-    header_row = nodes.row()
-    for header in headers:
-        entry = nodes.entry()
-        entry += _paragraph(header)
-        header_row += entry
-    head += header_row
+    head += _row(headers)
     body = nodes.tbody()
     group += body
     for cells in rows:
-        row = nodes.row()
-        for cell in cells:
-            entry = nodes.entry()
-            entry += _paragraph(cell)
-            row += entry
-        body += row
+        body += _row(cells)
     return table
+
+
+def _row(cells: Sequence[str | nodes.Node]) -> nodes.row:
+    row = nodes.row()
+    for cell in cells:
+        entry = nodes.entry()
+        entry += _paragraph(cell)
+        row += entry
+    return row
 
 
 def _literal(text: str) -> nodes.literal:
