@@ -8,7 +8,6 @@ and, for the spool, in S3 mode against moto_server. Once the room is back, the n
 from __future__ import annotations
 
 import os
-import subprocess
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ from tests.robustness.wire import Peer
 from tests.support.corpus import make_instance, read
 from tests.support.moto import MotoServer
 from tests.support.s3 import dataset_bytes, new_bucket, objects
+from tests.support.tmpfs import mounted_tmpfs
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
@@ -35,17 +35,9 @@ SUCCESS, OUT_OF_RESOURCES = 0x0000, 0xA700
 
 @pytest.fixture
 def tmpfs(tmp_path: Path) -> Iterator[Path]:
-    """A real filesystem that really fills; mounting needs root (CI and `make test` run as root)."""
-    mount_point = tmp_path / "tmpfs"
-    mount_point.mkdir()
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mount_point)], capture_output=True, text=True
-    )
-    assert mounted.returncode == 0, f"cannot mount a small tmpfs (root needed): {mounted.stderr}"
-    try:
+    """A 16 MiB tmpfs."""
+    with mounted_tmpfs(tmp_path / "tmpfs", "16m") as mount_point:
         yield mount_point
-    finally:
-        subprocess.run(["umount", "-l", str(mount_point)], check=False)
 
 
 class Filler:

@@ -18,6 +18,7 @@ from tests.robustness.test_data import encode
 from tests.robustness.wire import Peer
 from tests.support.corpus import make_instance, read
 from tests.support.daemon import start_daemon
+from tests.support.tmpfs import mounted_tmpfs
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
@@ -88,17 +89,9 @@ def test_sigkill_during_a_multi_association_send_loses_nothing_acknowledged(
 
 @pytest.fixture
 def small_filesystem(tmp_path: Path) -> Iterator[Path]:
-    """A 3 MiB tmpfs: a real ENOSPC, not a simulated one. Mounting needs root (CI and `make test` run as root)."""
-    mount_point = tmp_path / "small"
-    mount_point.mkdir()
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount_point)], capture_output=True, text=True
-    )
-    assert mounted.returncode == 0, f"cannot mount a small tmpfs (root needed): {mounted.stderr}"
-    try:
+    """A 3 MiB tmpfs."""
+    with mounted_tmpfs(tmp_path / "small", "3m") as mount_point:
         yield mount_point
-    finally:
-        subprocess.run(["umount", "-l", str(mount_point)], check=False)
 
 
 @pytest.mark.parametrize("object_bytes", [5 * 1024 * 1024], ids=["receive-fills"])
