@@ -16,7 +16,10 @@ C-STORE response arrives.
   the environment sets it), measured from the acknowledgement until the batch's manifest is seen in the bucket,
   plus the modelled time of the job and the workflow's polling (bench/import_workflow.py, BENCH_IMPORT_JOB_SECONDS).
 
-The receive rate with forwarding on and off comes from those two runs, and again from the local store (the
+The receive rate with forwarding on and off comes from those two runs, with the CPU per object that the daemon, the
+S3 stand-in and the StoreDICOM stand-in each spent while the modality sent (all share this machine's cores; in the
+stack, S3's and HealthImaging's work is theirs, so the daemon's own figures are what forwarding costs a task), and
+again from the local store (the
 standalone gateway, DCMTK storescu as the modality, medians of BENCH_FORWARD_REPEATS), where the forwarding rate,
 the daemon's CPU per object and its own ForwardLatency metric (from the stored object to StoreDICOM's answer) are
 reported too.
@@ -95,6 +98,15 @@ class Latencies:
 
 
 @dataclass(frozen=True)
+class CpuPerObject:
+    """Milliseconds of CPU per object while the modality sent, by process, in one S3-mode run."""
+
+    daemon: float
+    s3_stand_in: float  # moto_server and the latency proxy: PUTs, and the tags of what StoreDICOM stored
+    stow_stand_in: float = 0.0  # verifying each signature and parsing each instance; nothing without forwarding
+
+
+@dataclass(frozen=True)
 class PathRow:
     """One association count: the forwarding path, and the import path's measured window and modelled rest."""
 
@@ -105,6 +117,8 @@ class PathRow:
     received_per_second_forwarding: float
     received_per_second_plain: float
     forwarded_per_second: float
+    cpu_forwarding: CpuPerObject | None = None
+    cpu_plain: CpuPerObject | None = None
 
     @property
     def import_job(self) -> Latencies:
@@ -160,9 +174,11 @@ class Parameters:
 # -- the modality -------------------------------------------------------------------------------------------------
 
 
-def _send_noting_answers(daemon: Daemon, files: dict[str, Path], associations: int) -> tuple[dict[str, float], float]:
+def _send_noting_answers(
+    daemon: Daemon, files: dict[str, Path], associations: int, stand_in: s3.StandIn, stow_pid: int | None = None
+) -> tuple[dict[str, float], float, CpuPerObject]:
     """pynetdicom, one association per thread: (SOP Instance UID -> wall-clock time its C-STORE Success arrived,
-    objects received per second)."""
+    objects received per second, the CPU per object each process spent meanwhile)."""
     uids = list(files)
     answered: dict[str, float] = {}
     problems: list[str] = []
@@ -185,15 +201,25 @@ def _send_noting_answers(daemon: Daemon, files: dict[str, Path], associations: i
             link.release()
 
     threads = [threading.Thread(target=association, args=(uids[n::associations],)) for n in range(associations)]
+    before = _process_cpu(daemon.process.pid), stand_in.cpu_seconds(), _process_cpu(stow_pid)
     started = time.monotonic()
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
     seconds = time.monotonic() - started
+    after = _process_cpu(daemon.process.pid), stand_in.cpu_seconds(), _process_cpu(stow_pid)
     if problems:
         raise RuntimeError(f"{len(problems)} not stored: {problems[:3]}")
-    return answered, len(files) / seconds
+    cpu = CpuPerObject(*((end - start) * 1000 / len(files) for start, end in zip(before, after, strict=True)))
+    return answered, len(files) / seconds, cpu
+
+
+def _process_cpu(pid: int | None) -> float:
+    if pid is None:
+        return 0.0
+    times = psutil.Process(pid).cpu_times()
+    return float(times.user + times.system)
 
 
 # -- the bucket ---------------------------------------------------------------------------------------------------
@@ -258,16 +284,16 @@ def _iso_seconds(text: str) -> float:
 
 
 @contextmanager
-def _stow_process(latency: float, workdir: Path) -> Iterator[dict[str, str]]:
+def _stow_process(latency: float, workdir: Path) -> Iterator[tuple[dict[str, str], int]]:
     """The STOW-RS stand-in in a process of its own, so that verifying and parsing every instance does not hold
-    the modality's interpreter; yields the settings a daemon needs to forward to it."""
+    the modality's interpreter; yields the settings a daemon needs to forward to it, and its process id."""
     process = subprocess.Popen(
         [sys.executable, "-m", "bench.forwarding", "--stow-stand-in", str(latency), str(workdir)],
         stdout=subprocess.PIPE, text=True, cwd=REPOSITORY,
     )  # fmt: skip
     try:
         assert process.stdout is not None
-        yield json.loads(process.stdout.readline())
+        yield json.loads(process.stdout.readline()), process.pid
     finally:
         process.terminate()
         process.wait(timeout=10)
@@ -284,13 +310,13 @@ def _serve_stow(latency: float, workdir: Path) -> None:
 
 def forwarding_path(
     workdir: Path, stand_in: s3.StandIn, files: dict[str, Path], n: int, stow: float
-) -> tuple[Latencies, float, float]:
+) -> tuple[Latencies, float, float, CpuPerObject]:
     """Acknowledgement to StoreDICOM's answer, from the time the manifest records for each instance; the receive
-    rate; and the forwarding rate, from the first acknowledgement to the last answer."""
-    with _stow_process(stow, workdir) as forwarding:
+    rate; the forwarding rate, from the first acknowledgement to the last answer; and the CPU per object."""
+    with _stow_process(stow, workdir) as (forwarding, stow_pid):
         settings = {**forwarding, "BATCH_WINDOW_SECONDS": str(FORWARDING_WINDOW_SECONDS)}
         with _s3_daemon(workdir, stand_in, **settings) as (daemon, watch):
-            answered, rate = _send_noting_answers(daemon, files, n)
+            answered, rate, cpu = _send_noting_answers(daemon, files, n, stand_in, stow_pid)
             wait_for(lambda: watch.listed() >= set(files), 300, "every instance in a manifest", interval=0.5)
             manifests = [manifest for _, manifest in list(watch.seen.values())]
     stored = {
@@ -304,17 +330,19 @@ def forwarding_path(
         left_to_import=sum(1 for uid in files if uid not in stored),
     )
     span = max(stored.values(), default=math.nan) - min(answered.values())
-    return latencies, rate, len(stored) / span if stored else math.nan
+    return latencies, rate, len(stored) / span if stored else math.nan, cpu
 
 
-def to_manifest(workdir: Path, stand_in: s3.StandIn, files: dict[str, Path], n: int) -> tuple[Latencies, float]:
+def to_manifest(
+    workdir: Path, stand_in: s3.StandIn, files: dict[str, Path], n: int
+) -> tuple[Latencies, float, CpuPerObject]:
     """Acknowledgement to the manifest of the instance's batch seen in the bucket, the daemon's batch window as
-    deployed (no forwarding); and the receive rate."""
+    deployed (no forwarding); the receive rate; and the CPU per object."""
     with _s3_daemon(workdir, stand_in) as (daemon, watch):
-        answered, rate = _send_noting_answers(daemon, files, n)
+        answered, rate, cpu = _send_noting_answers(daemon, files, n, stand_in)
         wait_for(lambda: watch.listed() >= set(files), 3600, "every instance in a manifest", interval=0.5)
         seen = {item.sop_instance_uid: at for at, manifest in list(watch.seen.values()) for item in manifest.objects}
-    return Latencies([seen[uid] - answered[uid] for uid in files]), rate
+    return Latencies([seen[uid] - answered[uid] for uid in files]), rate, cpu
 
 
 # -- the local store ----------------------------------------------------------------------------------------------
@@ -436,11 +464,13 @@ def run(parameters: Parameters) -> tuple[list[PathRow], list[LocalRow]]:
         with s3.stand_in(parameters.s3_latency) as stand_in:
             _warm_up(stand_in, list(paths_by_uid.values()))
             for n in parameters.levels:
-                forwarded, rate_on, forward_rate = forwarding_path(
+                forwarded, rate_on, forward_rate, cpu_on = forwarding_path(
                     runs, stand_in, paths_by_uid, n, parameters.stow_latency
                 )
-                window, rate_off = to_manifest(runs, stand_in, paths_by_uid, n)
-                paths.append(PathRow(n, forwarded, window, after_manifest, rate_on, rate_off, forward_rate))
+                window, rate_off, cpu_off = to_manifest(runs, stand_in, paths_by_uid, n)
+                paths.append(
+                    PathRow(n, forwarded, window, after_manifest, rate_on, rate_off, forward_rate, cpu_on, cpu_off)
+                )
                 print(f"x{n}: forwarding p50 {forwarded.p50:.2f} s, import job p50 {paths[-1].import_job.p50:.0f} s",
                       flush=True)  # fmt: skip
         for n in parameters.levels:

@@ -166,6 +166,24 @@ def forwarding_section(paths: list[PathRow], local: list[LocalRow], parameters: 
         "| ---: | ---: | ---: | ---: | --- | ---: |",
     ]
     lines += [_receive_rate_cells(row, GOAL_RECEIVE_RATIO) for row in paths]
+    measured = [row for row in paths if row.cpu_forwarding is not None and row.cpu_plain is not None]
+    if measured:
+        lines += [
+            "",
+            "CPU per object while the modality sent, in milliseconds, by process, forwarding on and off. All of them "
+            "share this machine's cores, so the stand-ins' work slows the receive rate above; in the stack S3 and "
+            "HealthImaging do that work, and the daemon's own difference is what forwarding costs a task.",
+            "",
+            "| assoc. | daemon on | off | difference | S3 stand-in on | off | StoreDICOM stand-in |",
+            "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        for row in measured:
+            on, off = row.cpu_forwarding, row.cpu_plain
+            assert on is not None and off is not None
+            lines.append(
+                f"| {row.associations} | {on.daemon:.2f} | {off.daemon:.2f} | {on.daemon - off.daemon:+.2f} | "
+                f"{on.s3_stand_in:.2f} | {off.s3_stand_in:.2f} | {on.stow_stand_in:.2f} |"
+            )
     lines += [
         "",
         f"The local store (the standalone gateway), DCMTK storescu as the modality, forwarding on then off, medians "

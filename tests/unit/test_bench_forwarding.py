@@ -98,3 +98,21 @@ def test_the_model_refuses_an_import_workflow_whose_waits_read_something_else(
     monkeypatch.setattr(model, "ASL", changed)
     with pytest.raises(RuntimeError, match="waits changed"):
         model.product_workflow()
+
+
+def test_the_report_gives_each_process_its_cpu_per_object_with_forwarding_on_and_off() -> None:
+    from bench.forwarding import CpuPerObject, Parameters
+    from bench.report import forwarding_section
+
+    parameters = Parameters(
+        files=3, kib=256, levels=[16], repeats=1, stow_latency=0.25, s3_latency=0.05, job_seconds=95.0,
+        batch_window=60.0, default_batch_window=60.0, workflow=Workflow(60, lambda age: 60.0),
+    )  # fmt: skip
+    row = PathRow(
+        16, Latencies([0.5]), Latencies([61.0]), 120.0, 55.0, 74.0, 50.0,
+        cpu_forwarding=CpuPerObject(daemon=7.2, s3_stand_in=9.25, stow_stand_in=1.65),
+        cpu_plain=CpuPerObject(daemon=4.7, s3_stand_in=6.7),
+    )  # fmt: skip
+    rows = [line.split(" | ") for line in forwarding_section([row], [], parameters).splitlines()]
+    cpu = [row for row in rows if len(row) == 7 and row[0] == "| 16"]
+    assert cpu == [["| 16", "7.20", "4.70", "+2.50", "9.25", "6.70", "1.65 |"]]
