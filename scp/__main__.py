@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 
 from scp import __version__, logs, receivers, server
-from scp.commitment.startup import start_commitment
+from scp.commitment.startup import create_shared_databases, start_commitment
 from scp.config import Settings, SettingsError
 from scp.handlers import StoreHandler
 from scp.limits import Limits
@@ -99,6 +99,11 @@ def serve(settings: Settings) -> int:
     if settings.receiver_processes == 1:
         limits = Limits(settings.maximum_associations)
         return _receive(settings, spool, listening, limits, receiver=None, leftovers=leftovers)
+    try:
+        create_shared_databases(settings)
+    except (OSError, sqlite3.Error) as error:
+        LOG.error("cannot start", extra={"error": str(error)})
+        return EXIT_FAILURE
     _log_listening(settings, int(listening.getsockname()[1]), leftovers)
     return receivers.supervise(
         settings,

@@ -64,6 +64,16 @@ def journal_path(database: Path, receiver: int) -> Path:
     return database.with_name(f"stored-{receiver}.journal")
 
 
+def create(path: Path) -> None:
+    """Create the database (already in WAL mode) before several receiver processes open it at once.
+
+    SQLite switches a new database to WAL under a lock it does not wait for: of two processes switching one at
+    the same moment, one fails with "database is locked" whatever its busy timeout, and that receiver could not
+    start. A database in WAL mode already is opened side by side without that race.
+    """
+    open_database(path, "NORMAL", _SCHEMA).close()
+
+
 class Ledger:
     def __init__(self, path: Path, receiver: int = 0) -> None:
         self._lock = threading.Lock()

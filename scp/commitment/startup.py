@@ -35,6 +35,12 @@ def start_commitment(settings: Settings, store: Store, receiver: int = 0) -> tup
     return service, store
 
 
+def create_shared_databases(settings: Settings) -> None:
+    """Before the receiver processes are forked: the commitment database that all of them open."""
+    if settings.commitment_after != COMMITMENT_AFTER_HEALTHIMAGING:
+        ledger.create(ledger.database_path(settings.storage_dir))
+
+
 def _object_check(settings: Settings) -> ObjectCheck:
     if settings.dicom_bucket is None:
         return LocalFiles(settings.storage_dir)

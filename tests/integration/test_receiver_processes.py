@@ -1,12 +1,15 @@
 """Two receiver processes on one port: the association limit holds across them, SIGTERM drains both with every
-acknowledged object stored, a killed receiver is replaced and its slots come back, and ActiveAssociations is the
-task's count."""
+acknowledged object stored, a killed receiver is replaced and its slots come back, ActiveAssociations is the
+task's count, and receivers starting at the same instant each open the database they share."""
 
 from __future__ import annotations
 
+import multiprocessing
+import multiprocessing.synchronize
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -18,6 +21,7 @@ from typing import Any
 import pytest
 from pynetdicom import _config
 
+from scp.commitment import ledger
 from scp.metrics import SERVICE
 from tests.operations.emf import data_from_lines
 from tests.support.corpus import comparable, make_instance, read
@@ -219,3 +223,29 @@ def test_a_killed_receiver_is_replaced_and_its_slots_come_back(tmp_path: Path) -
         survivor.release()
     assert daemon.process.poll() is None
     assert daemon.stop() == 0
+
+
+def _open_ledger_at(database: Path, receiver: int, start: multiprocessing.synchronize.Barrier) -> None:
+    start.wait()
+    try:
+        ledger.Ledger(database, receiver).close()
+    except sqlite3.OperationalError:
+        os._exit(1)
+    os._exit(0)
+
+
+def test_receivers_starting_at_the_same_instant_each_open_the_ledger_created_before_them(tmp_path: Path) -> None:
+    """Two processes switching one new database to WAL at the same instant: about one time in six one of them
+    fails at once with "database is locked" (its busy timeout does not apply there), and that receiver cannot
+    start. The daemon creates the ledger before it forks the receivers; so does each attempt here."""
+    forked = multiprocessing.get_context("fork")
+    for attempt in range(40):
+        database = ledger.database_path(tmp_path / str(attempt))
+        ledger.create(database)
+        start = forked.Barrier(2)
+        receivers = [forked.Process(target=_open_ledger_at, args=(database, n, start)) for n in range(2)]
+        for receiver in receivers:
+            receiver.start()
+        for receiver in receivers:
+            receiver.join(timeout=30)
+        assert [receiver.exitcode for receiver in receivers] == [0, 0], f"attempt {attempt}"
