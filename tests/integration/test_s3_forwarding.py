@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from batch_contract.manifest import Manifest
-from tests.support.corpus import read
+from tests.support.corpus import make_instance, read
 from tests.support.daemon import Daemon, send_files
 from tests.support.forwarded_bucket import ForwardedBucket
 from tests.support.s3 import objects, s3
@@ -26,8 +26,10 @@ pytestmark = pytest.mark.integration
 STUDY = "1.2.826.0.1.3680043.8.498.13013"
 
 
-def instances(forwarded: ForwardedBucket, count: int) -> list[Path]:
-    return forwarded.series(STUDY, f"{STUDY}.1", count, pixel_bytes=48 * 1024)
+def instances(directory: Path, count: int) -> list[Path]:
+    """``count`` new instances of the one series these tests send, as Part-10 files in ``directory``."""
+    series = f"{STUDY}.1"
+    return [make_instance(directory, pixel_bytes=48 * 1024, study_uid=STUDY, series_uid=series) for _ in range(count)]
 
 
 def forwarding_under_way(forwarded: ForwardedBucket, count: int, latency: float) -> tuple[Daemon, list[Path]]:
@@ -35,7 +37,7 @@ def forwarding_under_way(forwarded: ForwardedBucket, count: int, latency: float)
     request and the first of them stored."""
     forwarded.standin.latency_seconds = latency
     daemon = forwarded.start_daemon(BATCH_WINDOW_SECONDS="600")
-    sent = instances(forwarded, count)
+    sent = instances(forwarded.workdir, count)
     assert send_files(daemon, sent) == [0] * count
     wait_for(lambda: forwarded.standin.arrivals(), 10, "StoreDICOM to store the first instances")
     return daemon, sent
@@ -63,7 +65,7 @@ def consistent(forwarded: ForwardedBucket, sent: list[Path]) -> dict[str, Manife
 
 def test_a_batch_stored_whole_by_storedicom_has_one_manifest_saying_so(forwarded: ForwardedBucket) -> None:
     daemon = forwarded.start_daemon(BATCH_WINDOW_SECONDS="2")
-    sent = instances(forwarded, 12)
+    sent = instances(forwarded.workdir, 12)
     assert send_files(daemon, sent) == [0] * len(sent)
 
     (manifest,) = wait_for(lambda: list(forwarded.manifests().values()), 30, "the batch manifest")
@@ -79,7 +81,7 @@ def test_a_batch_stored_whole_by_storedicom_has_one_manifest_saying_so(forwarded
 
 
 def test_a_refused_instance_goes_to_the_fallback_batch_and_the_rest_stay_stored(forwarded: ForwardedBucket) -> None:
-    sent = instances(forwarded, 8)
+    sent = instances(forwarded.workdir, 8)
     refused = str(read(sent[3]).SOPInstanceUID)
     forwarded.standin.refuse_http = {refused}  # HTTP 400 for any request carrying it
     daemon = forwarded.start_daemon(BATCH_WINDOW_SECONDS="2")
@@ -102,7 +104,7 @@ def test_a_refused_instance_goes_to_the_fallback_batch_and_the_rest_stay_stored(
 def test_storedicom_unavailable_throughout_leaves_the_batch_to_its_import_job(forwarded: ForwardedBucket) -> None:
     forwarded.standin.answer_status = 503
     daemon = forwarded.start_daemon(BATCH_WINDOW_SECONDS="2")
-    sent = instances(forwarded, 6)
+    sent = instances(forwarded.workdir, 6)
     assert send_files(daemon, sent) == [0] * len(sent)
 
     (manifest,) = wait_for(lambda: list(forwarded.manifests().values()), 30, "the batch manifest")
@@ -158,7 +160,7 @@ def test_a_batch_the_sweeper_sealed_first_puts_its_later_stored_objects_in_a_lat
     forwarded: ForwardedBucket, sweeper: Sweeper
 ) -> None:
     daemon = forwarded.start_daemon(BATCH_WINDOW_SECONDS="4")
-    sent = instances(forwarded, 8)
+    sent = instances(forwarded.workdir, 8)
     sealed_id = seal_between(daemon, sweeper, forwarded.server, sent[:3], sent[3:])
 
     wait_for(lambda: len(forwarded.manifests()) == 2, 30, "the sweeper's manifest and the late batch's")
