@@ -19,10 +19,9 @@ C-STORE response arrives.
 The receive rate with forwarding on and off comes from those two runs, with the CPU per object that the daemon, the
 S3 stand-in and the StoreDICOM stand-in each spent while the modality sent (all share this machine's cores; in the
 stack, S3's and HealthImaging's work is theirs, so the daemon's own figures are what forwarding costs a task), and
-again from the local store (the
-standalone gateway, DCMTK storescu as the modality, medians of BENCH_FORWARD_REPEATS), where the forwarding rate,
-the daemon's CPU per object and its own ForwardLatency metric (from the stored object to StoreDICOM's answer) are
-reported too.
+again from the local store (the standalone gateway, DCMTK storescu as the modality, medians of
+BENCH_FORWARD_REPEATS), where the forwarding rate, the daemon's CPU per object and its own ForwardLatency metric
+(from the stored object to StoreDICOM's answer) are reported too.
 
 Settings: BENCH_FORWARD_FILES (default 200), BENCH_FORWARD_KIB (size of each object, default 256),
 BENCH_FORWARD_CONCURRENCY (default 1,16), BENCH_FORWARD_REPEATS (local-store runs, on and off, whose medians are
