@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from batch_contract.layout import batch_prefix, check_batch_id, parse_object_key
+from batch_contract.table import STORED_BY_STOREDICOM
 
 MANIFEST_VERSION = 1
 
@@ -45,6 +46,10 @@ class StoredByStoreDICOM:
     image_set_id: str | None
     # The answer's Warning Reason (0008,1196) or WarningDetail for this instance, as HealthImaging gave it.
     warning: str | None
+    # Set by the workflow only, never in a manifest: where HealthImaging was asked because no answer reached the
+    # daemon (functions/common/held_in_healthimaging.py), the image set's isPrimary and ``storedBy`` saying so.
+    is_primary: bool | None = None
+    stored_by: str = STORED_BY_STOREDICOM
 
     def to_json(self) -> dict[str, Any]:
         return {"storedAt": self.stored_at, "imageSetId": self.image_set_id, "warning": self.warning}

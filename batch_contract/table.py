@@ -32,6 +32,10 @@ INSTANCE_STATUSES = (IMPORTING, IMPORTED, WARNING, FAILED, REQUEUED, STUCK, UNCO
 # closed, and no import job ran (its status is imported, or warning with StoreDICOM's warning as the reason).
 # Absent where an import job imported it.
 STORED_BY_STOREDICOM = "StoreDICOM"
+# ``storedBy`` of an instance item whose object carried no StoreDICOM answer (it was lost, or the daemon died before
+# tagging it) and that an import job did not import: HealthImaging, asked, holds it; the image set id is the one
+# it named, and ``isPrimary`` is the image set's.
+STORED_BY_HEALTHIMAGING = "HealthImaging search"
 
 # Batch statuses.
 BATCH_REGISTERED = "registered"

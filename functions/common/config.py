@@ -45,6 +45,15 @@ class EnvironmentReader:
             return minimum
         return self.integer(name, minimum, minimum, maximum)
 
+    def boolean(self, name: str, default: bool) -> bool:
+        raw = self._environ.get(name, "").strip().lower()
+        if not raw:
+            return default
+        if raw not in ("true", "false"):
+            self._problems.append(f"{name}: expected true or false, got {raw!r}")
+            return default
+        return raw == "true"
+
     def finish(self) -> None:
         if self._problems:
             raise ConfigurationError("; ".join(self._problems))
@@ -55,6 +64,15 @@ def record_retention_days(reader: EnvironmentReader) -> int:
     return reader.integer("RECORD_RETENTION_DAYS", 365, 0, 36500)
 
 
+def forwarding_datastore_id(reader: EnvironmentReader) -> str | None:
+    """The data store StoreDICOM forwards to when STOREDICOM_FORWARDING is true (then DATASTORE_ID is required),
+    read alike by every function that records instances failed: HealthImaging is asked about those without
+    StoreDICOM's answer. None when forwarding is off."""
+    if not reader.boolean("STOREDICOM_FORWARDING", False):
+        return None
+    return reader.text("DATASTORE_ID", r"[0-9a-z]{32}")
+
+
 @dataclass(frozen=True)
 class RecordSettings:
     """The whole environment of a function that reads a batch's manifest or objects and writes its records
@@ -63,6 +81,8 @@ class RecordSettings:
     table_name: str
     dicom_bucket: str
     retention_days: int
+    # None when forwarding is off; RegisterBatch, which fails no instance, never asks HealthImaging.
+    forwarding_datastore_id: str | None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> RecordSettings:
@@ -71,6 +91,7 @@ class RecordSettings:
             table_name=reader.text("TABLE_NAME"),
             dicom_bucket=reader.text("DICOM_BUCKET"),
             retention_days=record_retention_days(reader),
+            forwarding_datastore_id=forwarding_datastore_id(reader),
         )
         reader.finish()
         return settings

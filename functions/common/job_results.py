@@ -19,6 +19,7 @@ from aws_lambda_powertools import Logger
 from botocore.exceptions import ClientError
 
 from batch_contract.manifest import StoredByStoreDICOM
+from common.held_in_healthimaging import HealthImagingLookup
 from common.layout import (
     LayoutError,
     batch_id_time_part,
@@ -395,15 +396,20 @@ def unconfirmed_outcomes(manifest: Manifest, job_id: str, error: Mapping[str, An
 
 
 def _stored_by_storedicom_first(
-    s3: S3Client, manifest: Manifest, outcomes: list[InstanceOutcome]
+    s3: S3Client,
+    manifest: Manifest,
+    outcomes: list[InstanceOutcome],
+    healthimaging: HealthImagingLookup | None,
+    now: datetime,
 ) -> tuple[list[InstanceOutcome], dict[str, StoredByStoreDICOM]]:
-    """Before an instance is recorded failed (or unconfirmed): if its object's tags say StoreDICOM stored it, it
-    is in HealthImaging, and recorded so (its answer, by key). Tags unreadable: the task is retried."""
-    listed = {entry.key for entry in manifest.objects}
-    doubtful = [o.key for o in outcomes if o.status in (FAILED, UNCONFIRMED) and o.key in listed]
+    """Before an instance is recorded failed (or unconfirmed): if its object's tags say StoreDICOM stored it, or
+    (forwarding on) HealthImaging says it holds it, it is in HealthImaging, and recorded so (by key). Tags or
+    HealthImaging unreadable: the task is retried."""
+    doubtful_keys = {o.key for o in outcomes if o.status in (FAILED, UNCONFIRMED)}
+    doubtful = [entry for entry in manifest.objects if entry.key in doubtful_keys]
     if not doubtful:
         return outcomes, {}
-    stored = stored_by_storedicom(s3, manifest.bucket, doubtful, retry_on_error=True)
+    stored = stored_by_storedicom(s3, manifest.bucket, doubtful, healthimaging, retry_on_error=True, now=now)
     if stored:
         logger.info(
             "instances the import did not store were stored by StoreDICOM: recorded imported",
@@ -415,7 +421,7 @@ def _stored_by_storedicom_first(
             o,
             status=WARNING if stored[o.key].warning else IMPORTED,
             image_set_id=stored[o.key].image_set_id,
-            is_primary=None,
+            is_primary=stored[o.key].is_primary,
             reason=stored[o.key].warning,
             server_error=False,
         )
@@ -426,9 +432,16 @@ def _stored_by_storedicom_first(
 
 
 def record_results(
-    event: Mapping[str, Any], s3: S3Client, table: Table, dicom_bucket: str, retention: Retention, now: datetime
+    event: Mapping[str, Any],
+    s3: S3Client,
+    table: Table,
+    dicom_bucket: str,
+    healthimaging: HealthImagingLookup | None,
+    retention: Retention,
+    now: datetime,
 ) -> Results:
-    """Record the outcome of the finished job ``event`` names (ProcessResults' input) for its batch."""
+    """Record the outcome of the finished job ``event`` names (ProcessResults' input) for its batch;
+    ``healthimaging`` is asked about instances it would record failed where StoreDICOM forwarding is on."""
     batch_id = check_batch_id(str(event["batchId"]))
     job, state = event["job"], event["jobStatus"]
     job_id, job_status = str(job["jobId"]), str(state["jobStatus"])
@@ -449,7 +462,7 @@ def record_results(
         outcomes, unmatched = outcomes_from_output(manifest, output, job_failed_reason)
     if unmatched:
         logger.warning("output lines that name no object of this batch", batch_id=batch_id, lines=unmatched)
-    outcomes, stored = _stored_by_storedicom_first(s3, manifest, outcomes)
+    outcomes, stored = _stored_by_storedicom_first(s3, manifest, outcomes, healthimaging, now)
 
     server_failures = [o for o in outcomes if o.status == FAILED and o.server_error]
     requeue_id = None

@@ -218,13 +218,18 @@ def _instance_item(
     if stored is not None:
         # In HealthImaging already: the final record now, as process_results would write it for an import job.
         item["status"] = WARNING if stored.warning else IMPORTED
-        item["storedBy"] = STORED_BY_STOREDICOM
+        item["storedBy"] = stored.stored_by
         item["storedAt"] = _stored_time(manifest, stored.stored_at)
         if stored.image_set_id:
             item["imageSetId"] = stored.image_set_id
+        if stored.is_primary is not None:
+            item["isPrimary"] = stored.is_primary
         if stored.warning:
             item["reason"] = shorten(stored.warning)
-            item["gsi3pk"] = status_partition(ENTITY_INSTANCE, WARNING)
+        if stored.warning or stored.is_primary is False:
+            # Left in the ByStatus index for attention, as record_instance_outcome leaves them after a job.
+            attention = NON_PRIMARY if stored.is_primary is False else WARNING
+            item["gsi3pk"] = status_partition(ENTITY_INSTANCE, attention)
             item["gsi3sk"] = f"{stamp}#{entry.sop_instance_uid}"
         else:
             del item["gsi3pk"], item["gsi3sk"]  # imported instances leave the ByStatus index, as after a job
@@ -276,9 +281,10 @@ def record_stored_by_storedicom(
     now: datetime,
 ) -> int:
     """Record the instances of ``manifest`` that StoreDICOM stored (``stored``, its answer by key, read from their
-    objects' tags) as registration records a batch StoreDICOM stored: imported or warning, ``storedBy``
-    StoreDICOM, its image set id, under the same rule (only a newer receipt wins). For the instances an import job
-    or a failed workflow would otherwise record failed; returns how many were written."""
+    objects' tags, or found by asking HealthImaging) as registration records a batch StoreDICOM stored: imported
+    or warning, ``storedBy`` (StoreDICOM, or the HealthImaging search), its image set id, under the same rule
+    (only a newer receipt wins). For the instances an import job or a failed workflow would otherwise record
+    failed; returns how many were written."""
     entries = [
         replace(entry, stored_by_storedicom=stored[entry.key]) for entry in manifest.objects if entry.key in stored
     ]

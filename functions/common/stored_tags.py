@@ -3,18 +3,22 @@
 The daemon tags an object once StoreDICOM stored it (batch_contract/stored_tags.py); a batch the sweeper sealed
 whole after the daemon died, or a fallback batch whose withdrawn request was answered after the close, holds such
 objects. Their tags are read only for the instances about to be recorded failed, so the usual path costs nothing.
+Where forwarding is on, an instance without the tag may still be in HealthImaging (StoreDICOM's answer was lost, or
+the daemon died before tagging): HealthImaging is asked about those (common/held_in_healthimaging.py).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Sequence
+from datetime import datetime
 from typing import TYPE_CHECKING
 
 from aws_lambda_powertools import Logger
 from botocore.exceptions import BotoCoreError, ClientError
 
-from batch_contract.manifest import StoredByStoreDICOM
+from batch_contract.manifest import ManifestObject, StoredByStoreDICOM
 from batch_contract.stored_tags import parse_stored_tags
+from common.held_in_healthimaging import HealthImagingLookup, HealthImagingUnreadable, held_in_healthimaging
 from common.parallel import in_parallel
 
 if TYPE_CHECKING:
@@ -30,13 +34,20 @@ class StoredTagsUnreadable(Exception):
 
 
 def stored_by_storedicom(
-    s3: S3Client, bucket: str, keys: Iterable[str], retry_on_error: bool
+    s3: S3Client,
+    bucket: str,
+    entries: Sequence[ManifestObject],
+    healthimaging: HealthImagingLookup | None,
+    retry_on_error: bool,
+    now: datetime,
 ) -> dict[str, StoredByStoreDICOM]:
-    """StoreDICOM's answer, by key, for each object whose tags say StoreDICOM stored it.
+    """StoreDICOM's answer, by key, for each of ``entries`` whose object's tags say StoreDICOM stored it, and,
+    with ``healthimaging`` (forwarding on), for each of the others that HealthImaging holds.
 
-    An object that is gone has no say (logged). Any other error raises StoredTagsUnreadable when
-    ``retry_on_error`` (the state machine runs the task again); otherwise it is logged and the object counts as not
-    stored by StoreDICOM: recorded failed, which is what is known of it.
+    An object that is gone has no say (logged). Any other error raises (StoredTagsUnreadable,
+    HealthImagingUnreadable) when ``retry_on_error`` (the state machine, or the sweeper's next run, does it again);
+    otherwise it is logged and the objects it concerns count as not stored: recorded failed, which is what is
+    known of them.
     """
 
     def read(key: str) -> tuple[str, StoredByStoreDICOM | None]:
@@ -54,4 +65,19 @@ def stored_by_storedicom(
             return key, None
         return key, parse_stored_tags(tag_set)
 
-    return {key: stored for key, stored in in_parallel(read, list(keys)) if stored is not None}
+    stored = {key: answer for key, answer in in_parallel(read, [e.key for e in entries]) if answer is not None}
+    untagged = [entry for entry in entries if entry.key not in stored]
+    if healthimaging is None or not untagged:
+        return stored
+    try:
+        held = held_in_healthimaging(healthimaging, untagged, now)
+    except HealthImagingUnreadable as error:
+        if retry_on_error:
+            raise
+        logger.warning("HealthImaging could not be asked; recorded as the import says", error=str(error))
+        return stored
+    if held:
+        logger.warning(
+            "instances without StoreDICOM's answer found in HealthImaging: recorded imported", instances=len(held)
+        )
+    return stored | held

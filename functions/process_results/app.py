@@ -11,6 +11,7 @@ from aws_lambda_powertools import Logger, Metrics
 from aws_lambda_powertools.metrics import MetricUnit
 from aws_lambda_powertools.utilities.typing import LambdaContext
 from common.config import RecordSettings
+from common.held_in_healthimaging import healthimaging_lookup
 from common.job_results import record_results
 from common.parallel import POOLED_CLIENT_CONFIG
 from common.records import (
@@ -32,12 +33,13 @@ SETTINGS = RecordSettings.from_env(os.environ)
 RETENTION = Retention(SETTINGS.retention_days)
 S3 = boto3.client("s3", config=POOLED_CLIENT_CONFIG)
 TABLE = boto3.resource("dynamodb", config=POOLED_CLIENT_CONFIG).Table(SETTINGS.table_name)
+HEALTHIMAGING = healthimaging_lookup(SETTINGS.forwarding_datastore_id)
 
 
 @logger.inject_lambda_context
 @metrics.log_metrics
 def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
-    results = record_results(event, S3, TABLE, SETTINGS.dicom_bucket, RETENTION, utc_now())
+    results = record_results(event, S3, TABLE, SETTINGS.dicom_bucket, HEALTHIMAGING, RETENTION, utc_now())
     counts = results.counts
     metrics.add_metric(
         name="InstancesImported", unit=MetricUnit.Count, value=counts[IMPORTED] + counts[WARNING]

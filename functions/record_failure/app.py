@@ -22,6 +22,7 @@ from aws_lambda_powertools.metrics import MetricUnit
 from aws_lambda_powertools.utilities.typing import LambdaContext
 from botocore.exceptions import ClientError
 from common.config import RecordSettings
+from common.held_in_healthimaging import HealthImagingLookup, healthimaging_lookup
 from common.layout import LayoutError, batch_id_from_manifest_key, check_batch_id
 from common.manifest import Manifest, ManifestError, iso_millis, read_manifest
 from common.parallel import POOLED_CLIENT_CONFIG
@@ -135,7 +136,12 @@ def _manifest_if_readable(s3: S3Client, bucket: str, batch_id: str) -> Manifest 
 
 
 def record_failure(
-    event: Mapping[str, Any], s3: S3Client, table: Table, settings: RecordSettings, now: datetime
+    event: Mapping[str, Any],
+    s3: S3Client,
+    table: Table,
+    healthimaging: HealthImagingLookup | None,
+    settings: RecordSettings,
+    now: datetime,
 ) -> dict[str, Any]:
     state = event.get("state") or {}
     execution_arn = str(event["executionArn"])
@@ -159,10 +165,12 @@ def record_failure(
         return {"batchId": batch_id, "reason": reason, "instancesFailed": 0, "batchFailed": True}
     failed = 0
     if manifest is not None:
-        # First what StoreDICOM stored, so that the failures below find those records final and leave them. A tag
-        # read that fails leaves that instance failed: this is the last step of the workflow, nothing retries it.
-        keys = [entry.key for entry in manifest.objects]
-        stored = stored_by_storedicom(s3, manifest.bucket, keys, retry_on_error=False)
+        # First what StoreDICOM stored (or, forwarding on, HealthImaging holds), so that the failures below find
+        # those records final and leave them. A tag read or a HealthImaging call that fails leaves those instances
+        # failed: this is the last step of the workflow, nothing retries it.
+        stored = stored_by_storedicom(
+            s3, manifest.bucket, manifest.objects, healthimaging, retry_on_error=False, now=now
+        )
         attempt = 2 if manifest.requeued_from else 1
         if record_stored_by_storedicom(table, manifest, stored, attempt, retention, now):
             logger.warning(
@@ -179,12 +187,13 @@ def record_failure(
 SETTINGS = RecordSettings.from_env(os.environ)
 S3 = boto3.client("s3", config=POOLED_CLIENT_CONFIG)
 TABLE = boto3.resource("dynamodb", config=POOLED_CLIENT_CONFIG).Table(SETTINGS.table_name)
+HEALTHIMAGING = healthimaging_lookup(SETTINGS.forwarding_datastore_id)
 
 
 @logger.inject_lambda_context
 @metrics.log_metrics
 def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
-    result = record_failure(event, S3, TABLE, SETTINGS, utc_now())
+    result = record_failure(event, S3, TABLE, HEALTHIMAGING, SETTINGS, utc_now())
     metrics.add_metric(name="InstancesFailed", unit=MetricUnit.Count, value=result["instancesFailed"])
     metrics.add_metric(name="BatchesFailed", unit=MetricUnit.Count, value=int(result["batchFailed"]))
     return result

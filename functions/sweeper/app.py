@@ -24,7 +24,8 @@ from aws_lambda_powertools.metrics import MetricUnit
 from aws_lambda_powertools.utilities.typing import LambdaContext
 from boto3.dynamodb.conditions import Attr, Key
 from botocore.exceptions import ClientError
-from common.config import EnvironmentReader, record_retention_days
+from common.config import EnvironmentReader, forwarding_datastore_id, record_retention_days
+from common.held_in_healthimaging import HealthImagingLookup, healthimaging_lookup
 from common.job_results import JobOutputNotReady, record_results
 from common.layout import (
     BATCHES_PREFIX,
@@ -104,6 +105,7 @@ class Settings:
     batch_window_seconds: int
     lookback_hours: int
     retention_days: int
+    forwarding_datastore_id: str | None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> Settings:
@@ -118,6 +120,7 @@ class Settings:
             batch_window_seconds=reader.required_integer("BATCH_WINDOW_SECONDS", 1, 86400),
             lookback_hours=reader.integer("SWEEP_LOOKBACK_HOURS", 72, 1, 8760),
             retention_days=record_retention_days(reader),
+            forwarding_datastore_id=forwarding_datastore_id(reader),
         )
         reader.finish()
         return settings
@@ -468,6 +471,7 @@ def recheck_unconfirmed(
     s3: S3Client,
     table: Table,
     bucket: str,
+    healthimaging: HealthImagingLookup | None,
     retention: Retention,
     now: datetime,
     seconds_left: Callable[[], float],
@@ -492,7 +496,7 @@ def recheck_unconfirmed(
             logger.error("unconfirmed batch without its job's record: not re-checked", batch_id=batch_id)
             continue
         try:
-            results = record_results(_results_event(batch, job), s3, table, bucket, retention, now)
+            results = record_results(_results_event(batch, job), s3, table, bucket, healthimaging, retention, now)
         except JobOutputNotReady as unreadable:
             unconfirmed_for = now - parse_iso(str(batch["finishedAt"]))
             if unconfirmed_for < RECHECK_PERIOD:
@@ -523,6 +527,7 @@ RETENTION = Retention(SETTINGS.retention_days)
 S3 = boto3.client("s3", config=POOLED_CLIENT_CONFIG)
 SFN = boto3.client("stepfunctions")
 TABLE = boto3.resource("dynamodb", config=POOLED_CLIENT_CONFIG).Table(SETTINGS.table_name)
+HEALTHIMAGING = healthimaging_lookup(SETTINGS.forwarding_datastore_id)
 
 
 @logger.inject_lambda_context
@@ -543,7 +548,13 @@ def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
     )
     metrics.add_metric(name="BatchesReconciled", unit=MetricUnit.Count, value=len(reconciled))
     rechecked = recheck_unconfirmed(
-        S3, TABLE, SETTINGS.dicom_bucket, RETENTION, now, lambda: context.get_remaining_time_in_millis() / 1000
+        S3,
+        TABLE,
+        SETTINGS.dicom_bucket,
+        HEALTHIMAGING,
+        RETENTION,
+        now,
+        lambda: context.get_remaining_time_in_millis() / 1000,
     )
     metrics.add_metric(name="UnconfirmedBatchesRecorded", unit=MetricUnit.Count, value=len(rechecked.recorded))
     metrics.add_metric(name="UnconfirmedBatchesEnded", unit=MetricUnit.Count, value=len(rechecked.ended))

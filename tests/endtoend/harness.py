@@ -493,7 +493,13 @@ def recheck_run(sweeper: ModuleType, bucket: str, recorded: set[str]) -> Callabl
 
     def run(rng: random.Random) -> str | None:
         rechecked = sweeper.recheck_unconfirmed(
-            sweeper.S3, sweeper.TABLE, bucket, sweeper.RETENTION, datetime.now(UTC), lambda: 300.0
+            sweeper.S3,
+            sweeper.TABLE,
+            bucket,
+            sweeper.HEALTHIMAGING,
+            sweeper.RETENTION,
+            datetime.now(UTC),
+            lambda: 300.0,
         )
         recorded.update(rechecked.recorded)
         return "re-check recorded an unconfirmed batch" if rechecked.recorded else "re-check ran"

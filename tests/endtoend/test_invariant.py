@@ -31,7 +31,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
@@ -51,6 +51,7 @@ from batch_contract.table import (
     BATCH_UNCONFIRMED,
     BY_STATUS_INDEX,
     ENTITY_BATCH,
+    STORED_BY_HEALTHIMAGING,
     STORED_BY_STOREDICOM,
     batch_key,
     status_partition,
@@ -139,15 +140,12 @@ def plan_for(forwarding: bool) -> Plan:
 def rates_for(forwarding: bool) -> Rates:
     """The faults HealthImaging's import API injects in a run.
 
-    The short run with forwarding, in `make test`, leaves out three that the short run without forwarding and the
+    The short run with forwarding, in `make test`, leaves out one that the short run without forwarding and the
     soak in both modes keep: job output that appears only after the workflow stopped waiting (70 to 100 s of
-    drain, so that the run keeps to about a minute), and whole jobs FAILED and files failing with a server error.
-    Those two make the known violation of forwarding (docs/forwarding.rst, "Limits of this release"): an instance
-    StoreDICOM stored without the daemon learning it (the answer lost, or the daemon killed before the tag) is
-    recorded failed when its import job fails it, while HealthImaging holds it.
+    drain, so that the run keeps to about a minute).
     """
     if forwarding and not SOAK_SECONDS:
-        return replace(RATES, very_late_output=0.0, job_failed=0.0, file_server_error=0.0)
+        return replace(RATES, very_late_output=0.0)
     return RATES
 
 
@@ -199,6 +197,8 @@ def whole_path(moto: MotoServer, monkeypatch: pytest.MonkeyPatch, forwarding: bo
         "POLL_INTERVAL_SECONDS": "1",
         "BATCH_WINDOW_SECONDS": str(daemon_settings(bucket, None)["BATCH_WINDOW_SECONDS"]),
         "POWERTOOLS_METRICS_NAMESPACE": "DICOMStoreSCP",
+        # As the template sets it from StoreDICOMForwarding: failures are looked up in the data store first.
+        "STOREDICOM_FORWARDING": "true" if forwarding else "false",
     }
     with mock_aws(config={"stepfunctions": {"execute_state_machine": True}}):
         apps = {placeholder: load_app(name, monkeypatch, env) for placeholder, name in FUNCTIONS.items()}
@@ -215,6 +215,11 @@ def whole_path(moto: MotoServer, monkeypatch: pytest.MonkeyPatch, forwarding: bo
         arn = create_import_state_machine(sfn, unique("import"))
         sweeper = load_app("sweeper", monkeypatch, {**env, "STATE_MACHINE_ARN": arn})
         monkeypatch.setattr(sweeper, "RECHECK_INTERVAL", RECHECK_INTERVAL)
+        # The functions that record failures ask the data store, with forwarding on, what they would fail.
+        for app in (apps["ProcessResultsFunctionArn"], apps["RecordFailureFunctionArn"], sweeper):
+            assert (app.HEALTHIMAGING is not None) == forwarding
+            if app.HEALTHIMAGING is not None:
+                healthimaging.attach(app.HEALTHIMAGING.client)
         yield WholePath(s3, table, bucket, results, sfn, arn, healthimaging, sweeper, moto)
         healthimaging.stop()
 
@@ -245,7 +250,14 @@ def test_every_acknowledged_instance_reaches_one_truthful_end_state(
     path = whole_path
     ledger = Ledger()
     chaos = Chaos(rng)
-    standin = StowStandIn(region=REGION, datastore_id=DATASTORE_ID, verdict=verdict_of(path.healthimaging))
+    standin = StowStandIn(
+        region=REGION,
+        datastore_id=DATASTORE_ID,
+        verdict=verdict_of(path.healthimaging),
+        on_stored=lambda stored, primary: path.healthimaging.hold(
+            stored.study_instance_uid, stored.series_instance_uid, stored.sop_instance_uid, stored.image_set_id, primary
+        ),
+    )
     with fault_proxy(path.moto.endpoint) as proxy, running(standin if forwarding else None):
         receivers = Receivers(tmp_path, daemon_settings(path.bucket, proxy, standin if forwarding else None, tmp_path))
         events = EventBridge(path.sfn, path.arn, path.s3, path.bucket, plan.duplicate_events, plan.lost_events, rng)
@@ -295,7 +307,9 @@ def test_every_acknowledged_instance_reaches_one_truthful_end_state(
             assert instance["sopInstanceUid"] not in seen, f"reported twice: {instance}"
             seen[instance["sopInstanceUid"]] = instance
     documents = manifest_documents(path.s3, path.bucket)
-    side = HealthImagingSide(path.healthimaging.imported, stored_by_standin(standin), documents, ledger)
+    side = HealthImagingSide(
+        path.healthimaging.imported, stored_by_standin(standin), path.healthimaging.holders, documents, ledger
+    )
 
     failed_reasons: Counter[str] = Counter()
     violations: list[str] = []
@@ -344,6 +358,9 @@ def test_every_acknowledged_instance_reaches_one_truthful_end_state(
         "failed": states[FAILED],
         "failed by reason": dict(failed_reasons),
         "recorded stored by StoreDICOM": sum(1 for i in acknowledged if i.get("storedBy") == STORED_BY_STOREDICOM),
+        "recorded found by asking HealthImaging": sum(
+            1 for i in acknowledged if i.get("storedBy") == STORED_BY_HEALTHIMAGING
+        ),
         "recorded imported by a job": sum(
             1 for i in acknowledged if i["state"] in (IMPORTED, NON_PRIMARY) and not i.get("storedBy")
         ),
@@ -415,6 +432,7 @@ class HealthImagingSide:
 
     jobs: dict[str, Imported]  # imported by import jobs (the responder's truth)
     standin: dict[str, list[Received]]  # stored by StoreDICOM, each time
+    holders: Callable[[str], dict[str, bool]]  # what the data store's search finds: image set -> isPrimary
     documents: list[dict[str, Any]]
     ledger: Ledger
     listed: Counter[str] = field(init=False)
@@ -453,6 +471,13 @@ class HealthImagingSide:
             if instance["imageSetId"] not in {item.image_set_id for item in stored}:
                 image_sets = sorted({item.image_set_id for item in stored})
                 return [f"{sop}: reported {state} by StoreDICOM in {instance['imageSetId']}, it stored {image_sets}"]
+            return []
+        if state in (IMPORTED, NON_PRIMARY) and instance.get("storedBy") == STORED_BY_HEALTHIMAGING:
+            holders, image_set = self.holders(sop), instance["imageSetId"]
+            if image_set not in holders:
+                return [f"{sop}: reported {state} in {image_set} by asking HealthImaging, held in {holders}"]
+            if (state == IMPORTED) != holders[image_set]:
+                return [f"{sop}: reported {state}, but image set {image_set} has isPrimary {holders[image_set]}"]
             return []
         if state in (IMPORTED, NON_PRIMARY):
             held = self.jobs.get(sop)

@@ -359,7 +359,9 @@ def unconfirmed_batch(aws: Aws, monkeypatch: pytest.MonkeyPatch) -> str:
 
 def recheck(app: ModuleType, aws: Aws, now: datetime, seconds_left: float = 290.0) -> dict[str, list[str]]:
     retention = app.Retention(30)
-    rechecked = app.recheck_unconfirmed(aws.s3, aws.table, aws.dicom_bucket, retention, now, lambda: seconds_left)
+    rechecked = app.recheck_unconfirmed(
+        aws.s3, aws.table, aws.dicom_bucket, app.HEALTHIMAGING, retention, now, lambda: seconds_left
+    )
     return dict(rechecked.to_json())
 
 

@@ -6,12 +6,16 @@ the operation's modelled errors with their modelled HTTP status. Unlike the Stub
 calls to come: it keeps import jobs as the service does (one job per client token, SUBMITTED, IN_PROGRESS,
 COMPLETED or FAILED) and writes each job's output files (job-output-manifest.json, SUCCESS/, FAILURE/, WARNING/)
 under ``<outputS3Uri><datastoreId>-DicomImport-<jobId>/``. What it imports is kept as the truth a test compares the
-product's records with. Faults are drawn from a seeded random generator at the rates a test gives.
+product's records with. SearchImageSets (by Series Instance UID) and GetImageSetMetadata answer from what the data
+store holds: what its jobs imported and what StoreDICOM's stand-in stored (``hold``). Faults are drawn from a
+seeded random generator at the rates a test gives.
 """
 
 from __future__ import annotations
 
+import gzip
 import hashlib
+import io
 import json
 import random
 import threading
@@ -25,6 +29,7 @@ from typing import Any
 from botocore.awsrequest import AWSResponse
 from botocore.exceptions import EndpointConnectionError, ReadTimeoutError
 from botocore.model import OperationModel
+from botocore.response import StreamingBody
 from botocore.validate import validate_parameters
 
 ENDPOINT = "https://medical-imaging.us-east-1.amazonaws.com"
@@ -87,6 +92,9 @@ class HealthImaging:
         self.calls: Counter[str] = Counter()
         self._timers: list[threading.Timer] = []
         self._bad: dict[str, str] = {}  # SOP Instance UID -> what is wrong with it, drawn once
+        # What the data store holds, as its search and metadata see it: image set -> (study, isPrimary, updatedAt,
+        # series UID -> SOP Instance UIDs), from the import jobs and from StoreDICOM.
+        self._image_sets: dict[str, tuple[str, bool, datetime, dict[str, set[str]]]] = {}
 
     def attach(self, client: Any) -> None:
         client.meta.events.register("before-parameter-build.medical-imaging", self._remember_parameters)
@@ -99,6 +107,25 @@ class HealthImaging:
     def jobs(self) -> list[Job]:
         with self._lock:
             return list(self._jobs.values())
+
+    def hold(self, study: str, series: str, sop: str, image_set_id: str, primary: bool) -> None:
+        """StoreDICOM stored an instance into this data store (tests/support/stow.py)."""
+        with self._lock:
+            self._hold(study, series, sop, image_set_id, primary)
+
+    def _hold(self, study: str, series: str, sop: str, image_set_id: str, primary: bool) -> None:
+        _, _, _, held = self._image_sets.get(image_set_id, (study, primary, datetime.now(UTC), {}))
+        held.setdefault(series, set()).add(sop)
+        self._image_sets[image_set_id] = (study, primary, datetime.now(UTC), held)
+
+    def holders(self, sop_instance_uid: str) -> dict[str, bool]:
+        """The image sets that hold an instance, by either path, with whether each is primary."""
+        with self._lock:
+            return {
+                image_set_id: primary
+                for image_set_id, (_, primary, _, held) in self._image_sets.items()
+                if any(sop_instance_uid in sops for sops in held.values())
+            }
 
     def problem(self, sop_instance_uid: str) -> str | None:
         """What is wrong with an instance ("customer", "nonprimary", "warning" or None): drawn once, so that
@@ -117,6 +144,8 @@ class HealthImaging:
         handler: Callable[[dict[str, Any]], dict[str, Any]] = {
             "StartDICOMImportJob": self._start,
             "GetDICOMImportJob": self._get,
+            "SearchImageSets": self._search,
+            "GetImageSetMetadata": self._metadata,
         }[model.name]
         with self._lock:
             self.calls[model.name] += 1
@@ -206,6 +235,45 @@ class HealthImaging:
             properties["message"] = job.message
         return {"jobProperties": properties}
 
+    def _search(self, parameters: dict[str, Any]) -> dict[str, Any]:
+        """The image sets holding a series; the product searches by DICOMSeriesInstanceUID EQUAL only."""
+        assert parameters["datastoreId"] == self.datastore_id
+        (search,) = parameters["searchCriteria"]["filters"]
+        assert search["operator"] == "EQUAL", search
+        ((attribute, series),) = search["values"][0].items()
+        assert attribute == "DICOMSeriesInstanceUID", search
+        summaries = [
+            {"imageSetId": image_set_id, "version": 1, "createdAt": updated, "updatedAt": updated,
+             "isPrimary": primary}
+            for image_set_id, (_, primary, updated, held) in sorted(self._image_sets.items())
+            if series in held
+        ]  # fmt: skip
+        return {"imageSetsMetadataSummaries": summaries}
+
+    def _metadata(self, parameters: dict[str, Any]) -> dict[str, Any]:
+        """The image set's metadata document, gzip JSON: Study, Series by UID, Instances by SOP Instance UID."""
+        assert parameters["datastoreId"] == self.datastore_id
+        image_set_id = parameters["imageSetId"]
+        study, _, _, held = self._image_sets[image_set_id]
+        document = {
+            "SchemaVersion": "1.1",
+            "DatastoreID": self.datastore_id,
+            "ImageSetID": image_set_id,
+            "Study": {
+                "DICOM": {"StudyInstanceUID": study},
+                "Series": {
+                    series: {"DICOM": {"SeriesInstanceUID": series}, "Instances": {sop: {} for sop in sorted(sops)}}
+                    for series, sops in held.items()
+                },
+            },
+        }
+        blob = gzip.compress(json.dumps(document).encode())
+        return {
+            "imageSetMetadataBlob": StreamingBody(io.BytesIO(blob), len(blob)),
+            "contentType": "application/json",
+            "contentEncoding": "gzip",
+        }
+
     def _run(self, job: Job) -> None:
         """Import every object under the input prefix as the service does, then finish the job."""
         bucket, prefix = _split(job.input_uri)
@@ -222,7 +290,7 @@ class HealthImaging:
             return
         success, failure, warning = [], [], []
         for key in keys:
-            study, _, sop = _uids(key)
+            study, series, sop = _uids(key)
             problem = self._problem(sop)
             if problem == "customer":
                 reason = "ValidationException: PixelData length does not match its attributes (injected)"
@@ -243,6 +311,7 @@ class HealthImaging:
                 warning.append({"inputFile": key, "warning": {"warningReason": "0xB000",
                                                                 "warningType": "COERCION_OF_DATA_ELEMENTS",
                                                                 "message": "StudyDescription truncated"}})  # fmt: skip
+            self._hold(study, series, sop, image_set, primary)
             record = self.imported.setdefault(sop, Imported(image_set, primary))
             record.jobs.append(job.job_id)
             self.refused.pop(sop, None)

@@ -55,6 +55,7 @@ class Received:
 
     sop_instance_uid: str
     study_instance_uid: str
+    series_instance_uid: str
     sha256: str
     data: bytes | None
     request_number: int
@@ -79,6 +80,8 @@ class StowStandIn:
     warn: dict[str, int] = field(default_factory=dict)  # stored, with this WarningReason
     verdict: Callable[[str], str | None] | None = None  # per SOP Instance UID: REFUSE, WARN, NON_PRIMARY or None
     delay: dict[str, float] = field(default_factory=dict)  # a request carrying one is answered this much later
+    # Told of each instance stored (and whether into a primary image set): the data store's search sees it.
+    on_stored: Callable[[Received, bool], None] | None = None
     received: list[Received] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     requests: Counter[str] = field(default_factory=Counter)  # by answer status
@@ -228,7 +231,9 @@ class StowStandIn:
                     continue
                 study = str(dataset.StudyInstanceUID)
                 image_set_id = self.image_set_id(study, primary=verdict != NON_PRIMARY)
-                stored.append(Received(uid, study, sha256, data, number, image_set_id))
+                stored.append(Received(uid, study, str(dataset.SeriesInstanceUID), sha256, data, number, image_set_id))
+                if self.on_stored is not None:
+                    self.on_stored(stored[-1], verdict != NON_PRIMARY)
                 reference["00081190"] = {
                     "vr": "UR",
                     "Value": [

@@ -253,10 +253,17 @@ def _healthimaging_key_statements(resources: dict[str, dict[str, Any]]) -> dict[
 def test_the_data_store_key_is_usable_through_healthimaging_only(template: dict[str, Any]) -> None:
     """HealthImaging's data encryption guide: DescribeKey and CreateGrant besides Decrypt and GenerateDataKey."""
     created = _healthimaging_key_statements(_created(template))
-    users = {"ImportDataAccessRole", "StartImportPermissions", "CheckImportPermissions", "ReceiverTaskRole"}
+    users = {
+        "ImportDataAccessRole",
+        "StartImportPermissions",
+        "CheckImportPermissions",
+        "ReceiverTaskRole",
+        "AskHealthImagingPermissions",
+    }
     assert set(created) == users
+    # Without forwarding the receivers store nothing and no failure is looked up in the data store.
     without_forwarding = _healthimaging_key_statements(_created(template, StoreDICOMForwarding="Disabled"))
-    assert set(without_forwarding) == set(created) - {"ReceiverTaskRole"}
+    assert set(without_forwarding) == set(created) - {"ReceiverTaskRole", "AskHealthImagingPermissions"}
     for statement in created.values():
         assert set(_actions(statement)) == KMS_FOR_HEALTHIMAGING
         assert statement["Resource"] == {"Fn::GetAtt": ["EncryptionKey", "Arn"]}
