@@ -16,7 +16,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from aws_lambda_powertools import Logger
-from botocore.exceptions import ClientError
+from botocore.exceptions import BotoCoreError, ClientError
 
 from batch_contract.manifest import StoredByStoreDICOM
 from common.held_in_healthimaging import HealthImagingLookup
@@ -85,6 +85,14 @@ class JobOutput:
     success: list[dict[str, Any]]
     failure: list[dict[str, Any]]
     warning: list[dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class ImportedByJob:
+    """The instances one import job imported (or imported with a warning), from its output."""
+
+    job_id: str
+    outcomes: list[InstanceOutcome]
 
 
 @dataclass(frozen=True)
@@ -393,6 +401,23 @@ def unconfirmed_outcomes(manifest: Manifest, job_id: str, error: Mapping[str, An
         )
         for entry in manifest.objects
     ]
+
+
+def imported_by_completed_job(s3: S3Client, manifest: Manifest, state: Mapping[str, Any]) -> ImportedByJob | None:
+    """What the batch's import job imported, where the workflow failed after the job COMPLETED (``state`` is the
+    execution's, at RecordFailure: ProcessResults' retries ran out). None where no job completed or its output
+    cannot be read now; this is the last step, so an error here is logged and the job's word is simply not had."""
+    job, job_status = state.get("job") or {}, (state.get("jobStatus") or {}).get("jobStatus")
+    if job_status != "COMPLETED" or "outputS3Uri" not in job or "jobId" not in job:
+        return None
+    job_id = str(job["jobId"])
+    try:
+        output = read_job_output(s3, str(job["outputS3Uri"]), job_id, completed=True)
+    except (JobOutputNotReady, ClientError, BotoCoreError, ValueError) as error:
+        logger.warning("job output unreadable; its imports not recorded", job_id=job_id, error=str(error))
+        return None
+    outcomes, _ = outcomes_from_output(manifest, output, None)
+    return ImportedByJob(job_id, [o for o in outcomes if o.status in (IMPORTED, WARNING)])
 
 
 def _stored_by_storedicom_first(

@@ -23,9 +23,10 @@ from aws_lambda_powertools.utilities.typing import LambdaContext
 from botocore.exceptions import ClientError
 from common.config import RecordSettings
 from common.held_in_healthimaging import HealthImagingLookup, healthimaging_lookup
+from common.job_results import imported_by_completed_job
 from common.layout import LayoutError, batch_id_from_manifest_key, check_batch_id
 from common.manifest import Manifest, ManifestError, iso_millis, read_manifest
-from common.parallel import POOLED_CLIENT_CONFIG
+from common.parallel import POOLED_CLIENT_CONFIG, in_parallel
 from common.records import (
     BATCH_FAILED,
     DuplicateBatch,
@@ -34,6 +35,7 @@ from common.records import (
     fail_unfinished_instances,
     fail_unrecorded_instances,
     finish_stored_batch,
+    record_instance_outcome,
     record_stored_by_storedicom,
     register_batch,
     register_instances,
@@ -165,12 +167,28 @@ def record_failure(
         return {"batchId": batch_id, "reason": reason, "instancesFailed": 0, "batchFailed": True}
     failed = 0
     if manifest is not None:
-        # First what StoreDICOM stored (or, forwarding on, HealthImaging holds), so that the failures below find
-        # those records final and leave them. A tag read or a HealthImaging call that fails leaves those instances
-        # failed: this is the last step of the workflow, nothing retries it.
-        stored = stored_by_storedicom(
-            s3, manifest.bucket, manifest.objects, healthimaging, retry_on_error=False, now=now
-        )
+        # First what HealthImaging holds, so that the failures below find those records final and leave them:
+        # what the batch's completed job imported (its output), then of the rest what StoreDICOM stored (or,
+        # forwarding on, HealthImaging says it holds). A read or a HealthImaging call that fails leaves those
+        # instances failed: this is the last step of the workflow, nothing retries it.
+        by_job = imported_by_completed_job(s3, manifest, state)
+        imported_keys: set[str] = set()
+        if by_job is not None:
+            imported_keys = {o.key for o in by_job.outcomes}
+            recorded = sum(
+                in_parallel(
+                    lambda o: record_instance_outcome(table, batch_id, by_job.job_id, o, retention, now),
+                    by_job.outcomes,
+                )
+            )
+            logger.warning(
+                "workflow failed after the import job completed; what it imported recorded imported",
+                batch_id=batch_id,
+                job_id=by_job.job_id,
+                instances=recorded,
+            )
+        doubtful = [entry for entry in manifest.objects if entry.key not in imported_keys]
+        stored = stored_by_storedicom(s3, manifest.bucket, doubtful, healthimaging, retry_on_error=False, now=now)
         attempt = 2 if manifest.requeued_from else 1
         if record_stored_by_storedicom(table, manifest, stored, attempt, retention, now):
             logger.warning(

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from botocore.response import StreamingBody
 from botocore.stub import Stubber
-from common.held_in_healthimaging import HealthImagingUnreadable
+from common.held_in_healthimaging import LOOKUP_ATTEMPTS, HealthImagingUnreadable
 
 from tests.functions.conftest import Aws
 from tests.functions.test_process_results import EXECUTION, register, results_event
@@ -139,18 +139,46 @@ def test_what_healthimaging_does_not_hold_is_failed(
     assert {item["status"] for item in instances(aws.table).values()} == {"failed"}
 
 
+def test_a_passing_error_is_asked_again_within_the_call(
+    aws: Aws, monkeypatch: pytest.MonkeyPatch, app: ModuleType, stub: Stubber
+) -> None:
+    # A batch's lookup is many calls; retried only as a whole, passing errors on a few of them would fail it.
+    registered = register(aws, monkeypatch)
+    stub.add_client_error("search_image_sets", "ThrottlingException", http_status_code=429, expected_params=SEARCH)
+    stub.add_client_error("search_image_sets", "InternalServerException", http_status_code=500)
+    expect_found(stub, [3])
+    output_uri = upload_job_output(aws.s3, aws.results_bucket, FIXTURE_BATCH, "job_failed")
+
+    result = app.handler(results_event(registered, output_uri, "FAILED"), FakeContext())
+
+    assert (result["imported"], result["failed"]) == (1, 9)
+    assert_found(instances(aws.table)[sop_uid(3)])
+
+
 def test_process_results_is_retried_when_healthimaging_cannot_be_asked(
     aws: Aws, monkeypatch: pytest.MonkeyPatch, app: ModuleType, stub: Stubber
 ) -> None:
     registered = register(aws, monkeypatch)
-    stub.add_client_error("search_image_sets", "ThrottlingException", http_status_code=429, expected_params=SEARCH)
+    for _ in range(LOOKUP_ATTEMPTS):
+        stub.add_client_error("search_image_sets", "ThrottlingException", http_status_code=429, expected_params=SEARCH)
     output_uri = upload_job_output(aws.s3, aws.results_bucket, FIXTURE_BATCH, "job_failed")
 
-    with pytest.raises(HealthImagingUnreadable, match="ThrottlingException"):
+    with pytest.raises(HealthImagingUnreadable, match=f"ThrottlingException \\(attempt {LOOKUP_ATTEMPTS}\\)"):
         app.handler(results_event(registered, output_uri, "FAILED"), FakeContext())
 
     # Nothing recorded failed: the state machine runs the task again.
     assert {item["status"] for item in instances(aws.table).values()} == {"importing"}
+
+
+def test_an_error_asking_again_cannot_mend_is_not_retried(
+    aws: Aws, monkeypatch: pytest.MonkeyPatch, app: ModuleType, stub: Stubber
+) -> None:
+    registered = register(aws, monkeypatch)
+    stub.add_client_error("search_image_sets", "AccessDeniedException", http_status_code=403)  # one call only
+    output_uri = upload_job_output(aws.s3, aws.results_bucket, FIXTURE_BATCH, "job_failed")
+
+    with pytest.raises(HealthImagingUnreadable, match="AccessDeniedException \\(attempt 1\\)"):
+        app.handler(results_event(registered, output_uri, "FAILED"), FakeContext())
 
 
 def test_record_failure_records_what_healthimaging_holds_and_fails_the_rest(
@@ -170,6 +198,26 @@ def test_record_failure_records_what_healthimaging_holds_and_fails_the_rest(
     assert {recorded[sop_uid(n)]["status"] for n in range(1, 11) if n != 7} == {"failed"}
 
 
+def test_record_failure_after_a_completed_job_asks_only_about_what_the_job_did_not_import(
+    aws: Aws, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The job imported all but 4 and 9; StoreDICOM had stored 9 (its answer lost). One search, one metadata read.
+    registered = register(aws, monkeypatch)
+    output_uri = upload_job_output(aws.s3, aws.results_bucket, FIXTURE_BATCH, "partial_failure")
+    failure_app = load_app("record_failure", monkeypatch, forwarding_env(aws))
+    state = {**results_event(registered, output_uri), "error": {"Error": "States.TaskFailed", "Cause": "retries ran out"}}
+    with Stubber(failure_app.HEALTHIMAGING.client) as stub:
+        expect_found(stub, [9])
+        result = failure_app.handler({"executionArn": EXECUTION, "state": state}, FakeContext())
+        stub.assert_no_pending_responses()
+
+    assert result["instancesFailed"] == 1
+    recorded = instances(aws.table)
+    assert_found(recorded[sop_uid(9)])
+    assert recorded[sop_uid(4)]["status"] == "failed"
+    assert {recorded[sop_uid(n)]["status"] for n in (1, 2, 3, 5, 6, 7, 8, 10)} == {"imported"}
+
+
 def test_record_failure_fails_the_instances_when_healthimaging_cannot_be_asked(
     aws: Aws, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -178,7 +226,8 @@ def test_record_failure_fails_the_instances_when_healthimaging_cannot_be_asked(
     failure_app = load_app("record_failure", monkeypatch, forwarding_env(aws))
     state = {"batchId": FIXTURE_BATCH, "error": {"Error": "States.Timeout", "Cause": "poll gave up"}}
     with Stubber(failure_app.HEALTHIMAGING.client) as stub:
-        stub.add_client_error("search_image_sets", "InternalServerException", http_status_code=500)
+        for _ in range(LOOKUP_ATTEMPTS):
+            stub.add_client_error("search_image_sets", "InternalServerException", http_status_code=500)
         result = failure_app.handler({"executionArn": EXECUTION, "state": state}, FakeContext())
 
     assert result["instancesFailed"] == 10

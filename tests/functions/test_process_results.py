@@ -322,6 +322,31 @@ def test_record_failure_marks_the_batch_and_its_unfinished_instances(aws: Aws, m
     assert {item["status"] for item in instances(aws.table).values()} == {"failed"}
 
 
+def test_record_failure_after_a_completed_job_records_what_the_job_imported(
+    aws: Aws, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # ProcessResults' retries ran out (a table that kept refusing writes, say) after the job had imported eight of
+    # the ten: those are in HealthImaging and recorded so; only the other two are failed, with the workflow's error.
+    registered = register(aws, monkeypatch)
+    output_uri = upload_job_output(aws.s3, aws.results_bucket, FIXTURE_BATCH, "partial_failure")
+    app = load_app("record_failure", monkeypatch, aws.env())
+    state = {**results_event(registered, output_uri), "error": {"Error": "States.TaskFailed", "Cause": "retries ran out"}}
+
+    result = app.handler({"executionArn": EXECUTION, "state": state}, FakeContext())
+
+    assert (result["instancesFailed"], batch_item(aws.table, FIXTURE_BATCH)["status"]) == (2, "failed")
+    recorded = instances(aws.table)
+    for number in (1, 2, 3, 5, 6, 7, 8, 10):
+        record = recorded[sop_uid(number)]
+        assert (record["status"], record["jobId"]) == ("imported", JOB_ID)
+        assert record["imageSetId"] == PRIMARY
+    for number in (4, 9):
+        assert (recorded[sop_uid(number)]["status"], recorded[sop_uid(number)]["reason"]) == (
+            "failed",
+            "States.TaskFailed: retries ran out",
+        )
+
+
 def test_record_failure_before_registration_names_the_batch_from_the_event(
     aws: Aws, monkeypatch: pytest.MonkeyPatch
 ) -> None:
