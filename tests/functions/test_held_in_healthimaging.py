@@ -205,7 +205,8 @@ def test_record_failure_after_a_completed_job_asks_only_about_what_the_job_did_n
     registered = register(aws, monkeypatch)
     output_uri = upload_job_output(aws.s3, aws.results_bucket, FIXTURE_BATCH, "partial_failure")
     failure_app = load_app("record_failure", monkeypatch, forwarding_env(aws))
-    state = {**results_event(registered, output_uri), "error": {"Error": "States.TaskFailed", "Cause": "retries ran out"}}
+    error = {"Error": "States.TaskFailed", "Cause": "retries ran out"}
+    state = {**results_event(registered, output_uri), "error": error}
     with Stubber(failure_app.HEALTHIMAGING.client) as stub:
         expect_found(stub, [9])
         result = failure_app.handler({"executionArn": EXECUTION, "state": state}, FakeContext())

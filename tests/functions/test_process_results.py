@@ -330,7 +330,8 @@ def test_record_failure_after_a_completed_job_records_what_the_job_imported(
     registered = register(aws, monkeypatch)
     output_uri = upload_job_output(aws.s3, aws.results_bucket, FIXTURE_BATCH, "partial_failure")
     app = load_app("record_failure", monkeypatch, aws.env())
-    state = {**results_event(registered, output_uri), "error": {"Error": "States.TaskFailed", "Cause": "retries ran out"}}
+    error = {"Error": "States.TaskFailed", "Cause": "retries ran out"}
+    state = {**results_event(registered, output_uri), "error": error}
 
     result = app.handler({"executionArn": EXECUTION, "state": state}, FakeContext())
 
