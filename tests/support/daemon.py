@@ -113,7 +113,9 @@ def start_daemon(
         "BIND_ADDRESS": "127.0.0.1",
         "STORAGE_DIR": str(storage_dir),
         "SHUTDOWN_GRACE_SECONDS": "20",
-        # One receiver process unless the run asks for more: what a test sees must not follow the machine's CPUs.
+        # One receiver process unless the run or the test asks for more: what a test sees must not follow the
+        # machine's CPUs. The daemon's own default (one per usable CPU) is started by a test that unsets it
+        # (tests/integration/test_receiver_processes.py).
         "RECEIVER_PROCESSES": os.environ.get("RECEIVER_PROCESSES", "1"),
         **settings,
     }
