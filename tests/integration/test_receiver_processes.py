@@ -268,6 +268,9 @@ def test_unset_one_receiver_per_usable_cpu_and_commitment_answers_across_them(tm
     (stopped,) = daemon.log_messages("stopped")
     assert stopped["associations_aborted"] == 0
     assert stopped.get("receiver_exit_codes", [0]) == [0] * expected
+    # Each receiver writes its own metrics lines (at the latest when it stops), each naming it as its log lines do.
+    named = {line.get("receiver") for line in daemon.log_messages("metrics")}
+    assert named == (set(range(expected)) if expected > 1 else {None})
     assert sorted(path.name for path in daemon.stored_files()) == sorted(path.name for path in sent)
 
 
