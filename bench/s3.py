@@ -28,7 +28,7 @@ import boto3
 import psutil
 import pydicom
 
-from bench.receivers import REPOSITORY, Receiver, daemon_environment
+from bench.receivers import REPOSITORY, Receiver, daemon_environment, receiver_processes
 from tests.support.moto import CREDENTIALS, MotoServer, start_moto_server
 from tests.support.s3_faults import FaultProxy
 
@@ -79,10 +79,8 @@ class S3Daemon(Receiver):
     """This daemon storing to a fresh bucket per run; the receive spool is the run's output directory."""
 
     def __init__(self, s3: StandIn, source: Path = REPOSITORY) -> None:
-        super().__init__(
-            NAME, available=True,
-            note=f"S3 store through a proxy adding {s3.latency_seconds * 1000:.0f} ms to every request",
-        )  # fmt: skip
+        self._note = f"S3 store through a proxy adding {s3.latency_seconds * 1000:.0f} ms to every request"
+        super().__init__(NAME, available=True, note=self._note)
         self.s3 = s3
         self.source = source
         self.bucket = ""
@@ -92,6 +90,8 @@ class S3Daemon(Receiver):
 
     def start(self, workdir: Path) -> None:
         super().start(workdir)
+        assert self.process is not None
+        self.note = f"{self._note}, {receiver_processes(self.process.pid)}"
         self._cpu_at_start = self.s3.cpu_seconds()
 
     def stop(self) -> None:

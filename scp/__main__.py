@@ -124,7 +124,7 @@ def _receive(
     processes, None when it is the only one."""
     if receiver is not None:
         logs.tag_receiver(receiver)
-        metrics = Metrics(task_open=limits.open_associations)
+        metrics = Metrics(task_open=limits.open_associations, receiver=receiver)
     else:
         metrics = Metrics()
     try:

@@ -128,9 +128,9 @@ class Settings:
     commitment_timeout: float = _setting(
         "600", "seconds a Storage Commitment request waits for its instances before the missing ones are failed"
     )
-    # One by default, several opt-in: docs/architecture.rst, "Receiver processes", says why.
+    # One process per usable CPU, since each has its own interpreter lock: docs/architecture.rst, "Receiver processes".
     receiver_processes: int = _setting(
-        "1",
+        _AUTO,
         "processes receiving on SCP_PORT; auto: one per CPU the task may use (CPU affinity and cgroup quota), "
         "1 with DATASTORE_ID",
     )

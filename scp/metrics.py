@@ -83,10 +83,13 @@ class Metrics:
         interval: float = FLUSH_SECONDS,
         clock: Callable[[], float] = time.time,
         task_open: Callable[[int], int] = lambda here: here,
+        receiver: int | None = None,
     ) -> None:
         """``task_open`` is told this process's open associations and answers the task's: with several receiver
-        processes, ActiveAssociations is the task's peak, which each process sees when it accepts one."""
+        processes, ActiveAssociations is the task's peak, which each process sees when it accepts one.
+        ``receiver``: this process's number among several, named in each line as in its log lines."""
         self._write = write
+        self._receiver = receiver
         self._interval = interval
         self._clock = clock
         self._task_open = task_open
@@ -234,6 +237,9 @@ class Metrics:
         documents += [_document(timestamp, {"ForwardLatency": chunk}) for chunk in forward_chunks]
         documents += [_document(timestamp, {"AssociationsRejected": n}, "Reason", r) for r, n in rejected.items()]
         documents += [_document(timestamp, {"StoreFailures": n}, "Status", s) for s, n in failures.items()]
+        if self._receiver is not None:  # a field of the line only, not a dimension: the metrics stay the task's
+            for document in documents:
+                document["receiver"] = self._receiver
         return documents
 
     def _run(self) -> None:

@@ -82,6 +82,10 @@ def _literal(text: str) -> nodes.literal:
     return nodes.literal(text=text)
 
 
+def _node(content: str | nodes.Node) -> nodes.Node:
+    return content if isinstance(content, nodes.Node) else nodes.Text(content)
+
+
 def _default(parameter: dict[str, Any]) -> str | nodes.Node:
     if "Default" not in parameter:
         return "(required)"
@@ -143,6 +147,24 @@ def _environment(template: dict[str, Any]) -> dict[str, Any]:
 
 
 def _source(value: Any, parameters: dict[str, Any]) -> str | nodes.Node:
+    if isinstance(value, dict) and set(value) == {"Fn::If"}:  # DATASTORE_ID, RECEIVER_PROCESSES
+        condition, when_true, when_false = value["Fn::If"]
+        phrase = nodes.inline()
+        for branch, joint in ((when_true, f" with {condition}, else "), (when_false, "")):
+            nested = isinstance(branch, dict) and "Fn::If" in branch
+            phrase += nodes.Text("(" if nested else "")
+            phrase += _node(_source(branch, parameters))
+            phrase += nodes.Text((")" if nested else "") + joint)
+        return phrase
+    if isinstance(value, dict) and set(value) == {"Fn::FindInMap"}:
+        mapping, key, _attribute = value["Fn::FindInMap"]
+        phrase = nodes.inline(text=f"mapping {mapping} by ")
+        phrase += _node(_source(key, parameters))
+        return phrase
+    if isinstance(value, dict) and set(value) == {"Fn::GetAtt"}:
+        return f"resource {value['Fn::GetAtt'][0]}"
+    if value == "":
+        return "(empty)"
     if not (isinstance(value, dict) and "Ref" in value):
         return _literal(str(value))
     reference = str(value["Ref"])

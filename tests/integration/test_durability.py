@@ -129,6 +129,11 @@ def test_storage_failure_answers_out_of_resources_and_the_daemon_serves_on(tmp_p
 _FSYNC = re.compile(r"fsync\(\d+<([^>]*)>\) = 0")
 
 
+def traced(daemon: Daemon) -> list[str]:
+    """strace's options attaching to every process that receives (each receiver when there are several)."""
+    return [option for pid in daemon.receiving_pids() for option in ("-p", str(pid))]
+
+
 def test_directories_another_association_just_created_are_durable_before_success(tmp_path: Path) -> None:
     """The daemon is traced while it stores into a study and series directory that exist but, as far as it knows,
     are not yet durable (another association may have made them a moment ago): it fsyncs the parent of each before
@@ -137,7 +142,7 @@ def test_directories_another_association_just_created_are_durable_before_success
     daemon = start_daemon(tmp_path)
     trace = tmp_path / "fsync.trace"
     tracer = subprocess.Popen(
-        ["strace", "-f", "-qq", "-y", "-e", "trace=fsync", "-o", str(trace), "-p", str(daemon.process.pid)],
+        ["strace", "-f", "-qq", "-y", "-e", "trace=fsync", "-o", str(trace), *traced(daemon)],
         stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
@@ -218,7 +223,7 @@ def test_concurrent_stores_into_one_series_are_each_answered_after_their_data_an
     trace = tmp_path / "store.trace"
     tracer = subprocess.Popen(
         ["strace", "-f", "-qq", "-ttt", "-T", "-y", "-e", "trace=sync_file_range,fdatasync,rename,fsync,sendto",
-         "-o", str(trace), "-p", str(daemon.process.pid)],
+         "-o", str(trace), *traced(daemon)],
         stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:

@@ -1,6 +1,7 @@
 """Two receiver processes on one port: the association limit holds across them, SIGTERM drains both with every
 acknowledged object stored, a killed receiver is replaced and its slots come back, ActiveAssociations is the
-task's count, and receivers starting at the same instant each open the database they share."""
+task's count, and receivers starting at the same instant each open the database they share. Unset, the daemon
+runs one receiver per usable CPU, and Storage Commitment answers across them."""
 
 from __future__ import annotations
 
@@ -22,8 +23,10 @@ import pytest
 from pynetdicom import _config
 
 from scp.commitment import ledger
+from scp.cpus import usable_cpus
 from scp.metrics import SERVICE
 from tests.operations.emf import data_from_lines
+from tests.support.commitment import Modality, action_information, instances, references
 from tests.support.corpus import comparable, make_instance, read
 from tests.support.daemon import Daemon, start_daemon
 from tests.support.waits import wait_for
@@ -223,6 +226,52 @@ def test_a_killed_receiver_is_replaced_and_its_slots_come_back(tmp_path: Path) -
         survivor.release()
     assert daemon.process.poll() is None
     assert daemon.stop() == 0
+
+
+def test_unset_one_receiver_per_usable_cpu_and_commitment_answers_across_them(tmp_path: Path) -> None:
+    """The daemon's default, not the one process the other tests pin: as many receivers as this machine gives the
+    test (2 on the 2-core machine the suite is written on, 1 where it may use one CPU). Instances stored through
+    one receiver are committed on an association another one accepted, from the ledger they share."""
+    expected = min(usable_cpus(), 64)
+    daemon = start_daemon(tmp_path, RECEIVER_PROCESSES=None, COMMITMENT_TIMEOUT="20")
+    assert "RECEIVER_PROCESSES" not in daemon.env
+    (listening,) = daemon.log_messages("listening")
+    assert listening["receiver_processes"] == expected
+    if expected > 1:
+        wait_for(lambda: len(daemon.log_messages("receiver started")) == expected, 30, "every receiver to start")
+    else:
+        assert daemon.log_messages("receiver started") == []
+    modality = Modality(daemon)
+    sent = instances(tmp_path, 3)
+    storing = modality.associate()
+    asking = modality.associate()  # while the first is held, the least busy receiver takes it
+    try:
+        if expected > 1:
+            storing_receiver, asking_receiver = accepted_by(daemon, "MODALITY", 2)
+            assert storing_receiver != asking_receiver, "the two associations were to be in two receivers"
+        else:  # a single process: its lines name no receiver
+            accepted = wait_for(lambda: daemon.log_messages("association accepted"), 10, "the log lines")
+            assert all("receiver" not in entry for entry in accepted)
+        modality.store(storing, sent)
+        information = action_information(references(sent))
+        assert modality.request(asking, information) == 0x0000
+        report = modality.reports.get(timeout=30)
+        wait_for(lambda: daemon.log_messages("commitment reported"), 10, "the report's response")
+    finally:
+        storing.release()
+        asking.release()
+    assert report.event_type == 1 and report.transaction_uid == information.TransactionUID
+    assert sorted(report.committed) == sorted(references(sent)) and report.failed == []
+    result = healthcheck(daemon)
+    assert result.returncode == 0, result.stdout
+    assert daemon.stop() == 0
+    (stopped,) = daemon.log_messages("stopped")
+    assert stopped["associations_aborted"] == 0
+    assert stopped.get("receiver_exit_codes", [0]) == [0] * expected
+    # Each receiver writes its own metrics lines (at the latest when it stops), each naming it as its log lines do.
+    named = {line.get("receiver") for line in daemon.log_messages("metrics")}
+    assert named == (set(range(expected)) if expected > 1 else {None})
+    assert sorted(path.name for path in daemon.stored_files()) == sorted(path.name for path in sent)
 
 
 def _open_ledger_at(database: Path, receiver: int, start: multiprocessing.synchronize.Barrier) -> None:

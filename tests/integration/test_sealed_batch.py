@@ -30,6 +30,10 @@ from tests.support.waits import wait_for
 
 pytestmark = pytest.mark.integration
 
+# One receiver process: the objects sent after the seal must go into the batch it sealed, and each receiver fills
+# a batch of its own; the other receivers' batches follow the same code.
+ONE_RECEIVER = {"RECEIVER_PROCESSES": "1"}
+
 
 @pytest.fixture
 def proxy(moto: MotoServer) -> Iterator[FaultProxy]:
@@ -54,7 +58,7 @@ def sealed_mid_batch(
     the first two."""
 
     def start(**settings: str) -> SealedMidBatch:
-        daemon = s3_daemon(AWS_ENDPOINT_URL=proxy.endpoint, **settings)
+        daemon = s3_daemon(AWS_ENDPOINT_URL=proxy.endpoint, **ONE_RECEIVER, **settings)
         files, acknowledged = sent_files(tmp_path, 5)
         return SealedMidBatch(daemon, files, acknowledged, seal_between(daemon, sweeper, moto, files[:2], files[2:]))
 
@@ -81,7 +85,7 @@ def test_objects_stored_after_the_sweeper_sealed_their_batch_get_a_manifest_of_t
     tmp_path: Path,
     closed_by: str,
 ) -> None:
-    daemon = s3_daemon(BATCH_WINDOW_SECONDS="6" if closed_by == "window" else "600")
+    daemon = s3_daemon(BATCH_WINDOW_SECONDS="6" if closed_by == "window" else "600", **ONE_RECEIVER)
     files, acknowledged = sent_files(tmp_path, 8)
     sealed_id = seal_between(daemon, sweeper, moto, files[:3], files[3:])
 

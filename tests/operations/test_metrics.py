@@ -128,3 +128,14 @@ def test_the_background_thread_writes_one_line_per_interval_and_the_rest_at_stop
     assert sum(document.get("BatchesClosed", 0) for document in documents) == 1, "counted once, written by stop()"
     assert sum(document.get("ObjectsStored", 0) for document in documents) == 1
     assert all(d["logger"] == "scp.metrics" and d["message"] == "metrics" and d["level"] == "INFO" for d in documents)
+
+
+def test_a_receiver_process_names_itself_in_each_line_without_a_dimension() -> None:
+    metrics = Metrics(write=lambda line: None, clock=lambda: NOW, receiver=1)
+    metrics.association_rejected("local limit exceeded")
+    documents = metrics.take()
+    assert len(documents) > 1 and all(document["receiver"] == 1 for document in documents)
+    dimensions = {name for document in documents for datum in extract(document) for name, _ in datum.dimensions}
+    assert "receiver" not in dimensions, "the metrics stay the task's"
+    alone = Metrics(write=lambda line: None, clock=lambda: NOW).take()
+    assert all("receiver" not in document for document in alone)

@@ -77,6 +77,18 @@ class Daemon:
         """Up: it accepts and echoes, or it rejects (an AE title policy may refuse the test's own title)."""
         return self.echo_ok(rejection_counts=True)
 
+    def receiving_pids(self) -> list[int]:
+        """The processes that receive: each receiver process's when the daemon runs several (once all have
+        started), else the daemon's own. A tracer attached to the daemon alone would miss the receivers' calls."""
+        (listening,) = self.log_messages("listening")
+        count = int(listening["receiver_processes"])
+        if count == 1:
+            return [self.process.pid]
+        started = wait_for(
+            lambda: len(lines := self.log_messages("receiver started")) >= count and lines, 30, "every receiver"
+        )
+        return [int(entry["pid"]) for entry in started]
+
     def signal(self, number: int) -> None:
         self.process.send_signal(number)
 
@@ -113,7 +125,9 @@ def start_daemon(
         "BIND_ADDRESS": "127.0.0.1",
         "STORAGE_DIR": str(storage_dir),
         "SHUTDOWN_GRACE_SECONDS": "20",
-        # One receiver process unless the run asks for more: what a test sees must not follow the machine's CPUs.
+        # One receiver process unless the run or the test asks for more: what a test sees must not follow the
+        # machine's CPUs. The daemon's own default (one per usable CPU) is started by a test that unsets it
+        # (tests/integration/test_receiver_processes.py).
         "RECEIVER_PROCESSES": os.environ.get("RECEIVER_PROCESSES", "1"),
         **settings,
     }

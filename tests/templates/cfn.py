@@ -106,8 +106,8 @@ def parameter_values(template: dict[str, Any], **overrides: Any) -> dict[str, st
 
 
 class Resolver:
-    """Evaluates Conditions, Rules, Fn::If, Ref to parameters and pseudo parameters, AWS::NoValue, and Fn::Sub of
-    parameters; other intrinsics (references to resources) are kept as they are."""
+    """Evaluates Conditions, Rules, Fn::If, Ref to parameters and pseudo parameters, AWS::NoValue, Fn::Sub of
+    parameters and Fn::FindInMap; other intrinsics (references to resources) are kept as they are."""
 
     def __init__(self, template: dict[str, Any], parameters: dict[str, str], region: str = "us-east-1") -> None:
         self.template = template
@@ -166,6 +166,11 @@ class Resolver:
                     value["Fn::Sub"],
                 )
                 return text if "${" not in text else {"Fn::Sub": text}
+            if set(value) == {"Fn::FindInMap"}:
+                keys = self.resolve(value["Fn::FindInMap"])
+                if all(isinstance(key, str) for key in keys):
+                    return self.resolve(self.template["Mappings"][keys[0]][keys[1]][keys[2]])
+                return {"Fn::FindInMap": keys}
             resolved = {key: self.resolve(item) for key, item in value.items()}
             return {key: item for key, item in resolved.items() if item is not NO_VALUE}
         if isinstance(value, list):

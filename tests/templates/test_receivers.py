@@ -101,6 +101,17 @@ def test_the_receivers_forward_to_the_stack_data_store_unless_told_not_to(templa
         assert environment["AWS_REGION"] == "us-east-1" and "HEALTHIMAGING_DICOMWEB_URL" not in environment
 
 
+def test_each_vcpu_of_a_task_receives_unless_storedicom_forwarding_runs(template: dict[str, Any]) -> None:
+    """One receiver process per vCPU of the task, set by the stack (the container may not see the task's CPU limit),
+    and one with StoreDICOM forwarding, which the daemon would refuse beside more."""
+    for task_cpu in template["Parameters"]["TaskCPU"]["AllowedValues"]:
+        vcpus = max(1, int(task_cpu) // 1024)
+        alone = Settings.from_env(_environment(template, TaskCPU=task_cpu, StoreDICOMForwarding="Disabled"))
+        assert alone.receiver_processes == vcpus, task_cpu
+        forwarding = Settings.from_env(_environment(template, TaskCPU=task_cpu))
+        assert forwarding.datastore_id and forwarding.receiver_processes == 1, task_cpu
+
+
 @pytest.mark.parametrize("bound", ["MinValue", "MaxValue"])
 def test_the_daemon_accepts_every_numeric_parameter_at_its_bounds(template: dict[str, Any], bound: str) -> None:
     wired = {parameter for parameter in PARAMETER_FOR.values()}

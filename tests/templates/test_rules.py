@@ -8,8 +8,8 @@ import pytest
 
 from tests.templates import cfn
 
-# Each association may hold a PDU of up to 1 MiB while it arrives; the process, its S3 part buffers and headroom
-# take about 256 MiB (the template's comment on the AssociationsFit Rules).
+# Each association may hold a PDU of up to 1 MiB while it arrives; each receiver process, its S3 part buffers and
+# headroom take about 256 MiB (the template's comment on the AssociationsFit Rules).
 MEBIBYTES_PER_ASSOCIATION = 1.25
 MEBIBYTES_FOR_THE_PROCESS = 256
 
@@ -66,6 +66,24 @@ def test_maximum_associations_fit_the_task_memory(template: dict[str, Any]) -> N
             assert refused is (int(associations) > fits), (memory, associations)
     choices = map(str, parameters["MaximumAssociations"]["AllowedValues"])
     assert str(parameters["MaximumAssociations"]["Default"]) in choices
+
+
+def test_a_task_of_several_receiver_processes_has_memory_for_each(template: dict[str, Any]) -> None:
+    """Each receiver process takes its own 256 MiB: every task size the Rules allow holds its processes and its
+    associations."""
+    parameters = template["Parameters"]
+    for cpu in parameters["TaskCPU"]["AllowedValues"]:
+        processes = int(template["Mappings"]["ReceiverProcesses"][str(cpu)]["PerTask"])
+        for memory in parameters["TaskMemoryLimit"]["AllowedValues"]:
+            for associations in parameters["MaximumAssociations"]["AllowedValues"]:
+                values = cfn.parameter_values(
+                    template, TaskCPU=cpu, TaskMemoryLimit=memory, MaximumAssociations=associations,
+                    StoreDICOMForwarding="Disabled",
+                )  # fmt: skip
+                if cfn.Resolver(template, values).failed_rules():
+                    continue
+                needed = processes * MEBIBYTES_FOR_THE_PROCESS + int(associations) * MEBIBYTES_PER_ASSOCIATION
+                assert needed <= int(memory), (cpu, memory, associations)
 
 
 def test_an_existing_data_store_key_needs_the_data_store(template: dict[str, Any]) -> None:

@@ -166,12 +166,16 @@ def test_commitment_after_healthimaging_needs_forwarding() -> None:
     assert Settings.from_env(forwarding).commitment_after == "healthimaging"
 
 
-def test_receiver_processes_are_one_unless_auto_follows_the_usable_cpus() -> None:
+def test_receiver_processes_follow_the_usable_cpus_unless_set_or_forwarding() -> None:
     cpus = min(usable_cpus(), 64)
-    assert Settings.from_env({}).receiver_processes == 1
+    assert Settings.from_env({}).receiver_processes == cpus
     assert Settings.from_env({"RECEIVER_PROCESSES": "auto"}).receiver_processes == cpus
+    assert Settings.from_env({"RECEIVER_PROCESSES": "AUTO"}).receiver_processes == cpus
+    assert Settings.from_env({"RECEIVER_PROCESSES": "1"}).receiver_processes == 1
     assert Settings.from_env({"RECEIVER_PROCESSES": "3"}).receiver_processes == 3
+    # StoreDICOM forwarding runs in one process: unset and auto give 1 with it.
     forwarding = {"DATASTORE_ID": "a" * 32}
+    assert Settings.from_env(forwarding).receiver_processes == 1
     assert Settings.from_env({**forwarding, "RECEIVER_PROCESSES": "auto"}).receiver_processes == 1
     assert Settings.from_env({**forwarding, "RECEIVER_PROCESSES": "1"}).receiver_processes == 1
 
