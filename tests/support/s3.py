@@ -30,9 +30,17 @@ def new_bucket(server: MotoServer, prefix: str = "dicom") -> str:
 
 
 def objects(server: MotoServer, bucket: str, prefix: str = "") -> dict[str, bytes]:
+    """What the bucket holds under ``prefix``. The daemon may delete an object between the listing and its read
+    (a refused upload's stray, a withdrawn fallback copy): that object is not held, so it is left out."""
     client = s3(server)
     listing = client.list_objects_v2(Bucket=bucket, Prefix=prefix).get("Contents", [])
-    return {item["Key"]: client.get_object(Bucket=bucket, Key=item["Key"])["Body"].read() for item in listing}
+    held: dict[str, bytes] = {}
+    for item in listing:
+        try:
+            held[item["Key"]] = client.get_object(Bucket=bucket, Key=item["Key"])["Body"].read()
+        except client.exceptions.NoSuchKey:
+            continue
+    return held
 
 
 def manifests(server: MotoServer, bucket: str) -> list[dict[str, Any]]:
