@@ -54,9 +54,10 @@ def start_forwarding(inner: Store, settings: Settings, metrics: Metrics) -> Forw
 
 def start_s3_forwarding(inner: S3Store, settings: Settings, metrics: Metrics) -> S3Forwarding:
     """S3 mode: the S3 objects are the outbox; the database and the local copies are this run's working state."""
+    from scp.forwarding.object_tagging import TaggingClient, tagging_endpoint
     from scp.forwarding.s3_batches import S3Forwarding, prepare
     from scp.forwarding.stored_tagging import StoredTagger
-    from scp.storage.s3 import s3_client
+    from scp.storage.s3 import s3_client, s3_session
 
     new_client, base_url, region = _stow_clients(settings)
     try:
@@ -65,7 +66,13 @@ def start_s3_forwarding(inner: S3Store, settings: Settings, metrics: Metrics) ->
         raise ForwardingUnavailable(f"forwarding working state cannot be prepared: {error}") from error
     forwarder = Forwarder(results, new_client, metrics)
     assert settings.dicom_bucket
-    tagger = StoredTagger(s3_client(settings), settings.dicom_bucket, metrics)
+    # The tags go where the store's client would send them, signed with that client's credentials.
+    session = s3_session(settings)
+    credentials = session.get_credentials()
+    if credentials is None:
+        raise ForwardingUnavailable("StoreDICOM forwarding needs AWS credentials (the standard AWS chain found none)")
+    tags = tagging_endpoint(s3_client(settings, session), settings.dicom_bucket, credentials)
+    tagger = StoredTagger(lambda: TaggingClient(tags), metrics)
     forwarding = S3Forwarding(inner, results, forwarder, metrics, copies, tagger)
     metrics.forwarding_enabled()
     tagger.start()

@@ -14,12 +14,12 @@ import logging
 import queue
 import threading
 import time
-from typing import Any
-
-from botocore.exceptions import BotoCoreError, ClientError
+from collections.abc import Callable, Mapping, Sequence
+from typing import Protocol
 
 from batch_contract.manifest import StoredByStoreDICOM
 from batch_contract.stored_tags import stored_tags
+from scp.forwarding.object_tagging import TaggingFailed
 from scp.metrics import Metrics
 
 LOG = logging.getLogger(__name__)
@@ -27,29 +27,36 @@ LOG = logging.getLogger(__name__)
 # A tag is a few hundred bytes; past this many waiting (S3 unreachable for long), new ones are dropped and counted.
 QUEUE_MAX = 100_000
 # Five attempts over about 7.5 s: S3's throttling and server errors pass, and a fallback copy made just after its
-# batch closed (the key a late answer is tagged on) is there by then.
+# batch closed (the key a late answer is tagged on) is there by then, so every failure is tried again, NoSuchKey too.
 ATTEMPTS = 5
 FIRST_BACKOFF_SECONDS = 0.5
 # Each tag is one PutObjectTagging round trip (tens of milliseconds); several at once keep up with StoreDICOM's
 # answers at 16 or more associations, so the window in which a killed daemon leaves a stored instance untagged stays
-# one round trip long instead of growing with a queue. Within the S3 client's connection pool.
+# one round trip long instead of growing with a queue. Each has its own connection.
 WORKERS = 8
 
 _Tag = tuple[str, StoredByStoreDICOM]
 
 
+class TagWriter(Protocol):
+    """One worker's PutObjectTagging (scp/forwarding/object_tagging.py, ``TaggingClient``)."""
+
+    def put_tags(self, key: str, tags: Sequence[Mapping[str, str]]) -> None:
+        """Replace the object's tags; raise :class:`TaggingFailed` when they may not be written."""
+
+    def close(self) -> None: ...
+
+
 class StoredTagger:
     def __init__(
         self,
-        client: Any,
-        bucket: str,
+        new_writer: Callable[[], TagWriter],
         metrics: Metrics,
         attempts: int = ATTEMPTS,
         first_backoff_seconds: float = FIRST_BACKOFF_SECONDS,
         workers: int = WORKERS,
     ) -> None:
-        self._client = client
-        self._bucket = bucket
+        self._new_writer = new_writer
         self._metrics = metrics
         self._attempts = attempts
         self._first_backoff = first_backoff_seconds
@@ -83,25 +90,29 @@ class StoredTagger:
             thread.join(1.0)
 
     def _run(self) -> None:
-        while (item := self._queue.get()) is not None:
-            key, stored = item
-            if self._stopping.is_set():
-                self._not_tagged(key, "the daemon stopped first")
-            else:
-                self._write(key, stored)
+        writer = self._new_writer()
+        try:
+            while (item := self._queue.get()) is not None:
+                key, stored = item
+                if self._stopping.is_set():
+                    self._not_tagged(key, "the daemon stopped first")
+                else:
+                    self._write(writer, key, stored)
+        finally:
+            writer.close()
 
-    def _write(self, key: str, stored: StoredByStoreDICOM) -> None:
+    def _write(self, writer: TagWriter, key: str, stored: StoredByStoreDICOM) -> None:
         tags = stored_tags(stored)
-        error: Exception | None = None
+        error: TaggingFailed | None = None
         for attempt in range(self._attempts):
             if attempt and self._stopping.wait(self._first_backoff * 2 ** (attempt - 1)):
                 break
             try:
-                self._client.put_object_tagging(Bucket=self._bucket, Key=key, Tagging={"TagSet": tags})
+                writer.put_tags(key, tags)
                 return
-            except (ClientError, BotoCoreError) as caught:
+            except TaggingFailed as caught:
                 error = caught
-        self._not_tagged(key, f"{type(error).__name__}: {error}" if error else "the daemon stopped first")
+        self._not_tagged(key, str(error) if error else "the daemon stopped first")
 
     def _not_tagged(self, key: str, error: str) -> None:
         self._metrics.forward_tag_failed()

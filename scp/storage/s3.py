@@ -67,9 +67,14 @@ def _attempt_timeouts(settings: Settings) -> tuple[float, float]:
     return min(5.0, budget / 6), max(1.0, budget / 3)
 
 
-def s3_client(settings: Settings) -> Any:
-    """An S3 client in AWS_REGION, else the standard region chain; credentials from the standard chain, and
-    AWS_ENDPOINT_URL is honoured by boto3 (botocore itself reads AWS_DEFAULT_REGION only, never AWS_REGION).
+def s3_session(settings: Settings) -> boto3.session.Session:
+    """A session in AWS_REGION, else the standard region chain; credentials from the standard chain (botocore itself
+    reads AWS_DEFAULT_REGION only, never AWS_REGION)."""
+    return boto3.session.Session(region_name=settings.aws_region)
+
+
+def s3_client(settings: Settings, session: boto3.session.Session | None = None) -> Any:
+    """An S3 client of ``session`` (by default, :func:`s3_session`'s); AWS_ENDPOINT_URL is honoured by boto3.
 
     botocore does not retry on its own: its retries would run outside the store's deadline, so the one retry
     policy is ``S3Store._upload``'s, which knows how long the modality still waits.
@@ -82,7 +87,7 @@ def s3_client(settings: Settings) -> Any:
         retries={"mode": "standard", "total_max_attempts": 1},
         request_checksum_calculation="when_supported",
     )
-    return boto3.session.Session(region_name=settings.aws_region).client("s3", config=config)
+    return (session or s3_session(settings)).client("s3", config=config)
 
 
 class S3Store:

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import pytest
-from botocore.exceptions import ClientError
 
 from batch_contract.manifest import StoredByStoreDICOM
 from batch_contract.stored_tags import parse_stored_tags
+from scp.forwarding.object_tagging import TaggingFailed
 from scp.forwarding.stored_tagging import WORKERS, StoredTagger
 from scp.metrics import Metrics
 
@@ -19,7 +20,7 @@ KEY = "batches/20261123T185700Z-3f9a1c2b7d4e5f60/1.2.3/1.2.3.4/1.2.3.4.5.dcm"
 
 
 class FlakyS3:
-    """PutObjectTagging that fails ``failures`` times with SlowDown first."""
+    """A tag writer (each worker's PutObjectTagging) that fails ``failures`` times with SlowDown first."""
 
     def __init__(self, failures: int) -> None:
         self.failures = failures
@@ -27,14 +28,17 @@ class FlakyS3:
         self.calls = 0
         self.done = threading.Event()
 
-    def put_object_tagging(self, Bucket: str, Key: str, Tagging: dict[str, Any]) -> None:
+    def put_tags(self, key: str, tags: Sequence[Mapping[str, str]]) -> None:
         self.calls += 1
         if self.calls <= self.failures:
             if self.calls == self.failures == 5:
                 self.done.set()
-            raise ClientError({"Error": {"Code": "SlowDown", "Message": "slow down"}}, "PutObjectTagging")
-        self.tagged[Key] = Tagging["TagSet"]
+            raise TaggingFailed("S3 answered 503 SlowDown: Please reduce your request rate.")
+        self.tagged[key] = tags
         self.done.set()
+
+    def close(self) -> None:
+        return
 
 
 def tag_failures(metrics: Metrics) -> float:
@@ -47,7 +51,7 @@ def tag_failures(metrics: Metrics) -> float:
 def test_a_tag_is_retried_through_s3_errors() -> None:
     s3, metrics = FlakyS3(failures=2), Metrics()
     metrics.forwarding_enabled()
-    tagger = StoredTagger(s3, "dicom", metrics, first_backoff_seconds=0.01)
+    tagger = StoredTagger(lambda: s3, metrics, first_backoff_seconds=0.01)
     tagger.start()
     tagger.tag(KEY, ANSWER)
     assert s3.done.wait(5)
@@ -59,7 +63,7 @@ def test_a_tag_is_retried_through_s3_errors() -> None:
 def test_a_tag_that_cannot_be_written_is_logged_and_counted(caplog: pytest.LogCaptureFixture) -> None:
     s3, metrics = FlakyS3(failures=5), Metrics()
     metrics.forwarding_enabled()
-    tagger = StoredTagger(s3, "dicom", metrics, first_backoff_seconds=0.01)
+    tagger = StoredTagger(lambda: s3, metrics, first_backoff_seconds=0.01)
     tagger.start()
     with caplog.at_level(logging.ERROR):
         tagger.tag(KEY, ANSWER)
@@ -71,26 +75,29 @@ def test_a_tag_that_cannot_be_written_is_logged_and_counted(caplog: pytest.LogCa
 
 
 class SlowS3:
-    """PutObjectTagging that answers only once ``together`` requests are under way at the same time."""
+    """A tag writer that answers only once ``together`` requests are under way at the same time."""
 
     def __init__(self, together: int) -> None:
         self.barrier = threading.Barrier(together, timeout=5)
         self.tagged: list[str] = []
         self.lock = threading.Lock()
 
-    def put_object_tagging(self, Bucket: str, Key: str, Tagging: dict[str, Any]) -> None:
+    def put_tags(self, key: str, tags: Sequence[Mapping[str, str]]) -> None:
         try:
             self.barrier.wait()
         except threading.BrokenBarrierError:
-            raise ClientError({"Error": {"Code": "RequestTimeout", "Message": "alone"}}, "PutObjectTagging") from None
+            raise TaggingFailed("S3 answered 400 RequestTimeout: alone") from None
         with self.lock:
-            self.tagged.append(Key)
+            self.tagged.append(key)
+
+    def close(self) -> None:
+        return
 
 
 def test_tags_are_written_several_at_once_so_that_they_keep_up_with_storedicom() -> None:
     s3, metrics = SlowS3(together=WORKERS), Metrics()
     metrics.forwarding_enabled()
-    tagger = StoredTagger(s3, "dicom", metrics, attempts=1)
+    tagger = StoredTagger(lambda: s3, metrics, attempts=1)
     tagger.start()
     keys = [KEY.replace("1.2.3.4.5.dcm", f"1.2.3.4.{number}.dcm") for number in range(WORKERS)]
     for key in keys:
