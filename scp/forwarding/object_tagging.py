@@ -73,10 +73,10 @@ def tagging_endpoint(client: Any, bucket: str, credentials: Any) -> TaggingEndpo
         client.put_object_tagging(Bucket=bucket, Key=_PROBE_KEY, Tagging={"TagSet": []})
     finally:
         client.meta.events.unregister(event, answer_here)
-    suffix = f"/{_PROBE_KEY}?tagging"
-    assert resolved["url"].endswith(suffix), resolved["url"]
+    url = urllib.parse.urlsplit(resolved["url"])
+    assert url.query == "tagging" and url.path.endswith(f"/{_PROBE_KEY}"), resolved["url"]
     return TaggingEndpoint(
-        bucket_url=resolved["url"].removesuffix(suffix),
+        bucket_url=f"{url.scheme}://{url.netloc}{url.path.removesuffix(f'/{_PROBE_KEY}')}",
         region=resolved["region"],
         credentials=credentials,
         connect_timeout=float(client.meta.config.connect_timeout),

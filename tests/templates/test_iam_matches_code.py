@@ -2,7 +2,8 @@
 the code does not need.
 
 The calls are read from the source: boto3 client and DynamoDB table methods named after a botocore operation,
-paginators, ``batch_writer`` and the S3 transfer manager. A Lambda function's code is what its handler reaches
+paginators, ``batch_writer`` and the S3 transfer manager, and the requests the code signs itself (StoreDICOM, the
+forwarding tags). A Lambda function's code is what its handler reaches
 (functions/<name>/app.py and the shared modules, followed through calls and references); the receiver's is every
 module the serving daemon imports. Besides the API actions, a role may hold only what those calls imply: KMS
 through the service that encrypts (S3 objects, the table, the function's environment, the data store),
@@ -208,6 +209,38 @@ def _stow_calls(node: ast.AST) -> set[tuple[str, str]]:
     return calls
 
 
+# The forwarding tags are written as signed S3 requests too (scp/forwarding/object_tagging.py): a function that
+# writes a request path ending in ``?tagging`` (an f-string or a literal) and an HTTP method (``method="PUT"``, or
+# the first argument of ``request``) makes that method's object tagging operation.
+_TAGGING_OPERATIONS = {"PUT": "PutObjectTagging", "GET": "GetObjectTagging", "DELETE": "DeleteObjectTagging"}
+
+
+def _s3_tagging_calls(node: ast.AST) -> set[tuple[str, str]]:
+    calls = set()
+    for function in ast.walk(node):
+        if not isinstance(function, ast.FunctionDef | ast.AsyncFunctionDef):
+            continue
+        paths = [
+            child for child in ast.walk(function)
+            if (isinstance(child, ast.JoinedStr) and child.values and isinstance(child.values[-1], ast.Constant)
+                and str(child.values[-1].value).endswith("?tagging"))
+            or (isinstance(child, ast.Constant) and isinstance(child.value, str) and child.value.endswith("?tagging"))
+        ]  # fmt: skip
+        if not paths:
+            continue
+        methods = set()
+        for call in ast.walk(function):
+            if not isinstance(call, ast.Call):
+                continue
+            named = [keyword.value for keyword in call.keywords if keyword.arg == "method"]
+            if getattr(call.func, "attr", None) == "request" and call.args:
+                named.append(call.args[0])
+            methods |= {str(value.value) for value in named if isinstance(value, ast.Constant)}
+        assert methods, f"{function.name} writes a ?tagging path without a method this test can read"
+        calls |= {("s3", _TAGGING_OPERATIONS[method]) for method in methods}
+    return calls
+
+
 def _calls_in(node: ast.AST) -> set[tuple[str, str]]:
     """(service, operation) of every AWS call written in this code."""
     operations = _operations()
@@ -245,7 +278,7 @@ def _calls_in(node: ast.AST) -> set[tuple[str, str]]:
                 operation = operations[str(argument.value)]
                 assert operation, f"{argument.value} is an operation of several services; which client?"
                 calls.add(operation)
-    return calls | _stow_calls(node)
+    return calls | _stow_calls(node) | _s3_tagging_calls(node)
 
 
 def calls_reached_from(roots: set[tuple[str, str]]) -> set[tuple[str, str]]:
@@ -422,6 +455,12 @@ def test_the_reading_of_the_code_finds_what_it_claims() -> None:
     assert ("medical-imaging", "StoreDICOM") in receiver_calls()  # the daemon's own signed STOW-RS request
     stow = ast.parse('def f(base, store, study):\n    return f"{base}/datastore/{store}/studies/{study}"\n')
     assert _calls_in(stow) == {("medical-imaging", "StoreDICOMStudy")}
+    tagging = ast.parse('def f(url, key, sign):\n    return sign(method="PUT", url=f"{url}/{key}?tagging")\n')
+    assert _calls_in(tagging) == {("s3", "PutObjectTagging")}
+    # The forwarding tags' own signed request, besides the one call that asks the client for its URL.
+    tagger = _parse("scp.forwarding.object_tagging")
+    assert tagger is not None
+    assert _s3_tagging_calls(tagger.definitions["tagging_request"]) == {("s3", "PutObjectTagging")}
 
 
 def test_the_documented_standalone_task_policy_is_what_the_daemon_calls() -> None:
