@@ -73,6 +73,7 @@ class FaultProxy:
         assert parts.scheme == "http" and parts.hostname and parts.port, upstream
         self.upstream_host, self.upstream_port = parts.hostname, parts.port
         self.faulted: list[str] = []  # "<method> <path> <code>" of every request answered with a fault
+        self.forwarded: list[str] = []  # "<method> <path> <status>" of every request S3 itself answered
         self._lock = threading.Lock()
         self._rule: _Rule | None = None
         self._stopped = threading.Event()
@@ -198,6 +199,7 @@ class _Handler(BaseHTTPRequestHandler):
             upstream.endheaders()
             self._copy_body(upstream.send)
             response = upstream.getresponse()
+            proxy.forwarded.append(f"{self.command} {self.path} {response.status}")
             if not answer:
                 response.read()
                 return
