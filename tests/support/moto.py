@@ -6,7 +6,7 @@ import os
 import subprocess
 import sys
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,14 +54,15 @@ def _alive(endpoint: str) -> bool:
         return bool(response.status == 200)
 
 
-def start_moto_server(port: int | None = None) -> MotoServer:
-    """Start moto_server on 127.0.0.1 and wait until it answers."""
+def start_moto_server(port: int | None = None, settings: Mapping[str, str] | None = None) -> MotoServer:
+    """Start moto_server on 127.0.0.1 and wait until it answers; ``settings`` are moto's own environment variables
+    (INITIAL_NO_AUTH_ACTION_COUNT: after that many requests, each is authenticated and authorized by its IAM)."""
     port = port or free_port()
     process = subprocess.Popen(
         [sys.executable, "-P", str(ATOMIC_SERVER), "-H", "127.0.0.1", "-p", str(port)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
-        env={**os.environ, **CREDENTIALS},
+        env={**os.environ, **CREDENTIALS, **(settings or {})},
     )
     endpoint = f"http://127.0.0.1:{port}"
     try:
