@@ -1,10 +1,11 @@
 """PutObjectTagging as one SigV4-signed HTTP request over a kept-alive connection, without botocore's client.
 
-Measured: a botocore call costs about 2 ms of CPU under the interpreter lock (serialization, handlers, parsing), a
-tenth of that signed here, and every stored instance is tagged, beside the receive path (docs/forwarding.rst, "CPU
-per object"). The request is the one botocore sends (Amazon S3 API Reference, PutObjectTagging): ``PUT
-/<key>?tagging``, the Tagging XML, a CRC32 of the body because S3 requires a checksum of this request, the body's
-SHA-256 signed. Where it goes and as which Region it is signed are the S3 client's, asked once.
+Every stored instance is tagged, beside the receive path: through botocore's client a tag cost about 2 ms of CPU
+under the interpreter lock (serialization, handlers, parsing), this request 0.6 to 0.9 ms, most of it http.client
+and the socket (docs/forwarding.rst, "Measured"). It is the request botocore sends (Amazon S3 API Reference,
+PutObjectTagging): ``PUT /<key>?tagging``, the Tagging XML, a CRC32 of the body because S3 requires a checksum of
+this request, the body's SHA-256 signed by botocore's S3 signer. Where it goes and as which Region it is signed are
+the S3 client's, asked once.
 """
 
 from __future__ import annotations
