@@ -7,7 +7,7 @@ from __future__ import annotations
 import gzip
 import io
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime
 from types import ModuleType
 from typing import Any
@@ -34,6 +34,7 @@ from tests.functions.workflow import (
 
 PRIMARY_SET = "a1b2c3d4e5f60718293a4b5c6d7e8f90"
 UPDATED_AT = datetime(2026, 11, 23, 18, 57, 30, 250000, tzinfo=UTC)
+TIMED_OUT = {"batchId": FIXTURE_BATCH, "error": {"Error": "States.Timeout", "Cause": "poll gave up"}}
 SEARCH = {
     "datastoreId": DATASTORE_ID,
     "searchCriteria": {"filters": [{"values": [{"DICOMSeriesInstanceUID": SERIES}], "operator": "EQUAL"}]},
@@ -181,16 +182,23 @@ def test_an_error_asking_again_cannot_mend_is_not_retried(
         app.handler(results_event(registered, output_uri, "FAILED"), FakeContext())
 
 
+def record_failure_asking(
+    aws: Aws, monkeypatch: pytest.MonkeyPatch, state: dict[str, Any], answers: Callable[[Stubber], None]
+) -> dict[str, Any]:
+    """RecordFailure with forwarding on, its HealthImaging calls answered as ``answers`` sets them up, all used."""
+    failure_app = load_app("record_failure", monkeypatch, forwarding_env(aws))
+    with Stubber(failure_app.HEALTHIMAGING.client) as stub:
+        answers(stub)
+        result = dict(failure_app.handler({"executionArn": EXECUTION, "state": state}, FakeContext()))
+        stub.assert_no_pending_responses()
+    return result
+
+
 def test_record_failure_records_what_healthimaging_holds_and_fails_the_rest(
     aws: Aws, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     register(aws, monkeypatch)
-    failure_app = load_app("record_failure", monkeypatch, forwarding_env(aws))
-    state = {"batchId": FIXTURE_BATCH, "error": {"Error": "States.Timeout", "Cause": "poll gave up"}}
-    with Stubber(failure_app.HEALTHIMAGING.client) as stub:
-        expect_found(stub, [7])
-        result = failure_app.handler({"executionArn": EXECUTION, "state": state}, FakeContext())
-        stub.assert_no_pending_responses()
+    result = record_failure_asking(aws, monkeypatch, TIMED_OUT, lambda stub: expect_found(stub, [7]))
 
     assert (result["instancesFailed"], batch_item(aws.table, FIXTURE_BATCH)["status"]) == (9, "failed")
     recorded = instances(aws.table)
@@ -204,13 +212,9 @@ def test_record_failure_after_a_completed_job_asks_only_about_what_the_job_did_n
     # The job imported all but 4 and 9; StoreDICOM had stored 9 (its answer lost). One search, one metadata read.
     registered = register(aws, monkeypatch)
     output_uri = upload_job_output(aws.s3, aws.results_bucket, FIXTURE_BATCH, "partial_failure")
-    failure_app = load_app("record_failure", monkeypatch, forwarding_env(aws))
     error = {"Error": "States.TaskFailed", "Cause": "retries ran out"}
     state = {**results_event(registered, output_uri), "error": error}
-    with Stubber(failure_app.HEALTHIMAGING.client) as stub:
-        expect_found(stub, [9])
-        result = failure_app.handler({"executionArn": EXECUTION, "state": state}, FakeContext())
-        stub.assert_no_pending_responses()
+    result = record_failure_asking(aws, monkeypatch, state, lambda stub: expect_found(stub, [9]))
 
     assert result["instancesFailed"] == 1
     recorded = instances(aws.table)
@@ -224,12 +228,12 @@ def test_record_failure_fails_the_instances_when_healthimaging_cannot_be_asked(
 ) -> None:
     # The last step of the workflow: nothing retries it, so what is known (the import failed) is recorded.
     register(aws, monkeypatch)
-    failure_app = load_app("record_failure", monkeypatch, forwarding_env(aws))
-    state = {"batchId": FIXTURE_BATCH, "error": {"Error": "States.Timeout", "Cause": "poll gave up"}}
-    with Stubber(failure_app.HEALTHIMAGING.client) as stub:
+
+    def always_failing(stub: Stubber) -> None:
         for _ in range(LOOKUP_ATTEMPTS):
             stub.add_client_error("search_image_sets", "InternalServerException", http_status_code=500)
-        result = failure_app.handler({"executionArn": EXECUTION, "state": state}, FakeContext())
+
+    result = record_failure_asking(aws, monkeypatch, TIMED_OUT, always_failing)
 
     assert result["instancesFailed"] == 10
     assert {item["status"] for item in instances(aws.table).values()} == {"failed"}
