@@ -394,11 +394,14 @@ class InstanceOutcome:
 def record_instance_outcome(
     table: Table, batch_id: str, job_id: str, outcome: InstanceOutcome, retention: Retention, now: datetime
 ) -> bool:
-    """Write one instance's outcome unless a newer batch has taken the instance over, or another import job of
-    this batch has imported it; True if written.
+    """Write one instance's outcome unless a newer batch has taken the instance over, another import job of this
+    batch has imported it, or it is recorded stored by StoreDICOM (or found by asking HealthImaging); True if
+    written.
 
     Two jobs of one batch (two executions that both passed the registration, or a re-import) each report the
     instance; HealthImaging holds it once either imported it, so the other job's failure must not replace that.
+    A batch the sweeper sealed whole holds objects StoreDICOM had stored, and its job imports them again: the
+    record of StoreDICOM's answer stays, whole, rather than taking the job's image set under ``storedBy``.
     """
     attention = NON_PRIMARY if outcome.is_primary is False else outcome.status
     names = {"#status": "status", "#key": "key"}
@@ -455,8 +458,8 @@ def record_instance_outcome(
         Key=instance_key(outcome.study_instance_uid, outcome.series_instance_uid, outcome.sop_instance_uid),
         UpdateExpression=expression,
         ConditionExpression=(
-            "attribute_not_exists(pk) OR (batchId = :batch AND (attribute_not_exists(jobId) OR jobId = :job"
-            " OR NOT #status IN (:imported, :warning)))"
+            "attribute_not_exists(pk) OR (batchId = :batch AND NOT (#status IN (:imported, :warning) AND"
+            " (attribute_exists(storedBy) OR (attribute_exists(jobId) AND jobId <> :job))))"
         ),
         ExpressionAttributeNames=names,
         ExpressionAttributeValues=values,

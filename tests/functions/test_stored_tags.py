@@ -145,3 +145,25 @@ def test_record_failure_keeps_a_newer_receipts_record(aws: Aws, monkeypatch: pyt
     app.handler({"executionArn": EXECUTION, "state": state}, FakeContext())
 
     assert {(item["batchId"], item["status"]) for item in instances(aws.table).values()} == {(NEWER_BATCH, "importing")}
+
+
+def test_the_job_that_imported_an_instance_storedicom_stored_leaves_storedicoms_record(
+    aws: Aws, monkeypatch: pytest.MonkeyPatch, app: ModuleType
+) -> None:
+    # The job's output was unreadable at first: the instances were recorded unconfirmed, object 3 from its tags as
+    # StoreDICOM stored it. The re-check then reads the output, in which the same job imported all ten.
+    registered = register(aws, monkeypatch)
+    stamp = tag_stored(aws, 3)
+    unreadable = results_event(registered, f"s3://{aws.results_bucket}/jobs/{FIXTURE_BATCH}/")
+    unreadable.update(outputUnreadable=True, error={"Error": "JobOutputNotReady", "Cause": "not readable yet"})
+    app.handler(unreadable, FakeContext())
+    output_uri = upload_job_output(aws.s3, aws.results_bucket, FIXTURE_BATCH, "all_success")
+
+    result = app.handler(results_event(registered, output_uri), FakeContext())
+
+    assert result["imported"] == 10
+    recorded = instances(aws.table)
+    # Whole: StoreDICOM's answer and image set, not the job's image set under StoreDICOM's name.
+    assert_stored_by_storedicom(recorded[sop_uid(3)], stamp)
+    assert {recorded[sop_uid(n)].get("storedBy") for n in range(1, 11) if n != 3} == {None}
+    assert {recorded[sop_uid(n)]["status"] for n in range(1, 11)} == {"imported"}
