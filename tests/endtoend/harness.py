@@ -245,13 +245,19 @@ class Chaos:
 
 
 class Receivers:
-    """The daemon, killed (SIGKILL) or stopped (SIGTERM) at random moments and started again on the same port."""
+    """The daemon, killed (SIGKILL) or stopped (SIGTERM) at random moments and started again on the same port.
+
+    How each daemon ended is kept in ``exits``: a stopped one must have drained and exited 0, as ECS expects of a
+    task it stops (docs/architecture.rst); a killed one's status says nothing, and one found gone before its fault
+    exited by itself.
+    """
 
     def __init__(self, workdir: Path, settings: dict[str, str | None]) -> None:
         self._workdir = workdir
         self._settings = settings
         self._lock = threading.Lock()
         self.started: list[Daemon] = []
+        self.exits: list[tuple[str, int]] = []  # (how it was ended, its exit status), one per daemon ended
         self.current = self._start(None)
 
     def _start(self, port: int | None) -> Daemon:
@@ -267,20 +273,33 @@ class Receivers:
         with self._lock:
             daemon = self.current
             kind = "SIGKILL" if len(self.started) % 2 else "SIGTERM"
+            if daemon.process.poll() is not None:
+                kind = "exited by itself"
             daemon.signal(signal.SIGKILL if kind == "SIGKILL" else signal.SIGTERM)
             try:
                 # The drain, then up to a minute more for the last manifests while S3 is faulted.
-                daemon.wait(SHUTDOWN_LIMIT_SECONDS)
+                status = daemon.wait(SHUTDOWN_LIMIT_SECONDS)
             except subprocess.TimeoutExpired:
                 daemon.process.kill()  # as ECS does after stopTimeout
-                daemon.wait(30)
+                status = daemon.wait(30)
                 kind += " (killed after the stop timeout)"
+            self.exits.append((kind, status))
             self.current = self._start(daemon.port)
             return f"daemon {kind}"
 
     def stop(self) -> None:
         with self._lock:
-            self.current.stop()
+            running = self.current.process.poll() is None
+            status = self.current.stop()
+            self.exits.append(("SIGTERM at the end" if running else "exited by itself", status))
+
+    def bad_exits(self) -> list[str]:
+        """Every daemon that did not end as it should have: a stopped one exits 0 in time, none exits by itself."""
+        return [
+            f"daemon {kind}: exit status {status}"
+            for kind, status in self.exits
+            if kind == "exited by itself" or (not kind.startswith("SIGKILL") and status != 0)
+        ]
 
     def logs(self, message: str) -> list[dict[str, Any]]:
         return [entry for daemon in self.started for entry in daemon.log_messages(message)]

@@ -328,6 +328,7 @@ def test_every_acknowledged_instance_reaches_one_truthful_end_state(
             violations.append(f"{sop}: refused to the modality, reported imported")
     duplicates = side.duplicates(ledger.study_of)
     violations += [f"{sop}: {why}" for sop, why in sorted(duplicates.items()) if why.startswith("stored")]
+    violations += receivers.bad_exits()  # a stopped daemon drains and exits 0 (docs/architecture.rst)
 
     # The console command reports what the report model computed, for a sample of studies.
     for study in sorted(reports)[:3]:
@@ -376,6 +377,7 @@ def test_every_acknowledged_instance_reaches_one_truthful_end_state(
         "executions started by reconcile": sum(1 for arn in _executions(path) if ":reconcile-" in arn),
         "import jobs": len(path.healthimaging.jobs()),
         "daemons started": len(receivers.started),
+        "daemon exits": dict(Counter(f"{kind}: {status}" for kind, status in receivers.exits)),
         "duplicates (stored more than once), by why": dict(
             Counter(why if why.startswith("allowed") else "not allowed (a violation)" for why in duplicates.values())
         ),
