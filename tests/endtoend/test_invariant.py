@@ -81,7 +81,7 @@ from tests.endtoend.harness import (
 )
 from tests.functions.workflow import DATASTORE_ID, ROLE_ARN, create_table, load_app, unique
 from tests.statemachine.test_import_execution import FUNCTIONS, REGION, create_import_state_machine, serve_functions
-from tests.support.healthimaging import HealthImaging, Imported, Rates
+from tests.support.healthimaging import HealthImaging, Imported, Rates, Refusal
 from tests.support.moto import MotoServer
 from tests.support.s3_faults import fault_proxy
 from tests.support.stow import NON_PRIMARY as STOW_NON_PRIMARY
@@ -307,8 +307,15 @@ def test_every_acknowledged_instance_reaches_one_truthful_end_state(
             assert instance["sopInstanceUid"] not in seen, f"reported twice: {instance}"
             seen[instance["sopInstanceUid"]] = instance
     documents = manifest_documents(path.s3, path.bucket)
+    failed_jobs = {job.job_id: str(job.message) for job in path.healthimaging.jobs() if job.status == "FAILED"}
     side = HealthImagingSide(
-        path.healthimaging.imported, stored_by_standin(standin), path.healthimaging.holders, documents, ledger
+        path.healthimaging.imported,
+        stored_by_standin(standin),
+        path.healthimaging.holders,
+        documents,
+        ledger,
+        path.healthimaging.refused,
+        failed_jobs,
     )
 
     failed_reasons: Counter[str] = Counter()
@@ -437,6 +444,8 @@ class HealthImagingSide:
     holders: Callable[[str], dict[str, bool]]  # what the data store's search finds: image set -> isPrimary
     documents: list[dict[str, Any]]
     ledger: Ledger
+    refused: dict[str, Refusal]  # the failure line of the last import job that failed each instance
+    failed_jobs: dict[str, str]  # import jobs that FAILED whole -> their message
     listed: Counter[str] = field(init=False)
     closed_by: dict[str, set[str]] = field(init=False)
     # Instances whose one received copy is listed twice: in the sweeper's manifest of a batch it sealed whole and in
@@ -504,10 +513,30 @@ class HealthImagingSide:
                     f"stored it {len(stored)} times ({lost} answers lost or late); listed in manifests closed by "
                     f"{sorted(self.closed_by.get(sop, set()))}"
                 )
-            if not instance.get("reason"):
-                problems.append(f"{sop}: failed without a reason")
-            return problems
+            return problems + self._failure_reason_true(sop, instance)
         return [f"{sop}: ended {state}, neither imported nor failed"]
+
+    def _failure_reason_true(self, sop: str, instance: dict[str, Any]) -> list[str]:
+        """A failed instance's reason says what failed it: the failure line of the import job the record names
+        (HealthImaging's own words), that job's failure as a whole, or the workflow's failure."""
+        reason, job_id = str(instance.get("reason") or ""), instance.get("jobId")
+        refusal = self.refused.get(sop)
+        if not reason:
+            return [f"{sop}: failed without a reason"]
+        if refusal is not None and refusal.job_id == job_id:
+            if refusal.exception_type not in reason or refusal.message not in reason:
+                return [f"{sop}: failed with {reason!r}, import job {job_id} failed it with {refusal}"]
+            return []
+        if job_id in self.failed_jobs:
+            if f"{job_id} FAILED: {self.failed_jobs[job_id]}" not in reason:
+                return [f"{sop}: failed with {reason!r}, import job {job_id} FAILED: {self.failed_jobs[job_id]}"]
+            return []
+        claimed = re.match(r"import job (\S+) FAILED: ", reason)
+        if claimed:
+            return [f"{sop}: failed with {reason!r}, import job {claimed[1]} did not fail"]
+        if reason != NO_OUTCOME_REASON and not WORKFLOW_FAILURE.match(reason):
+            return [f"{sop}: failed for no known reason: {reason!r} (job {job_id}, HealthImaging refused {refusal})"]
+        return []
 
     def duplicates(self, study_of: dict[str, str]) -> dict[str, str]:
         """Every instance stored more than once, with what at-least-once delivery allows it for, or, starting
@@ -533,6 +562,19 @@ class HealthImagingSide:
                     f"{sorted(self.closed_by.get(sop, set()))})"
                 )
         return found
+
+
+# The reasons a failed instance can carry besides an import job's own words (functions/common/job_results.py):
+# the job's output did not mention the file, or the workflow failed (functions/record_failure/app.py: the error a
+# Catch caught, "Error: cause"). The workflow's errors are the ones the product raises by name, those its Retry
+# and Catch name in statemachines/import.asl.json, and Step Functions' own; an unforeseen Python exception (a bug
+# that failed the batch) is none of these.
+NO_OUTCOME_REASON = "the import job reported no outcome for this file"
+WORKFLOW_FAILURE = re.compile(
+    r"(States\.\w+|Lambda\.\w+|Sandbox\.Timedout|ImportThrottled|ImportQuotaExceeded|ImportRejected|ImportJobStuck"
+    r"|HealthImagingServerError|HealthImagingUnreachable|HealthImagingUnreadable|JobOutputNotReady|DuplicateBatch"
+    r"|StoredTagsUnreadable|ThrottlingException|ProvisionedThroughputExceededException|RequestLimitExceeded)(: |$)"
+)
 
 
 def _drained(path: WholePath, events: EventBridge, passes: tuple[Any, ...], registered: set[str]) -> bool:

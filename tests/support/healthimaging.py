@@ -68,6 +68,15 @@ class Job:
     output_written: bool = False
 
 
+@dataclass(frozen=True)
+class Refusal:
+    """A file of an import job's input that the job failed: its failure line's exception."""
+
+    job_id: str
+    exception_type: str
+    message: str
+
+
 @dataclass
 class Imported:
     image_set_id: str
@@ -87,7 +96,7 @@ class HealthImaging:
         self._jobs: dict[str, Job] = {}
         self._by_token: dict[str, str] = {}
         self.imported: dict[str, Imported] = {}  # the truth: SOP Instance UID -> where HealthImaging holds it
-        self.refused: dict[str, str] = {}  # SOP Instance UID -> the reason its last import failed
+        self.refused: dict[str, Refusal] = {}  # SOP Instance UID -> the last job failure of it, till imported
         self.faults: Counter[str] = Counter()
         self.calls: Counter[str] = Counter()
         self._timers: list[threading.Timer] = []
@@ -293,16 +302,17 @@ class HealthImaging:
             study, series, sop = _uids(key)
             problem = self._problem(sop)
             if problem == "customer":
-                reason = "ValidationException: PixelData length does not match its attributes (injected)"
-                failure.append({"inputFile": key, "exception": {"exceptionType": "ValidationException",
-                                                                  "message": reason}})  # fmt: skip
-                self.refused[sop] = reason
-                continue
-            if self._rng.random() < self._rates.file_server_error:
+                message = "PixelData length does not match its attributes (injected)"
+                refusal = Refusal(job.job_id, "ValidationException", message)
+            elif self._rng.random() < self._rates.file_server_error:
                 self.faults["file:InternalServerException"] += 1
-                failure.append({"inputFile": key, "exception": {"exceptionType": "InternalServerException",
-                                                                  "message": "internal error (injected)"}})  # fmt: skip
-                self.refused.setdefault(sop, "InternalServerException")
+                refusal = Refusal(job.job_id, "InternalServerException", "internal error (injected)")
+            else:
+                refusal = None
+            if refusal is not None:
+                failure.append({"inputFile": key, "exception": {"exceptionType": refusal.exception_type,
+                                                                  "message": refusal.message}})  # fmt: skip
+                self.refused[sop] = refusal
                 continue
             primary = problem != "nonprimary"
             image_set = _image_set(study, primary)
