@@ -316,6 +316,7 @@ def test_every_acknowledged_instance_reaches_one_truthful_end_state(
         ledger,
         path.healthimaging.refused,
         failed_jobs,
+        path.healthimaging.problem,
     )
 
     failed_reasons: Counter[str] = Counter()
@@ -446,6 +447,7 @@ class HealthImagingSide:
     ledger: Ledger
     refused: dict[str, Refusal]  # the failure line of the last import job that failed each instance
     failed_jobs: dict[str, str]  # import jobs that FAILED whole -> their message
+    problem: Callable[[str], str | None]  # what the data store finds wrong with an instance, by either path
     listed: Counter[str] = field(init=False)
     closed_by: dict[str, set[str]] = field(init=False)
     # Instances whose one received copy is listed twice: in the sweeper's manifest of a batch it sealed whole and in
@@ -482,7 +484,7 @@ class HealthImagingSide:
             if instance["imageSetId"] not in {item.image_set_id for item in stored}:
                 image_sets = sorted({item.image_set_id for item in stored})
                 return [f"{sop}: reported {state} by StoreDICOM in {instance['imageSetId']}, it stored {image_sets}"]
-            return []
+            return self._verdict_kept(sop, instance)
         if state in (IMPORTED, NON_PRIMARY) and instance.get("storedBy") == STORED_BY_HEALTHIMAGING:
             holders, image_set = self.holders(sop), instance["imageSetId"]
             if image_set not in holders:
@@ -498,7 +500,7 @@ class HealthImagingSide:
                 return [f"{sop}: reported {state} in {instance['imageSetId']}, HealthImaging has {held}"]
             if instance.get("jobId") not in held.jobs:
                 return [f"{sop}: reported imported by job {instance.get('jobId')}, imported by jobs {held.jobs}"]
-            return []
+            return self._verdict_kept(sop, instance)
         if state == FAILED:
             problems = []
             if sop in self.jobs:
@@ -515,6 +517,19 @@ class HealthImagingSide:
                 )
             return problems + self._failure_reason_true(sop, instance)
         return [f"{sop}: ended {state}, neither imported nor failed"]
+
+    def _verdict_kept(self, sop: str, instance: dict[str, Any]) -> list[str]:
+        """An instance StoreDICOM or an import job stored is recorded as it was stored: into a non-primary image set
+        (its metadata conflicts), with a warning (the record's reason), or cleanly."""
+        problem, state, reason = self.problem(sop), instance["state"], instance.get("reason")
+        how = f"stored by {instance.get('storedBy') or 'import job ' + str(instance.get('jobId'))}"
+        where = f"image set {instance.get('imageSetId')} (holders {self.holders(sop)})"
+        if (state == NON_PRIMARY) != (problem == "nonprimary"):
+            return [f"{sop}: reported {state}, {how} into {where}, HealthImaging found {problem or 'nothing'} wrong"]
+        if bool(reason) != (problem == "warning"):
+            warned = problem == "warning"
+            return [f"{sop}: reported {state} with reason {reason!r}, {how}, HealthImaging warned: {warned}"]
+        return []
 
     def _failure_reason_true(self, sop: str, instance: dict[str, Any]) -> list[str]:
         """A failed instance's reason says what failed it: the failure line of the import job the record names
