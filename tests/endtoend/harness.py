@@ -23,6 +23,7 @@ import signal
 import subprocess
 import threading
 import time
+import traceback
 import uuid
 import warnings
 from collections import Counter
@@ -214,15 +215,27 @@ class Modality:
 
 
 class Chaos:
-    """Background faults at seeded random moments; each kind counted in ``injected``."""
+    """Background faults at seeded random moments; each kind counted in ``injected``.
+
+    An action may fail only with the exceptions ``expected`` names for it (an error the injected faults cause, which
+    the next run of the action outlives); any other exception is a bug of the harness or of the product's code it
+    runs, kept in ``errors`` to fail the run. Names, not classes: the functions' modules are loaded once per test.
+    """
 
     def __init__(self, rng: random.Random) -> None:
         self._rng = rng
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self.injected: Counter[str] = Counter()
+        self.errors: list[str] = []
 
-    def every(self, name: str, interval: tuple[float, float], action: Callable[[random.Random], str | None]) -> None:
+    def every(
+        self,
+        name: str,
+        interval: tuple[float, float],
+        action: Callable[[random.Random], str | None],
+        expected: frozenset[str] = frozenset(),
+    ) -> None:
         rng = random.Random(self._rng.random())
 
         def loop() -> None:
@@ -230,7 +243,9 @@ class Chaos:
                 try:
                     kind = action(rng)
                 except Exception as error:  # one failed injection must not end the faults of this kind
-                    kind = f"{name} fault not injected: {type(error).__name__}"
+                    kind = f"{name} failed: {type(error).__name__}"
+                    if type(error).__name__ not in expected:
+                        self.errors.append(f"{name}: {traceback.format_exc()}")
                 if kind:
                     self.injected[kind] += 1
 
