@@ -113,10 +113,12 @@ class Modality:
         self._threads: list[threading.Thread] = []
         self._studies: list[tuple[str, str, int]] = []  # study, series, instances still to create
         self.associations = 0
+        # A sender that died: what it sent after is missing from the ledger, so the run must fail, not shrink.
+        self.errors: list[str] = []
 
     def start(self) -> None:
         for number in range(self._plan.senders):
-            thread = threading.Thread(target=self._run, args=(f"MOD{number:02d}",), name=f"sender-{number}")
+            thread = threading.Thread(target=self._sender, args=(f"MOD{number:02d}",), name=f"sender-{number}")
             thread.start()
             self._threads.append(thread)
 
@@ -124,6 +126,15 @@ class Modality:
         self._stop.set()
         for thread in self._threads:
             thread.join(timeout=60)
+            if thread.is_alive():
+                self.errors.append(f"{thread.name} still sending 60 s after the stop")
+
+    def _sender(self, calling: str) -> None:
+        try:
+            self._run(calling)
+        except BaseException:
+            self.errors.append(f"{threading.current_thread().name} died: {traceback.format_exc()}")
+            raise
 
     def _next_files(self) -> list[Path]:
         with self._lock:

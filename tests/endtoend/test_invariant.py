@@ -279,12 +279,13 @@ def test_every_acknowledged_instance_reaches_one_truthful_end_state(
         chaos.every("recheck", plan.recheck_every, recheck, expected=frozenset({"HealthImagingUnreadable"}))
         started = time.monotonic()
         modality.start()
-        while time.monotonic() - started < plan.send_seconds:
+        while time.monotonic() - started < plan.send_seconds and not modality.errors:
             if plan.instances is not None and len(ledger.acknowledged) >= plan.instances:
                 break
             time.sleep(0.5)
         modality.stop()
         chaos.stop()
+        assert not modality.errors, "\n".join(modality.errors)
         assert not chaos.errors, "faults or sweeper passes that failed unexpectedly:\n" + "\n".join(chaos.errors)
         proxy.heal()
         sent_for = time.monotonic() - started
