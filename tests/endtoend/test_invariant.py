@@ -238,7 +238,9 @@ def console_report(path: WholePath, study: str) -> dict[str, Any]:
         capture_output=True, text=True, timeout=120, env=environment,
     )  # fmt: skip
     assert result.returncode in (0, 1, 2), result.stderr
-    return dict(json.loads(result.stdout))
+    document = dict(json.loads(result.stdout))
+    assert result.returncode == document["exitCode"], (result.returncode, document["verdict"])
+    return document
 
 
 @pytest.mark.parametrize("forwarding", MODES, ids=[_mode_id(on) for on in MODES])
@@ -345,9 +347,17 @@ def test_every_acknowledged_instance_reaches_one_truthful_end_state(
     violations += [f"{sop}: {why}" for sop, why in sorted(duplicates.items()) if why.startswith("stored")]
     violations += receivers.bad_exits()  # a stopped daemon drains and exits 0 (docs/architecture.rst)
 
-    # The console command reports what the report model computed, for a sample of studies.
-    for study in sorted(reports)[:3]:
-        assert console_report(path, study)["counts"] == reports[study]["counts"], study
+    # The console command reports what the report model computed, instance by instance, for a sample of studies:
+    # those with the most different states first, so that failed and non-primary instances are among them.
+    def variety(study: str) -> tuple[int, str]:
+        return -len({instance["state"] for instance in reports[study]["instances"]}), study
+
+    for study in sorted(reports, key=variety)[:3]:
+        console = console_report(path, study)
+        assert console["counts"] == reports[study]["counts"], study
+        shown, computed = _by_instance(console), _by_instance(reports[study])
+        differing = sorted(sop for sop in shown.keys() | computed.keys() if shown.get(sop) != computed.get(sop))
+        assert not differing, [(sop, shown.get(sop), computed.get(sop)) for sop in differing[:5]]
 
     acknowledged = [instance for sop, instance in seen.items() if sop in ledger.acknowledged]
     states = Counter(instance["state"] for instance in acknowledged)
@@ -629,6 +639,19 @@ def _drained(path: WholePath, events: EventBridge, passes: tuple[Any, ...], regi
 def _executions(path: WholePath) -> list[str]:
     pages = path.sfn.get_paginator("list_executions").paginate(stateMachineArn=path.arn)
     return [str(execution["executionArn"]) for page in pages for execution in page["executions"]]
+
+
+def _by_instance(report: dict[str, Any]) -> dict[str, tuple[Any, ...]]:
+    """What a report says of each instance: its state, where HealthImaging holds it, by what, and why."""
+    return {
+        instance["sopInstanceUid"]: (
+            instance["state"],
+            instance.get("imageSetId"),
+            instance.get("storedBy"),
+            instance.get("reason"),
+        )
+        for instance in report["instances"]
+    }
 
 
 def _reason_kind(reason: str) -> str:
