@@ -463,7 +463,7 @@ class HealthImagingSide:
     holders: Callable[[str], dict[str, bool]]  # what the data store's search finds: image set -> isPrimary
     documents: list[dict[str, Any]]
     ledger: Ledger
-    refused: dict[str, Refusal]  # the failure line of the last import job that failed each instance
+    refused: dict[str, dict[str, Refusal]]  # per instance, every import job that failed it: its failure line
     failed_jobs: dict[str, str]  # import jobs that FAILED whole -> their message
     problem: Callable[[str], str | None]  # what the data store finds wrong with an instance, by either path
     listed: Counter[str] = field(init=False)
@@ -553,10 +553,12 @@ class HealthImagingSide:
         """A failed instance's reason says what failed it: the failure line of the import job the record names
         (HealthImaging's own words), that job's failure as a whole, or the workflow's failure."""
         reason, job_id = str(instance.get("reason") or ""), instance.get("jobId")
-        refusal = self.refused.get(sop)
+        # An instance can be in more than one batch (the sweeper sealed one whole, the daemon split its fallback
+        # batch from it): the reason is the named job's.
+        refusal = self.refused.get(sop, {}).get(str(job_id))
         if not reason:
             return [f"{sop}: failed without a reason"]
-        if refusal is not None and refusal.job_id == job_id:
+        if refusal is not None:
             if refusal.exception_type not in reason or refusal.message not in reason:
                 return [f"{sop}: failed with {reason!r}, import job {job_id} failed it with {refusal}"]
             return []
@@ -568,7 +570,7 @@ class HealthImagingSide:
         if claimed:
             return [f"{sop}: failed with {reason!r}, import job {claimed[1]} did not fail"]
         if reason != NO_OUTCOME_REASON and not WORKFLOW_FAILURE.match(reason):
-            return [f"{sop}: failed for no known reason: {reason!r} (job {job_id}, HealthImaging refused {refusal})"]
+            return [f"{sop}: failed for no known reason: {reason!r} (job {job_id}, refused by {self.refused.get(sop)})"]
         return []
 
     def duplicates(self, study_of: dict[str, str]) -> dict[str, str]:

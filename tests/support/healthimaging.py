@@ -96,7 +96,7 @@ class HealthImaging:
         self._jobs: dict[str, Job] = {}
         self._by_token: dict[str, str] = {}
         self.imported: dict[str, Imported] = {}  # the truth: SOP Instance UID -> where HealthImaging holds it
-        self.refused: dict[str, Refusal] = {}  # SOP Instance UID -> the last job failure of it, till imported
+        self.refused: dict[str, dict[str, Refusal]] = {}  # SOP Instance UID -> job id -> that job's failure of it
         self.faults: Counter[str] = Counter()
         self.calls: Counter[str] = Counter()
         self._timers: list[threading.Timer] = []
@@ -312,7 +312,7 @@ class HealthImaging:
             if refusal is not None:
                 failure.append({"inputFile": key, "exception": {"exceptionType": refusal.exception_type,
                                                                   "message": refusal.message}})  # fmt: skip
-                self.refused[sop] = refusal
+                self.refused.setdefault(sop, {})[job.job_id] = refusal
                 continue
             primary = problem != "nonprimary"
             image_set = _image_set(study, primary)
@@ -324,7 +324,6 @@ class HealthImaging:
             self._hold(study, series, sop, image_set, primary)
             record = self.imported.setdefault(sop, Imported(image_set, primary))
             record.jobs.append(job.job_id)
-            self.refused.pop(sop, None)
         job.status = "COMPLETED"
         draw, delay = self._rng.random(), None
         if draw < self._rates.very_late_output:
