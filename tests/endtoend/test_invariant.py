@@ -4,10 +4,13 @@ It runs in both of the stack's modes: StoreDICOM forwarding off (every batch imp
 daemon forwards to the StoreDICOM stand-in, the import jobs take what it did not store). At the end, for every
 acknowledged instance, the DynamoDB records (read as `dicom-store-scp status` reads them) say exactly one of:
 - imported by StoreDICOM: the stand-in stored it, into the image set the record names;
-- imported by an import job: that job had it in its input and imported it into the image set the record names
-  (primary, or non-primary as HealthImaging put it);
-- failed, with a reason: neither the stand-in nor any import job stored it.
-Nothing the modality was refused is reported imported; nothing is unfinished once the drain time has passed.
+- imported by an import job: that job had it in its input and imported it into the image set the record names;
+  either way primary or non-primary as HealthImaging put it, with its warning where it gave one;
+- failed, with a reason: neither the stand-in nor any import job stored it, and the reason is the one the job the
+  record names gave (its failure line, or its FAILED message) or a failure of the workflow's own.
+Nothing the modality was refused is reported imported; nothing is unfinished once the drain time has passed. A
+stopped daemon exits 0; a sender, a fault or a sweeper pass that fails unexpectedly fails the run; the console
+shows, instance by instance, what the records say.
 
 Duplicates, an instance stored more than once (twice by StoreDICOM, or by StoreDICOM and an import job, or by two
 import jobs), are counted and printed. Delivery is at least once, so one is allowed exactly when the daemon could
