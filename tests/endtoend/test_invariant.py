@@ -17,8 +17,9 @@ import jobs), are counted and printed. Delivery is at least once, so one is allo
 not have known of the earlier store: the stand-in lost its answer after storing (the connection dropped), or
 answered only after WITHDRAW_SECONDS (the wait of a closing batch for its requests under way), or the modality
 sent the instance again after getting no answer (a stopped or killed daemon), or a manifest of the sweeper lists
-it (it seals a batch whole when the daemon is gone, or, misconfigured, too early). Any other duplicate is a
-violation.
+it (it seals a batch whole when the daemon is gone, or, misconfigured, too early), or a late batch lists it (stored
+into a batch after the sweeper sealed it, it is copied into the late batch, and the sealed batch's job may import
+the copy left under its prefix, docs/s3-layout.rst). Any other duplicate is a violation.
 
 The short runs are part of `make test`; `make soak` runs them for SOAK_SECONDS (default 3600, split between the
 modes) with SOAK_SEED, and SOAK_FORWARDING (on, off, or both, the default) chooses the modes.
@@ -49,7 +50,7 @@ from moto import mock_aws
 from moto.stepfunctions.parser.asl.component.common.retry import retrier_decl
 
 from batch_contract.layout import batch_id_from_manifest_key
-from batch_contract.manifest import CLOSED_BY_SWEEPER
+from batch_contract.manifest import CLOSED_BY_LATE, CLOSED_BY_SWEEPER
 from batch_contract.table import (
     BATCH_UNCONFIRMED,
     BY_STATUS_INDEX,
@@ -593,6 +594,8 @@ class HealthImagingSide:
                 found[sop] = "allowed: sent again after no answer (the daemon stopped or killed)"
             elif CLOSED_BY_SWEEPER in self.closed_by.get(sop, set()):
                 found[sop] = "allowed: in a batch the sweeper sealed whole"
+            elif CLOSED_BY_LATE in self.closed_by.get(sop, set()):
+                found[sop] = "allowed: in a late batch, its copy left under the batch the sweeper sealed"
             else:
                 found[sop] = (
                     f"stored {len(by_stow)} times by StoreDICOM and by import jobs {by_jobs}, with no lost answer, "
