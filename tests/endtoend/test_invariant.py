@@ -546,7 +546,10 @@ class HealthImagingSide:
         problem, state, reason = self.problem(sop), instance["state"], instance.get("reason")
         how = f"stored by {instance.get('storedBy') or 'import job ' + str(instance.get('jobId'))}"
         where = f"image set {instance.get('imageSetId')} (holders {self.holders(sop)})"
-        if (state == NON_PRIMARY) != (problem == "nonprimary"):
+        # StoreDICOM's answer is not documented to say whether an instance went into a primary image set, so the
+        # product records what StoreDICOM stored "imported" (docs/forwarding.rst, "Limits of this release").
+        unknowable = instance.get("storedBy") == STORED_BY_STOREDICOM and (state, problem) == (IMPORTED, "nonprimary")
+        if (state == NON_PRIMARY) != (problem == "nonprimary") and not unknowable:
             return [f"{sop}: reported {state}, {how} into {where}, HealthImaging found {problem or 'nothing'} wrong"]
         if bool(reason) != (problem == "warning"):
             warned = problem == "warning"
