@@ -45,7 +45,7 @@ class Run:
     megabytes: float
     seconds: float
     cpu_seconds: float
-    peak_rss_mib: float
+    peak_pss_mib: float
     verified: bool
     problem: str = ""
 
@@ -65,6 +65,13 @@ def _tree(process: psutil.Process) -> list[psutil.Process]:
         return []
 
 
+def _memory(process: psutil.Process) -> int:
+    """The process's proportional set size: its own pages, and each page it shares divided among the processes
+    sharing it. Summed over a tree of forked processes (this daemon's receivers, storescp --fork) the pages they
+    share since the fork count once, as the container's memory is charged; summed RSS would count them in each."""
+    return int(process.memory_full_info().pss)
+
+
 def _cpu(process: psutil.Process) -> float:
     """The receiver's own CPU seconds plus those of the children it has reaped (storescp --fork)."""
     times = process.cpu_times()
@@ -72,7 +79,7 @@ def _cpu(process: psutil.Process) -> float:
 
 
 def _send(receiver: Receiver, files: list[corpus.CorpusFile], concurrency: int) -> tuple[float, float, float, str]:
-    """storescu processes, one association each; returns (wall seconds, CPU seconds, peak tree RSS MiB, errors)."""
+    """storescu processes, one association each; returns (wall seconds, CPU seconds, peak tree PSS MiB, errors)."""
     assert receiver.process is not None
     root = psutil.Process(receiver.process.pid)
     slices = [files[n::concurrency] for n in range(concurrency)]
@@ -90,15 +97,15 @@ def _send(receiver: Receiver, files: list[corpus.CorpusFile], concurrency: int) 
         if part
     ]
     while any(sender.poll() is None for sender in senders):
-        rss = 0
+        memory = 0
         for process in _tree(root):
             try:
-                rss += process.memory_info().rss
+                memory += _memory(process)
                 if process.pid != root.pid:
                     live_cpu[process.pid] = _cpu(process)
             except psutil.NoSuchProcess:
                 continue
-        peak = max(peak, rss / 2**20)
+        peak = max(peak, memory / 2**20)
         time.sleep(SAMPLE_SECONDS)
     seconds = time.monotonic() - started
     errors = "; ".join(
@@ -144,7 +151,7 @@ def median_run(runs: list[Run]) -> Run:
     return Run(
         middle.receiver, middle.concurrency, middle.files, middle.megabytes,
         statistics.median(run.seconds for run in good), statistics.median(run.cpu_seconds for run in good),
-        statistics.median(run.peak_rss_mib for run in good), all(run.verified for run in runs),
+        statistics.median(run.peak_pss_mib for run in good), all(run.verified for run in runs),
         "; ".join(run.problem for run in runs if run.problem)[:400],
     )  # fmt: skip
 
@@ -160,7 +167,7 @@ def large_objects(source: Path) -> list[Run]:
 
 def _report_line(result: Run) -> None:
     print(f"{result.receiver:24} x{result.concurrency:<3} {result.files_per_second:7.1f} files/s "
-          f"{result.cpu_seconds:6.1f} CPU s {result.peak_rss_mib:7.1f} MiB "
+          f"{result.cpu_seconds:6.1f} CPU s {result.peak_pss_mib:7.1f} MiB "
           f"{'ok' if result.verified else 'NOT VERIFIED ' + result.problem}", flush=True)  # fmt: skip
 
 
@@ -184,7 +191,7 @@ def s3_mode(
 
 
 def held_associations(source: Path, count: int) -> tuple[int, float, float]:
-    """``count`` associations established and held at once: (how many were accepted, seconds, peak tree RSS MiB)."""
+    """``count`` associations established and held at once: (how many were accepted, seconds, peak tree PSS MiB)."""
     from tests.robustness.wire import A_ASSOCIATE_AC, Peer, associate_rq
 
     receiver = ThisDaemon(source)
@@ -203,7 +210,7 @@ def held_associations(source: Path, count: int) -> tuple[int, float, float]:
         seconds = time.monotonic() - started
         peak = 0.0
         for _ in range(5):
-            peak = max(peak, sum(process.memory_info().rss for process in _tree(root)) / 2**20)
+            peak = max(peak, sum(_memory(process) for process in _tree(root)) / 2**20)
             time.sleep(0.2)
         return accepted, seconds, peak
     finally:
@@ -298,7 +305,7 @@ def main() -> None:
     with_large = os.environ.get("BENCH_LARGE", "1") == "1"
     large = large_objects(source) if with_large else []
     for run in large:
-        print(f"large object {run.megabytes:.0f} MB: peak RSS {run.peak_rss_mib:.1f} MiB, verified {run.verified}")
+        print(f"large object {run.megabytes:.0f} MB: peak PSS {run.peak_pss_mib:.1f} MiB, verified {run.verified}")
     sections = [read_path.compare()]
     if os.environ.get("BENCH_S3", "1") == "1":
         latency = float(os.environ.get("BENCH_S3_LATENCY", str(s3.DEFAULT_LATENCY_SECONDS)))
@@ -306,14 +313,14 @@ def main() -> None:
         s3_files = files[: int(os.environ.get("BENCH_S3_FILES", "200"))]
         s3_results, s3_large = s3_mode(source, s3_files, s3_levels, repeats, latency, with_large)
         for run in s3_large:
-            print(f"S3, large object {run.megabytes:.0f} MB: {run.seconds:.1f} s, peak RSS {run.peak_rss_mib:.1f} MiB,"
+            print(f"S3, large object {run.megabytes:.0f} MB: {run.seconds:.1f} s, peak PSS {run.peak_pss_mib:.1f} MiB,"
                   f" verified {run.verified}")  # fmt: skip
         sections.insert(0, report.s3_section(s3_results, s3_large, latency, repeats))
     if os.environ.get("BENCH_FORWARDING", "1") == "1":
         parameters = forwarding.Parameters.from_env()
         sections.append(report.forwarding_section(*forwarding.run(parameters), parameters))
     held = held_associations(source, int(os.environ.get("BENCH_HELD", "300")))
-    print(f"held associations: {held[0]} accepted in {held[1]:.1f} s, peak RSS {held[2]:.0f} MiB")
+    print(f"held associations: {held[0]} accepted in {held[1]:.1f} s, peak PSS {held[2]:.0f} MiB")
     stacks = profile(source, files, 16) if os.environ.get("BENCH_PROFILE", "1") == "1" else None
     report.write(
         RESULTS, results, large, receivers, machine(), stacks, sections,

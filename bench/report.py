@@ -61,11 +61,11 @@ def _targets(results: list[Run], large: list[Run], held: tuple[int, float, float
             lines.append(f"| {target} | not measured in this run | - |")
     gibibyte = [run for run in large if run.megabytes > 1000]
     if gibibyte:
-        peak = gibibyte[0].peak_rss_mib
+        peak = gibibyte[0].peak_pss_mib
         reached = "yes" if peak < 150 else "no"
-        lines.append(f"| peak RSS < 150 MiB receiving a 1 GiB object | {peak:.0f} MiB | {reached} |")
+        lines.append(f"| peak PSS < 150 MiB receiving a 1 GiB object | {peak:.0f} MiB | {reached} |")
     else:
-        lines.append("| peak RSS < 150 MiB receiving a 1 GiB object | not measured in this run (BENCH_LARGE=0) | - |")
+        lines.append("| peak PSS < 150 MiB receiving a 1 GiB object | not measured in this run (BENCH_LARGE=0) | - |")
     if held:
         accepted, seconds, peak = held
         reached = "yes" if peak < 2048 and accepted >= 300 else "no"
@@ -90,7 +90,7 @@ def s3_section(results: list[tuple[Run, float]], large: list[Run], latency: floa
         "are saturated, it rather than the latency or the daemon sets the rate.",
         "",
         "| assoc. | files/s | bound | share of bound | daemon CPU ms/object | stand-in CPU ms/object | "
-        "peak RSS MiB | verified |",
+        "peak PSS MiB | verified |",
         "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for run, stand_in_cpu in results:
@@ -98,14 +98,14 @@ def s3_section(results: list[tuple[Run, float]], large: list[Run], latency: floa
         lines.append(
             f"| {run.concurrency} | {run.files_per_second:.1f} | {bound:.0f} | {run.files_per_second / bound:.0%} | "
             f"{run.cpu_seconds / run.files * 1000:.1f} | {stand_in_cpu / run.files * 1000:.1f} | "
-            f"{run.peak_rss_mib:.0f} | "
+            f"{run.peak_pss_mib:.0f} | "
             f"{'yes' if run.verified else 'NO: ' + run.problem} |"
         )
     for run in large:
         lines += [
             "",
             f"One {run.megabytes:.0f} MB object alone (multipart upload): {run.seconds:.1f} s from the "
-            f"first byte sent to Success, peak RSS {run.peak_rss_mib:.0f} MiB, verified {run.verified}.",
+            f"first byte sent to Success, peak PSS {run.peak_pss_mib:.0f} MiB, verified {run.verified}.",
         ]
     return "\n".join(lines)
 
@@ -275,18 +275,18 @@ def write(
         "",
         "## Results",
         "",
-        "| receiver | assoc. | files/s | MB/s | CPU s | CPU ms/object | peak RSS MiB (tree) | verified |",
+        "| receiver | assoc. | files/s | MB/s | CPU s | CPU ms/object | peak PSS MiB (tree) | verified |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for run in sorted(results, key=lambda run: (run.concurrency, run.receiver != THIS, run.receiver)):
         lines.append(
             f"| {run.receiver} | {run.concurrency} | {run.files_per_second:.1f} | {run.megabytes_per_second:.1f} | "
-            f"{run.cpu_seconds:.1f} | {run.cpu_seconds / run.files * 1000:.1f} | {run.peak_rss_mib:.0f} | "
+            f"{run.cpu_seconds:.1f} | {run.cpu_seconds / run.files * 1000:.1f} | {run.peak_pss_mib:.0f} | "
             f"{'yes' if run.verified else 'NO: ' + run.problem} |"
         )
     lines += ["", "## This daemon relative to each peer (same corpus, same concurrency)", "",
               "Throughput ratio > 1 means this daemon is faster; CPU and memory ratios > 1 mean it uses more.", "",
-              "| peer | assoc. | throughput | CPU | peak RSS |", "| --- | ---: | ---: | ---: | ---: |"]  # fmt: skip
+              "| peer | assoc. | throughput | CPU | peak PSS |", "| --- | ---: | ---: | ---: | ---: |"]  # fmt: skip
     ours = {run.concurrency: run for run in results if run.receiver == THIS}
     for run in sorted(results, key=lambda run: (run.receiver, run.concurrency)):
         mine = ours.get(run.concurrency)
@@ -294,13 +294,13 @@ def write(
             continue
         lines.append(
             f"| {run.receiver} | {run.concurrency} | {mine.files_per_second / run.files_per_second:.2f} | "
-            f"{mine.cpu_seconds / max(run.cpu_seconds, 0.01):.2f} | {mine.peak_rss_mib / run.peak_rss_mib:.2f} |"
+            f"{mine.cpu_seconds / max(run.cpu_seconds, 0.01):.2f} | {mine.peak_pss_mib / run.peak_pss_mib:.2f} |"
         )
     lines += ["", "## Targets", "", *_targets(results, large, settings.get("held"))]
     if large:
         lines += ["", "## Large objects (this daemon, one association)", "",
-                  "| object | seconds | peak RSS MiB | verified |", "| --- | ---: | ---: | --- |"]  # fmt: skip
-        lines += [f"| {run.megabytes:.0f} MB | {run.seconds:.1f} | {run.peak_rss_mib:.0f} | {run.verified} |"
+                  "| object | seconds | peak PSS MiB | verified |", "| --- | ---: | ---: | --- |"]  # fmt: skip
+        lines += [f"| {run.megabytes:.0f} MB | {run.seconds:.1f} | {run.peak_pss_mib:.0f} | {run.verified} |"
                   for run in large]  # fmt: skip
     if stacks is not None:
         top = _profile_top(stacks)

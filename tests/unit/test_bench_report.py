@@ -16,7 +16,7 @@ from bench.report import GOALS, THIS, _targets, s3_section
 
 def _run(receiver: str, concurrency: int, files_per_second: float) -> Run:
     return Run(receiver, concurrency, files=100, megabytes=52.0, seconds=100 / files_per_second, cpu_seconds=1.0,
-               peak_rss_mib=60.0, verified=True)  # fmt: skip
+               peak_pss_mib=60.0, verified=True)  # fmt: skip
 
 
 def test_each_goal_is_a_ratio_to_the_reference_at_its_own_concurrency() -> None:
